@@ -1,0 +1,160 @@
+"""
+Stage 0 of Diffusion2GAN (§3.1, App. A): run the teacher's ODE from noise z under
+condition c and store the (z, c, x) pairs that stages 1 and 2 regress onto.
+
+  toy / cifar10  EDM Heun sampler, 18 steps (35 NFE), ODE state in float64
+  sd15 / sdxl    DDIM 50 steps with classifier-free guidance (Eq. 1), cond and
+                 uncond batched together, matching diffusers' pipelines exactly
+
+Every pair has its own seed (pair i: seed + i); z (and, for toy/cifar10, the
+class label) is regenerated from it on the CPU generator, so shards don't depend
+on the number of ranks. Shards are written atomically; a rerun skips finished
+ones. Output: <out_dir>/pairs/{manifest.json, shard_*.safetensors, pairs.png}.
+
+Toy (CPU, ~2 min):      python 01_make_pairs.py
+CIFAR10 (1 GPU):        python 01_make_pairs.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl
+SD1.5 (8 GPUs):         torchrun --nproc_per_node=8 01_make_pairs.py --preset sd15 --prompts laion_prompts.txt --dtype bfloat16
+SDXL (8 GPUs):          torchrun --nproc_per_node=8 01_make_pairs.py --preset sdxl --prompts laion_prompts.txt --dtype bfloat16
+Retrain the toy teacher (writes assets/toy_teacher.safetensors, ~15 min CPU):
+                        python 01_make_pairs.py --train_teacher
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import common as C
+
+DEFAULTS = dict(
+    preset="toy",            # toy | cifar10 | sd15 | sdxl
+    out_dir=None,            # default runs/<preset>; pairs go to <out_dir>/pairs
+    teacher=None,            # toy: .safetensors; cifar10: NVlabs .pkl; sd15/sdxl: diffusers folder or hub id
+    num_pairs=None,          # number of (z, c, x) pairs
+    seed=0,                  # pair i has seed `seed + i`
+    batch_per_device=None,   # teacher batch per process
+    shard_size=None,         # pairs per shard file
+    num_steps=None,          # ODE steps (18 Heun / 50 DDIM)
+    guidance=None,           # classifier-free guidance scale (1 = none)
+    cfg_range=None,          # "LOW,HIGH": draw a guidance scale per pair (guidance-conditioned student)
+    pair_dtype=None,         # storage dtype of x: float32 | float16 | bfloat16
+    dtype="float32",         # dtype of the frozen teacher (sd15/sdxl: bfloat16 or float16 on GPU)
+    prompts=None,            # sd15/sdxl: a .txt/.jsonl file or a folder of them, one prompt per line
+    cycle_prompts=False,     # allow fewer prompts than pairs (prompt i % len); refused otherwise
+    grid=8,                  # pairs shown in pairs.png
+    train_teacher=False,     # toy only: train the toy teacher and write it to --teacher
+    teacher_steps=4000,      # toy teacher: training steps
+    teacher_batch=128,       # toy teacher: batch size
+)
+
+
+def train_toy_teacher(cfg, device):
+    """Train the toy EDM teacher with the EDM loss on the built-in data and write
+    its EMA weights (float16) to cfg['teacher']. Label dropout 10% gives it an
+    unconditional mode (null class) for classifier-free guidance."""
+    from safetensors.torch import save_file
+    torch.manual_seed(cfg["seed"])
+    D = C.build_toy_teacher().to(device).train()
+    ema = copy.deepcopy(D).eval().requires_grad_(False)
+    opt = torch.optim.Adam(D.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    steps, B = cfg["teacher_steps"], cfg["teacher_batch"]
+    for step in tqdm(range(steps), desc="toy teacher"):
+        seeds = torch.randint(0, 50_000, (B,), generator=g)  # the toy 'train' split
+        y, labels = C.toy_images(seeds.tolist())
+        labels = torch.where(torch.rand(B, generator=g) < 0.1, torch.full_like(labels, 10), labels)
+        for pg in opt.param_groups:  # warmup, then cosine decay to 5%
+            pg["lr"] = 2e-3 * min(1, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * 3.14159)).item()))
+        loss = C.edm_loss(D, y.to(device), labels.to(device), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(D.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            beta = min(0.999, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), D.parameters()):
+                pe.lerp_(p, 1 - beta)
+        if step % 500 == 0:
+            tqdm.write(f"step {step} loss {loss.item():.4f}")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg["teacher"])), exist_ok=True)
+    tmp = cfg["teacher"] + ".tmp"
+    save_file({k: v.half().contiguous() for k, v in ema.state_dict().items()}, tmp)
+    os.replace(tmp, cfg["teacher"])
+    print(f"wrote {cfg['teacher']}")
+
+
+def main(argv=None):
+    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
+    cfg = C.resolve_config(parser.parse_args(argv))
+    if cfg["num_pairs"] <= 0:
+        C.fail(f"--num_pairs must be positive, got {cfg['num_pairs']}")
+    if cfg["batch_per_device"] <= 0 or cfg["shard_size"] <= 0:
+        C.fail("--batch_per_device and --shard_size must be positive")
+    rank, _, world, device = C.setup_distributed()
+    if cfg["train_teacher"]:
+        if cfg["preset"] != "toy":
+            C.fail("--train_teacher trains the toy teacher only")
+        return train_toy_teacher(cfg, device) if rank == 0 else None
+
+    teacher = C.load_teacher(cfg, device)
+    pairs_dir = os.path.join(cfg["out_dir"], "pairs")
+    N, S = cfg["num_pairs"], cfg["shard_size"]
+    manifest = dict(
+        preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id, solver=teacher.solver_name(),
+        nfe=teacher.nfe, guidance=cfg["guidance"], cfg_range=cfg["cfg_range"], z_shape=list(teacher.z_shape),
+        x_shape=list(teacher.z_shape), pair_dtype=cfg["pair_dtype"], num_pairs=N, shard_size=S, seed=cfg["seed"],
+        prompts=getattr(teacher, "prompts_id", None), num_classes=cfg["num_classes"], complete=False,
+    )
+    mpath = os.path.join(pairs_dir, "manifest.json")
+    if os.path.isfile(mpath):  # resuming: refuse pairs from a different teacher / preset / setting
+        C.check_manifest(C.read_manifest(pairs_dir), manifest, f"the pairs in '{pairs_dir}'")
+    elif rank == 0:
+        C.atomic_write_json(manifest, mpath)
+    C.barrier()
+
+    # Ranks take whole shards (shards[rank::world]); a shard's content depends only
+    # on its seeds, so the files are identical for any number of ranks.
+    num_shards = (N + S - 1) // S
+    mine = list(range(num_shards))[rank::world]
+    todo = [k for k in mine if not os.path.isfile(C.shard_path(pairs_dir, k))]
+    for k in set(mine) - set(todo):  # a finished shard must be readable and complete
+        C.open_shard(C.shard_path(pairs_dir, k), min(S, N - k * S))
+    C.print0(f"{num_shards} shards of {S} pairs: {num_shards - len(todo) * world if world == 1 else 'some'} done, "
+             f"{len(todo)} to make on this rank ({world} rank(s), batch_per_device {cfg['batch_per_device']})")
+    t0, made = time.time(), 0
+    dtype = getattr(torch, cfg["pair_dtype"])
+    for k in tqdm(todo, desc="shards", disable=rank != 0):
+        idx = list(range(k * S, min((k + 1) * S, N)))
+        seeds = [cfg["seed"] + i for i in idx]
+        xs = []
+        for b in range(0, len(idx), cfg["batch_per_device"]):
+            z, cond = teacher.noise_and_condition(seeds[b:b + cfg["batch_per_device"]], idx[b:b + cfg["batch_per_device"]])
+            xs.append(teacher.solve(z, cond).to(dtype).cpu())
+        _, cond = teacher.noise_and_condition(seeds, idx)
+        C.write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, **teacher.shard_fields(cond))
+        made += len(idx)
+    dt = time.time() - t0
+    if made:
+        print(f"rank {rank}: {made} pairs in {dt:.1f} s = {made / dt:.2f} pairs/s, {made * teacher.nfe / dt:.1f} NFE/s "
+              f"({teacher.nfe} NFE per pair)", flush=True)
+    C.barrier()
+    if rank == 0:
+        missing = [k for k in range(num_shards) if not os.path.isfile(C.shard_path(pairs_dir, k))]
+        if missing:
+            C.fail(f"shards {missing[:5]}... are missing after the run; rerun to finish them")
+        first = C.load_shard(C.shard_path(pairs_dir, 0))
+        n = min(cfg["grid"], len(first["seed"]))
+        z, _ = teacher.noise_and_condition(first["seed"][:n].tolist(), list(range(n)))
+        x_img = teacher.to_images(first["x"][:n].to(device)).cpu()
+        z_img = torch.nn.functional.interpolate((z[:, :3] / 3).clamp(-1, 1), size=x_img.shape[-2:], mode="nearest")
+        imgs = torch.cat([z_img, x_img])
+        C.save_image_grid(imgs, os.path.join(pairs_dir, "pairs.png"), ncol=n, scale=max(1, 64 // imgs.shape[-1]))
+        C.atomic_write_json(dict(manifest, complete=True), mpath)
+        print(f"pairs complete: {N} in '{pairs_dir}' (grid: top z, bottom x = teacher(z))")
+    C.cleanup()
+
+
+if __name__ == "__main__":
+    main()
