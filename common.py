@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -37,24 +38,32 @@ PRESETS = {
         resolution=16, channels=3, num_classes=10,
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
         num_pairs=4096, shard_size=512, batch_per_device=256, pair_dtype="float32",
+        lpips_width=0.25, lpips_pools_removed=3, cls_steps=800, cls_batch=128, cls_lr=2e-3,
+        loss="elatent", lpips_augment="bgc+cutout",
     ),
     "cifar10": dict(
         family="edm", teacher=None,  # the official NVlabs EDM pickle, e.g. edm-cifar10-32x32-cond-vp.pkl
         resolution=32, channels=3, num_classes=10,
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
         num_pairs=1_000_000, shard_size=10_000, batch_per_device=512, pair_dtype="float32",
+        lpips_width=1.0, lpips_pools_removed=0, cls_steps=100_000, cls_batch=256, cls_lr=1e-3,
+        loss="lpips", lpips_augment="",  # Table A1: LPIPS in pixels, no augmentation
     ),
     "sd15": dict(
         family="ldm", teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
         resolution=512, channels=4, num_classes=0,
         num_steps=50, guidance=3.0,  # SD-CFG-3; pass --guidance 8 for SD-CFG-8
         num_pairs=3_000_000, shard_size=1000, batch_per_device=32, pair_dtype="float16",
+        lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
+        loss="elatent+latent", lpips_augment="bg+cutout",  # Table A1, SD-CFG-3 (E-LatentLPIPS*)
     ),
     "sdxl": dict(
         family="ldm", teacher="stabilityai/stable-diffusion-xl-base-1.0",
         resolution=1024, channels=4, num_classes=0,
         num_steps=50, guidance=7.0,  # SDXL-CFG-7
         num_pairs=8_000_000, shard_size=1000, batch_per_device=8, pair_dtype="float16",
+        lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
+        loss="elatent", lpips_augment="bgc+cutout",  # Table A1, SDXL-CFG-7
     ),
 }
 
@@ -860,4 +869,1085 @@ def load_shard(path, expected_count=None):
     meta = f.metadata() or {}
     if "prompts" in meta:
         out["prompts"] = json.loads(meta["prompts"])
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 8. LatentLPIPS and E-LatentLPIPS (§3.2, App. B).
+# F is VGG16-bn (torchvision's `features` layout, 44 modules) whose input conv
+# takes the space's channels and whose first three max-pools are Identity. Its
+# five taps end the five conv stages (each slice ends where a pool sits), as in
+# the official E-LatentLPIPS checkpoints, so those load by renaming keys only.
+
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+VGG_SLICES = (0, 7, 14, 24, 34, 44)  # features[a:b] for the 5 taps
+
+
+class LatentVGG(nn.Module):
+    """F: VGG16-bn for a space with `in_ch` channels. `width` scales the channels
+    (1.0 = the paper's; the toy uses 0.25). The head is used only as the phase-1
+    classifier (global average pool + linear; the paper used VGG's FC stack)."""
+
+    def __init__(self, in_ch=4, width=1.0, pools_removed=3, num_classes=1000):
+        super().__init__()
+        layers, c, pools = [], in_ch, 0
+        for v in VGG16_CFG:
+            if v == "M":
+                layers.append(nn.Identity() if pools < pools_removed else nn.MaxPool2d(2, 2))
+                pools += 1
+            else:
+                w = max(8, int(v * width))
+                layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+                c = w
+        self.slices = nn.ModuleList(
+            nn.Sequential(*[layers[i] for i in range(a, b)]) for a, b in zip(VGG_SLICES[:-1], VGG_SLICES[1:]))
+        # keep torchvision's global indices in the names (slice k holds features[a:b])
+        for s, (a, b) in zip(self.slices, zip(VGG_SLICES[:-1], VGG_SLICES[1:])):
+            s._modules = type(s._modules)((str(a + i), m) for i, m in enumerate(s._modules.values()))
+        self.chns = [max(8, int(v * width)) for v in (64, 128, 256, 512, 512)]
+        self.head = nn.Linear(self.chns[-1], num_classes)
+        self.in_ch = in_ch
+
+    def taps(self, x):
+        out = []
+        for s in self.slices:
+            x = s(x)
+            out.append(x)
+        return out
+
+    def forward(self, x):
+        return self.head(self.taps(x)[-1].mean((2, 3)))
+
+
+def unit_normalize(f, eps=1e-10):
+    """LPIPS: unit-normalise each feature vector over channels."""
+    return f / (f.pow(2).sum(1, keepdim=True).sqrt() + eps)
+
+
+class LatentLPIPS(nn.Module):
+    """d(x0, x1) = sum_l mean_hw( w_l . (n(F_l(x0)) - n(F_l(x1)))^2 ), w_l >= 0.
+    The network is frozen and stays in eval mode whatever .train() says, so no
+    dropout or BatchNorm statistics leak into a training run that uses it."""
+
+    def __init__(self, in_ch=4, width=1.0, pools_removed=3, num_classes=1000):
+        super().__init__()
+        self.config = dict(in_ch=in_ch, width=width, pools_removed=pools_removed, num_classes=num_classes)
+        self.net = LatentVGG(in_ch, width, pools_removed, num_classes)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.net.chns)
+        for lin in self.lins:  # uncalibrated start: the plain sum over channels
+            nn.init.ones_(lin.weight)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode=True):  # always eval: BatchNorm uses its running stats
+        return super().train(False)
+
+    def forward(self, x0, x1, per_layer=False):
+        f0, f1 = self.net.taps(x0.float()), self.net.taps(x1.float())
+        layers = [F.conv2d((unit_normalize(a) - unit_normalize(b)) ** 2, lin.weight.clamp(min=0)).mean((1, 2, 3))
+                  for a, b, lin in zip(f0, f1, self.lins)]
+        d = sum(layers)
+        return (d, layers) if per_layer else d
+
+
+def load_latent_lpips(path, in_ch=None):
+    """Our checkpoint (from 02) or an official E-LatentLPIPS tuned checkpoint
+    (sd15_latest_vgg16_tuned.pth / sdxl_latest_vgg16_tuned.pth)."""
+    if path is None or not os.path.isfile(path):
+        fail(f"LatentLPIPS checkpoint not found at '{path}'; run 02_train_latent_lpips.py or pass --lpips_ckpt")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"'{path}' is not a readable LatentLPIPS checkpoint ({type(e).__name__}: {e})")
+    if isinstance(ck, dict) and "config" in ck and "state_dict" in ck:
+        cfg, sd = ck["config"], ck["state_dict"]
+    else:
+        sd = map_official_lpips(ck)
+        w0 = sd.get("net.slices.0.0.weight")
+        if w0 is None:
+            fail(f"'{path}' is neither our LatentLPIPS checkpoint nor an official E-LatentLPIPS one")
+        cfg = dict(in_ch=w0.shape[1], width=w0.shape[0] / 64, pools_removed=3, num_classes=1000)
+    if in_ch is not None and cfg["in_ch"] != in_ch:
+        fail(f"LatentLPIPS checkpoint '{path}' takes {cfg['in_ch']}-channel inputs but this space has {in_ch} channels")
+    model = LatentLPIPS(**cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.startswith("net.head") for k in missing):
+        fail(f"'{path}' does not match the LatentLPIPS layout (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def map_official_lpips(sd):
+    """Rename an official E-LatentLPIPS state dict to ours: net.slice{k}.{i}.* ->
+    net.slices.{k-1}.{i}.*, lin{k}.model.1.weight -> lins.{k}.weight. The
+    duplicate 'lins.*' entries of that layout are dropped."""
+    import re
+    out = {}
+    for k, v in sd.items():
+        k = k[7:] if k.startswith("module.") else k
+        m = re.fullmatch(r"net\.slice(\d)\.(\d+)\.(.+)", k)
+        if m:
+            out[f"net.slices.{int(m[1]) - 1}.{m[2]}.{m[3]}"] = v
+        m = re.fullmatch(r"lin(\d)\.model\.\d+\.weight", k)
+        if m:
+            out[f"lins.{m[1]}.weight"] = v
+    return out
+
+
+class Augment(nn.Module):
+    """T in Eq. 3: one random differentiable augmentation per call, applied
+    identically to both inputs. Spec letters as in Table A1:
+      b  blit: x-flip, 90-degree rotation, integer translation
+      g  geometric: isotropic + anisotropic scale, rotation, fractional translation (kornia)
+      c  colour: brightness, saturation, contrast (any channel count)
+      +cutout  a random square of half the size is zeroed
+    e.g. 'bg+cutout' (SD-CFG-3) or 'bgc+cutout' (SD-CFG-8, SDXL)."""
+
+    def __init__(self, spec="bgc+cutout"):
+        super().__init__()
+        letters, _, extra = spec.partition("+")
+        bad = set(letters) - set("bgc")
+        if bad or extra not in ("", "cutout"):
+            fail(f"unknown augment '{spec}': use the letters b, g, c and optionally '+cutout' (e.g. bgc+cutout)")
+        self.spec, self.b, self.g, self.c, self.cutout = spec, "b" in letters, "g" in letters, "c" in letters, extra == "cutout"
+        if self.g:
+            import kornia.augmentation as K
+            self.affine = K.RandomAffine(degrees=180, translate=(0.125, 0.125), scale=(0.8, 1.25, 0.8, 1.25),
+                                         p=1.0, padding_mode="reflection")
+
+    def forward(self, x0, x1):
+        B, C, H, W = x0.shape
+        dev = x0.device
+        xs = [x0.float(), x1.float()]
+        if self.b:
+            flip = torch.rand(B, device=dev) < 0.5
+            k = torch.randint(4, (B,), device=dev)
+            shift = (torch.rand(B, 2) * 0.25 - 0.125) * torch.tensor([H, W])
+            shift = shift.round().long()
+            xs = [_blit(x, flip, k, shift) for x in xs]
+        if self.g:
+            params = self.affine.forward_parameters(xs[0].shape)  # one draw, replayed on both
+            xs = [self.affine(x, params=params) for x in xs]
+        if self.c:
+            bright = torch.randn(B, 1, 1, 1, device=dev) * 0.2
+            sat = torch.exp2(torch.randn(B, 1, 1, 1, device=dev))
+            con = torch.exp2(torch.randn(B, 1, 1, 1, device=dev) * 0.5)
+            xs = [_colour(x, bright, sat, con) for x in xs]
+        if self.cutout:
+            cy, cx = torch.rand(B, 1, 1, device=dev), torch.rand(B, 1, 1, device=dev)
+            gy = (torch.arange(H, device=dev).float() + 0.5)[None, :, None] / H
+            gx = (torch.arange(W, device=dev).float() + 0.5)[None, None, :] / W
+            keep = (((gy - cy).abs() >= 0.25) | ((gx - cx).abs() >= 0.25)).float()[:, None]
+            xs = [x * keep for x in xs]
+        return xs
+
+
+def _blit(x, flip, k, shift):
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if x.shape[2] == x.shape[3]:
+        x = torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k)])
+    return torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), (1, 2)) for xi, s in zip(x, shift)])
+
+
+def _colour(x, bright, sat, con):
+    x = x + bright                                   # brightness
+    m = x.mean(1, keepdim=True)
+    x = m + (x - m) * sat                            # saturation: spread around the per-pixel channel mean
+    mu = x.mean((1, 2, 3), keepdim=True)
+    return mu + (x - mu) * con                       # contrast
+
+
+LOSSES = ("elatent", "elatent+latent", "latent", "lpips", "mse", "huber")
+
+
+class RegressionLoss(nn.Module):
+    """d(G(z, c), x) of Eq. 1 for every --loss mode; returns one value per sample.
+      mse            mean squared error in the model's space
+      huber          Pseudo-Huber (iCT): sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim)
+      latent         LatentLPIPS (Eq. 2 without the decoder)
+      elatent        E-LatentLPIPS (Eq. 3): LatentLPIPS after one shared random augmentation
+      elatent+latent E-LatentLPIPS* (Table A1): the sum of both
+      lpips          decode to pixels, then pixel LPIPS (the Table 1 baseline)"""
+
+    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None):
+        super().__init__()
+        if mode not in LOSSES:
+            fail(f"unknown --loss '{mode}'; choose one of {', '.join(LOSSES)}")
+        if "latent" in mode and lpips is None:
+            fail(f"--loss {mode} needs a LatentLPIPS checkpoint (--lpips_ckpt)")
+        self.mode, self.lpips, self.decode, self.pixel_lpips = mode, lpips, decode, pixel_lpips
+        self.aug = Augment(augment) if mode.startswith("elatent") else None
+
+    def forward(self, a, b):
+        a, b = a.float(), b.float()
+        if self.mode == "mse":
+            return (a - b).pow(2).mean((1, 2, 3))
+        if self.mode == "huber":
+            c = 0.00054 * math.sqrt(a[0].numel())
+            return ((a - b).pow(2).sum((1, 2, 3)) + c ** 2).sqrt() - c
+        if self.mode == "lpips":
+            if self.pixel_lpips is None:
+                fail("--loss lpips needs a pixel LPIPS network")
+            pa, pb = (self.decode(a), self.decode(b)) if self.decode is not None else (a, b)
+            return self.pixel_lpips(pa, pb)
+        d = 0
+        if self.mode.startswith("elatent"):
+            ta, tb = self.aug(a, b)
+            d = self.lpips(ta, tb)
+        if self.mode in ("latent", "elatent+latent"):
+            d = d + self.lpips(a, b)
+        return d
+
+
+def psnr(a, b, peak=2.0):
+    """PSNR in dB for signals whose range is `peak` (2 for [-1, 1] images)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return 10 * math.log10(peak ** 2 / max(mse, 1e-12))
+
+
+def save_curves_and_images(curves, images, path, title, labels=None, size=(420, 260)):
+    """A PNG with line curves (dict name -> list of values) above a row of images,
+    drawn with PIL only (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    canvas = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(canvas)
+    vals = [v for c in curves.values() for v in c]
+    lo, hi = min(vals), max(vals)
+    hi = hi if hi > lo else lo + 1
+    L, R, T, B = 40, W - 10, 20, H - 25
+    d.rectangle([L, T, R, B], outline="black")
+    d.text((L, 4), title, fill="black")
+    d.text((2, T), f"{hi:.1f}", fill="black")
+    d.text((2, B - 10), f"{lo:.1f}", fill="black")
+    for i, (name, c) in enumerate(curves.items()):
+        pts = [(L + (R - L) * k / max(1, len(c) - 1), B - (B - T) * (v - lo) / (hi - lo)) for k, v in enumerate(c)]
+        d.line(pts, fill=colours[i % 5], width=2)
+        d.text((L + 8 + 110 * i, B + 6), f"{name}: {c[-1]:.1f}", fill=colours[i % 5])
+    imgs = to_uint8(images)
+    n, h, w, _ = imgs.shape
+    scale = max(1, 96 // w)
+    strip = Image.new("RGB", (max(W, n * (w * scale + 4)), h * scale + 18), "white")
+    ds = ImageDraw.Draw(strip)
+    for i in range(n):
+        strip.paste(Image.fromarray(imgs[i]).resize((w * scale, h * scale), Image.NEAREST), (i * (w * scale + 4), 0))
+        if labels:
+            ds.text((i * (w * scale + 4), h * scale + 3), labels[i], fill="black")
+    out = Image.new("RGB", (max(W, strip.width), H + strip.height), "white")
+    out.paste(canvas, (0, 0))
+    out.paste(strip, (0, H))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp_name(path) + ".png"
+    out.save(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# 9. Images, latents and 2AFC data for 02 (sd15/sdxl), and the Fig. 4 benchmark.
+
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_ldm_vae(cfg, device):
+    path = resolve_pretrained(cfg["teacher"])
+    if not os.path.isdir(os.path.join(path, "vae")):
+        fail(f"teacher folder '{path}' is missing the 'vae' component")
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).eval().requires_grad_(False)
+    return vae, vae.config.scaling_factor
+
+
+def load_image(path, size):
+    """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
+    from PIL import Image
+    im = Image.open(path).convert("RGB")
+    s = size / min(im.size)
+    im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+    l, t = (im.width - size) // 2, (im.height - size) // 2
+    im = im.crop((l, t, l + size, t + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def image_folder(root):
+    """ImageFolder layout: root/<class>/<image>. Returns [(path, label)], classes."""
+    if root is None or not os.path.isdir(root):
+        fail(f"image folder '{root}' does not exist")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    items = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMG_EXTS)]
+    if not items:
+        fail(f"no images found in '{root}' (expected root/<class>/<image>{'|'.join(IMG_EXTS)})")
+    return items, classes
+
+
+@torch.no_grad()
+def encode_images(vae, scaling, imgs, device, batch=32):
+    """Images in [-1, 1] -> diffusion-space latents (posterior mean x scaling factor)."""
+    return torch.cat([vae.encode(imgs[i:i + batch].to(device)).latent_dist.mean.cpu() * scaling
+                      for i in range(0, len(imgs), batch)])
+
+
+def cached_image_latents(cfg, device, shard=1024):
+    """Encode an ImageFolder once with the teacher's VAE, cached in atomic shards
+    (ranks take shards[rank::world]; a rerun skips finished ones). Returns
+    (x, y, x_val, y_val) with a deterministic held-out split."""
+    import torch.distributed as dist
+    items, classes = image_folder(cfg["images"])
+    g = torch.Generator().manual_seed(cfg["seed"])
+    items = [items[i] for i in torch.randperm(len(items), generator=g)]
+    cache = os.path.join(cfg["out_dir"], "lpips", "latents")
+    manifest = dict(images=os.path.abspath(cfg["images"]), n=len(items), image_size=cfg["image_size"], teacher=cfg["teacher"])
+    mpath = os.path.join(cache, "manifest.json")
+    if os.path.isfile(mpath):
+        found = json.load(open(mpath))
+        diff = [k for k in manifest if found.get(k) != manifest[k]]
+        if diff:
+            fail(f"latent cache '{cache}' was made from other images/settings (differs in {diff}); use another --out_dir")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if rank == 0:
+        atomic_write_json(manifest, mpath)
+    n_shards = (len(items) + shard - 1) // shard
+    todo = [k for k in range(n_shards)[rank::world] if not os.path.isfile(os.path.join(cache, f"shard_{k:06d}.safetensors"))]
+    if todo:
+        vae, scaling = load_ldm_vae(cfg, device)
+        from tqdm import tqdm
+        for k in tqdm(todo, desc="encoding images", disable=rank != 0):
+            part = items[k * shard:(k + 1) * shard]
+            imgs = torch.stack([load_image(p, cfg["image_size"]) for p, _ in part])
+            atomic_save_safetensors(dict(x=encode_images(vae, scaling, imgs, device).half(),
+                                         y=torch.tensor([l for _, l in part])), os.path.join(cache, f"shard_{k:06d}.safetensors"))
+    barrier()
+    x, y = [], []
+    for k in range(n_shards):
+        d = load_shard(os.path.join(cache, f"shard_{k:06d}.safetensors"))
+        x.append(d["x"])
+        y.append(d["y"])
+    x, y = torch.cat(x), torch.cat(y)
+    n_val = max(1, int(len(x) * cfg["val_frac"]))
+    return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+
+
+def first_cached_latent(cfg, device):
+    """The reconstruction target for sd15/sdxl: the first cached image latent."""
+    path = os.path.join(cfg["out_dir"], "lpips", "latents", "shard_000000.safetensors")
+    if not os.path.isfile(path):
+        fail(f"no cached latents at '{path}'; run phase 1 with --images first")
+    vae, scaling = load_ldm_vae(cfg, device)
+    return load_shard(path)["x"][:1].float().to(device), lambda z: vae.decode(z / scaling).sample.clamp(-1, 1)
+
+
+def load_bapps(cfg, split, device):
+    """BAPPS 2AFC: root/2afc/<split>/<subset>/{ref,p0,p1}/*.png and judge/*.npy,
+    brought into the model's space (VAE-encoded for sd15/sdxl; resized for toy)."""
+    root = os.path.join(cfg["bapps"], "2afc", split)
+    if not os.path.isdir(root):
+        fail(f"BAPPS folder '{root}' does not exist (expected <bapps>/2afc/{{train,val}}/<subset>/...)")
+    subsets = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not subsets:
+        fail(f"BAPPS folder '{root}' has no subsets")
+    refs, p0s, p1s, judges = [], [], [], []
+    for sub in subsets:
+        for part in ("ref", "p0", "p1", "judge"):
+            if not os.path.isdir(os.path.join(root, sub, part)):
+                fail(f"BAPPS subset '{os.path.join(root, sub)}' is missing its '{part}' folder")
+        names = sorted(f[:-4] for f in os.listdir(os.path.join(root, sub, "judge")) if f.endswith(".npy"))
+        for nm in names:
+            refs.append(os.path.join(root, sub, "ref", nm + ".png"))
+            p0s.append(os.path.join(root, sub, "p0", nm + ".png"))
+            p1s.append(os.path.join(root, sub, "p1", nm + ".png"))
+            judges.append(float(np.load(os.path.join(root, sub, "judge", nm + ".npy")).reshape(-1)[0]))
+    if cfg["family"] == "ldm":
+        vae, scaling = load_ldm_vae(cfg, device)
+        conv = lambda paths: encode_images(vae, scaling, torch.stack([load_image(p, 64) for p in paths]), device)
+    else:
+        conv = lambda paths: torch.stack([load_image(p, cfg["resolution"]) for p in paths])
+    return conv(refs), conv(p0s), conv(p1s), torch.tensor(judges)
+
+
+def sd15_vae_decoder_config():
+    """SD1.5's VAE architecture (random weights: for benchmarking only)."""
+    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+
+
+def _peak_mem(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS (bytes, Linux)
+
+
+def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout"):
+    """Fig. 4: one forward+backward at batch 1 on SD1.5 shapes, random weights.
+      pixel:  latent 4x64x64 -> SD1.5 VAE decoder -> 3x512x512 -> VGG16-bn LPIPS
+      latent: latent 4x64x64 -> E-LatentLPIPS (our VGG16-bn, 4 channels, 3 pools removed)
+    Time is the median of `repeats` after a warm-up. Memory is the peak allocated
+    on CUDA; on CPU it is the growth of the process' peak RSS (latent path runs first)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    target, x0 = torch.randn(1, 4, 64, 64, device=device), torch.randn(1, 4, 64, 64, device=device)
+    latent = RegressionLoss("elatent", LatentLPIPS(4, 1.0, 3).to(device), augment)
+    pixel_lpips = LatentLPIPS(3, 1.0, 0).to(device)
+    vae = AutoencoderKL(**sd15_vae_decoder_config()).to(device).eval().requires_grad_(False)
+    pixel = RegressionLoss("lpips", decode=lambda z: vae.decode(z / 0.18215).sample, pixel_lpips=pixel_lpips)
+    res = {}
+    for name, fn in (("e_latent_lpips", latent), ("pixel_lpips", pixel)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        base = _peak_mem(device) if device.type != "cuda" else torch.cuda.memory_allocated(device)
+        times = []
+        for i in range(repeats + 1):
+            x = x0.clone().requires_grad_(True)
+            t = time.perf_counter()
+            fn(x, target).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t)
+        res[name] = dict(ms=round(1000 * sorted(times)[len(times) // 2], 1), mem_gb=round((_peak_mem(device) - base) / 2 ** 30, 3))
+    res["time_ratio"] = round(res["pixel_lpips"]["ms"] / res["e_latent_lpips"]["ms"], 2)
+    res["mem_ratio"] = round(res["pixel_lpips"]["mem_gb"] / max(res["e_latent_lpips"]["mem_gb"], 1e-3), 2)
+    res["device"] = str(device)
+    return res
+
+
+# ----------------------------------------------------------------------------
+# 10. Training helpers shared by 03 (stage 1) and 04 (stage 2).
+
+class PairDataset:
+    """The (z, c, x) pairs of 01, checked against the teacher that will be
+    distilled. x is read from the memory-mapped shards; z is regenerated from
+    each pair's seed."""
+
+    def __init__(self, pairs_dir, teacher, cfg):
+        m = read_manifest(pairs_dir)
+        if not m.get("complete"):
+            fail(f"pairs in '{pairs_dir}' are incomplete; rerun 01_make_pairs.py to finish them")
+        expected = dict(preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id,
+                        z_shape=list(teacher.z_shape))
+        check_manifest(m, expected, f"the pairs in '{pairs_dir}'")
+        self.m, self.teacher, self.N, self.S = m, teacher, m["num_pairs"], m["shard_size"]
+        self.shards = [open_shard(shard_path(pairs_dir, k), min(self.S, self.N - k * self.S))
+                       for k in range((self.N + self.S - 1) // self.S)]
+        self.prompts = {}
+
+    def __len__(self):
+        return self.N
+
+    def get(self, idx):
+        """Batch of pairs by global index: dict(z, x, seed, cond, [w])."""
+        idx = [int(i) for i in idx]
+        x, seeds, labels, prompts, ws = [], [], [], [], []
+        for i in idx:
+            f, j = self.shards[i // self.S], i % self.S
+            x.append(f.get_slice("x")[j:j + 1])
+            seeds.append(f.get_slice("seed")[j:j + 1])
+            if "label" in f.keys():
+                labels.append(f.get_slice("label")[j:j + 1])
+            if "w" in f.keys():
+                ws.append(f.get_slice("w")[j:j + 1])
+            if self.teacher.family == "ldm":
+                k = i // self.S
+                if k not in self.prompts:
+                    self.prompts[k] = json.loads(f.metadata()["prompts"])
+                prompts.append(self.prompts[k][j])
+        seeds = torch.cat(seeds)
+        z, _ = self.teacher.noise_and_condition(seeds.tolist(), None) if self.teacher.family == "edm" else \
+            (torch.stack([torch.randn(self.teacher.z_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]), None)
+        out = dict(z=z, x=torch.cat(x).float(), seed=seeds, cond=torch.cat(labels) if labels else prompts)
+        if ws:
+            out["w"] = torch.cat(ws)
+        return out
+
+
+def step_indices(seed, step, batch, n):
+    """The global batch of a step: a function of (seed, step) only, so a resumed
+    run replays exactly. Epoch e is a seeded permutation of the n pairs."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        e, off = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        out.extend(perm[off: off + batch - len(out)].tolist())
+    return out
+
+
+def micro_batches(idx, world, rank, accum):
+    """Split a global batch into world x accum micro-batches; rank r takes chunks
+    m*world + r. 1 process with accum 2 and 2 processes with accum 1 therefore
+    see the same chunks, and each chunk's RNG is seeded by its chunk id."""
+    n = len(idx) // (world * accum)
+    return [((m * world + rank), idx[(m * world + rank) * n:(m * world + rank + 1) * n]) for m in range(accum)]
+
+
+def check_batch(batch, per_device, world):
+    if batch % (per_device * world):
+        fail(f"--batch {batch} is not divisible by --batch_per_device {per_device} x world size {world}")
+    return batch // (per_device * world)
+
+
+class Student(nn.Module):
+    """G(z, c): a trainable copy of the teacher network in the data-prediction
+    parameterisation. EDM: G = D(sigma_max z; sigma_max, c). SD: Eq. 8."""
+
+    def __init__(self, teacher, cfg):
+        super().__init__()
+        import copy
+        self.family = teacher.family
+        if self.family == "edm":
+            self.net = copy.deepcopy(teacher.net).float().train().requires_grad_(True)
+            self.sigma_max = cfg["sigma_max"]
+            if teacher.kind == "toy" and cfg.get("dropout"):
+                for m in self.net.modules():
+                    if isinstance(m, nn.Dropout):
+                        m.p = cfg["dropout"]
+            self.num_classes = teacher.num_classes
+        else:
+            self.net = copy.deepcopy(teacher.unet).float().train().requires_grad_(True)
+            self.T, self.prediction_type = teacher.T, teacher.prediction_type
+            self.register_buffer("alpha_bar_T", teacher.alphas_cumprod[teacher.T].clone())
+
+    def forward(self, z, cond):
+        if self.family == "edm":
+            sigma = torch.full((len(z),), self.sigma_max, device=z.device)
+            if hasattr(self.net, "label_dim"):  # NVlabs network: one-hot labels
+                return self.net(z * self.sigma_max, sigma, F.one_hot(cond, self.net.label_dim).float()).float()
+            return self.net(z * self.sigma_max, sigma, cond)
+        out = self.net(z, self.T, **cond).sample  # Eq. 8 with T = the teacher's first DDIM timestep
+        return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T, self.prediction_type)
+
+
+def student_cond(teacher, cond, device):
+    """Labels to the device, or prompts through the frozen text encoder(s)."""
+    if teacher.family == "edm":
+        return cond.to(device)
+    return teacher.encode_prompts(list(cond))
+
+
+def param_groups(model, weight_decay, attn_weight_decay):
+    """Table A1: weight decay, with a separate strength on attention parameters."""
+    attn, rest = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (attn if ("attn" in n or "attention" in n or "transformer_blocks" in n) else rest).append(p)
+    return [dict(params=rest, weight_decay=weight_decay), dict(params=attn, weight_decay=attn_weight_decay)]
+
+
+def make_optimizer(name, groups, lr, betas):
+    if name == "radam":
+        return torch.optim.RAdam(groups, lr=lr, betas=betas, decoupled_weight_decay=True)
+    if name == "adam":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    fail(f"unknown optimizer '{name}' (adam | radam)")
+
+
+def lr_at(step, steps, lr, lr_end):
+    """Cosine decay from lr to lr_end over the run (Table A1: 1e-4 -> 1e-5)."""
+    return lr_end + (lr - lr_end) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
+
+
+@torch.no_grad()
+def update_ema(ema, model, beta):
+    """EMA of the weights; buffers are copied."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1 - beta)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def requires_grad(model, flag):
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+class MetricsLog:
+    """JSONL metrics on rank 0. On resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path, resume_step=0):
+        self.path = path
+        if is_main():
+            lines = []
+            if resume_step and os.path.isfile(path):
+                lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= resume_step]
+            atomic_write_text("".join(lines), path)
+
+    def write(self, **kw):
+        if is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in kw.items()}) + "\n")
+
+
+def all_reduce_mean(t):
+    import torch.distributed as dist
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def finite_or_stop(value, step, ckpt_path, what="loss"):
+    """NaN/Inf guard: stop with the step named; the last good checkpoint stays."""
+    if not math.isfinite(value):
+        kept = f"the last good checkpoint '{ckpt_path}' is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written yet"
+        fail(f"{what} became {value} at step {step}; stopping ({kept}). Try a lower --lr or --grad_clip")
+
+
+def load_checkpoint(path, what):
+    if not os.path.isfile(path):
+        fail(f"{what} not found at '{path}'")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"{what} '{path}' is unreadable ({type(e).__name__}: {e})")
+
+
+@torch.no_grad()
+def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000):
+    """Fixed held-out seeds (never in the pairs): z, c and the teacher's x."""
+    seeds = list(range(seed0, seed0 + n))
+    if teacher.family == "edm":
+        z, cond = teacher.noise_and_condition(seeds)
+        if cfg["num_classes"]:
+            cond = torch.arange(n) % cfg["num_classes"]  # one of each class, in order
+    else:
+        z = torch.stack([torch.randn(teacher.z_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        prompts = teacher.prompts or ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake"]
+        cond = [prompts[i % len(prompts)] for i in range(n)]
+    x = teacher.solve(z, cond).float().cpu()
+    return z, cond, x
+
+
+def load_pixel_lpips(kind, device):
+    """Pixel-space LPIPS for --loss lpips (Table 1 baseline; CIFAR10 in Table A1).
+    'imagenet': the official LPIPS (VGG16, ImageNet weights) from the optional
+    `lpips` package; 'random': a VGG16-bn LPIPS with random weights, for offline
+    tests and benchmarks only."""
+    if kind == "random":
+        return LatentLPIPS(3, 1.0, 0).to(device)
+    if kind != "imagenet":
+        fail(f"unknown --pixel_lpips '{kind}' (imagenet | random)")
+    try:
+        import lpips
+    except ImportError:
+        fail("--loss lpips with ImageNet VGG weights needs the optional `lpips` package: pip install lpips "
+             "(it also needs torchvision, and fetches the VGG16 weights on first use)")
+    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+    return lambda a, b: net(a, b).flatten()
+
+
+# ----------------------------------------------------------------------------
+# 11. The conditional diffusion discriminator (§3.3, Fig. 7). One wrapper for the
+# toy teacher's UNet2DModel and SD's UNet2DConditionModel: a trainable copy of
+# the teacher U-Net in its noise-prediction parameterisation (App. A), plus
+#   z-conditioning   D's input is x + zero_conv(z)                ("+ z conditional D")
+#   multi-scale in   x resized to each encoder scale enters that
+#                    down block through a zero-init conv          ("+ multi-scale")
+#   multi-scale out  3 readouts per decoder scale: the upsampled
+#                    features from below, the skip features, and
+#                    the block's output; each a logit map
+# Forward pre-hooks on the U-Net's blocks add the inputs and collect the
+# readout features, so diffusers' own forward runs unchanged.
+
+def zero_conv(cin, cout):
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class Discriminator(nn.Module):
+    def __init__(self, teacher, z_cond=True, multiscale=True, d_sigma=0.5, d_timestep=0, noise_aug=False):
+        super().__init__()
+        import copy
+        self.family = teacher.family
+        unet = teacher.net.unet if teacher.family == "edm" else teacher.unet
+        self.unet = copy.deepcopy(unet).float().train().requires_grad_(True)
+        if self.family == "edm":
+            self.sigma_data, self.num_classes = teacher.net.sigma_data, teacher.num_classes
+            self.d_sigma = d_sigma
+        else:
+            self.d_timestep = d_timestep
+            self.register_buffer("alphas_cumprod", teacher.alphas_cumprod.clone())
+        self.noise_aug, self.multiscale = noise_aug, multiscale
+        ch = self.unet.config.in_channels
+        self.z_conv = zero_conv(ch, ch) if z_cond else None
+        blocks_in = [self.unet.config.block_out_channels[0]] + list(self.unet.config.block_out_channels[:-1])
+        self.ms_in = nn.ModuleList(zero_conv(ch, c) for c in blocks_in[1:]) if multiscale else None
+        self._feats, self._x = [], None
+        self._hooks = [b.register_forward_pre_hook(self._down_hook(i), with_kwargs=True)
+                       for i, b in enumerate(self.unet.down_blocks) if multiscale and i > 0]
+        ups = list(self.unet.up_blocks)
+        self._hooks += [b.register_forward_pre_hook(self._up_hook, with_kwargs=True) for b in ups]
+        self._hooks.append(ups[-1].register_forward_hook(self._out_hook))
+        if multiscale:
+            self._hooks += [b.register_forward_hook(self._out_hook) for b in ups[:-1]]
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in self._readout_channels())
+
+    # --- hooks -----------------------------------------------------------------------
+    def _down_hook(self, i):
+        def hook(module, args, kwargs):
+            h = kwargs["hidden_states"]
+            x = F.interpolate(self._x, size=h.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+            kwargs["hidden_states"] = h + self.ms_in[i - 1](x.to(h.dtype))
+            return args, kwargs
+        return hook
+
+    def _up_hook(self, module, args, kwargs):
+        if self.multiscale:
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+            self._feats += [h, torch.cat([F.interpolate(s, size=h.shape[-2:]) if s.shape[-2:] != h.shape[-2:] else s
+                                          for s in skips], 1)]
+
+    def _out_hook(self, module, args, out):
+        self._feats.append(out[0] if isinstance(out, tuple) else out)
+
+    def _readout_channels(self):
+        """Channels of each readout, found by one dry run on a tiny input."""
+        with torch.no_grad():
+            r = 2 ** (len(self.unet.down_blocks) - 1)
+            x = torch.zeros(1, self.unet.config.in_channels, 2 * r, 2 * r)
+            feats = self.features(x, x, self._dummy_cond())
+        return [f.shape[1] for f in feats]
+
+    def _dummy_cond(self):
+        if self.family == "edm":
+            return torch.zeros(1, dtype=torch.long)
+        cfg = self.unet.config
+        kw = dict(encoder_hidden_states=torch.zeros(1, 1, cfg.cross_attention_dim))
+        if cfg.addition_embed_type == "text_time":
+            n = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            kw["added_cond_kwargs"] = dict(text_embeds=torch.zeros(1, n), time_ids=torch.zeros(1, 6))
+        return kw
+
+    # --- forward ---------------------------------------------------------------------
+    def features(self, x, z, cond, t=None):
+        """The U-Net run on D's input; returns the readout features (decoder
+        order: per up block [from below, skips, after block], or just the
+        last block's output without multi-scale)."""
+        self._feats, self._x = [], x
+        h = x + self.z_conv(z) if self.z_conv is not None else x
+        if self.family == "edm":
+            sigma = torch.full((len(x),), self.d_sigma, device=x.device) if t is None else t
+            s = sigma.view(-1, 1, 1, 1)
+            c_in = 1 / (self.sigma_data ** 2 + s ** 2).sqrt()
+            self.unet(c_in * h, sigma.log() / 4, class_labels=cond)
+        else:
+            t = torch.full((len(x),), self.d_timestep, device=x.device, dtype=torch.long) if t is None else t
+            self.unet(h, t, **cond)
+        feats, self._feats, self._x = self._feats, [], None
+        return feats
+
+    def forward(self, x, z, cond, noise=None):
+        """Logit maps, one per readout. With noise augmentation (SDXL preset), x
+        is diffused to a random t (given noise ~ N(0, I)) before D."""
+        t = None
+        if self.noise_aug:
+            noise = torch.randn_like(x) if noise is None else noise
+            if self.family == "edm":
+                t = (torch.randn(len(x), device=x.device) * 1.2 - 1.2).exp()
+                x = x + t.view(-1, 1, 1, 1) * noise
+            else:
+                t = torch.randint(0, len(self.alphas_cumprod), (len(x),), device=x.device)
+                a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
+                x = a.sqrt() * x + (1 - a).sqrt() * noise
+        return [head(f.float()) for head, f in zip(self.heads, self.features(x, z, cond, t))]
+
+
+def d_score(logits):
+    """D(x) as one number per sample: the mean over readouts and positions."""
+    return torch.stack([l.mean((1, 2, 3)) for l in logits]).mean(0)
+
+
+def gan_loss_d(logits_real, logits_fake):
+    """Eq. 5 for D with softplus: -log D(real) - log(1 - D(fake)), averaged over
+    every readout and position."""
+    real = torch.stack([F.softplus(-l).mean() for l in logits_real]).mean()
+    fake = torch.stack([F.softplus(l).mean() for l in logits_fake]).mean()
+    return real + fake
+
+
+def gan_loss_g(logits_fake):
+    """Eq. 6, non-saturating: -log D(G(z, c))."""
+    return torch.stack([F.softplus(-l).mean() for l in logits_fake]).mean()
+
+
+def r1_penalty(D, x, z, cond):
+    """Single-sample R1: ||grad_x D(x)||^2 on one real sample (D(x) = d_score)."""
+    x = x.detach().requires_grad_(True)
+    score = d_score(D(x, z, cond)).sum()
+    (g,) = torch.autograd.grad(score, x, create_graph=True)
+    return g.pow(2).sum((1, 2, 3)).mean()
+
+
+def mix_and_match(x_fake, x_real, z, cond, frac, generator=None):
+    """Mix-and-match (§3.3): a fraction of the fake inputs becomes a real latent
+    of another sample j with wrong conditions, labelled fake. Kinds cycle through
+    (x_j, z_i, c_i) unrelated latent, (x_j, z_j, c_i) wrong c, (x_j, z_i, c_j)
+    wrong z. Returns the new (x, z, cond) and the list of (i, j, kind)."""
+    B = len(x_fake)
+    n = int(round(frac * B))
+    if n == 0 or B < 2:
+        return x_fake, z, cond, []
+    idx = torch.randperm(B, generator=generator)[:n].tolist()
+    shift = torch.randint(1, B, (n,), generator=generator).tolist()
+    x, zz = x_fake.clone(), z.clone()
+    cond_is_tensor = torch.is_tensor(cond)
+    cc = cond.clone() if cond_is_tensor else {k: (v.clone() if torch.is_tensor(v) else {kk: vv.clone() for kk, vv in v.items()})
+                                              for k, v in cond.items()}
+    done = []
+    for k, (i, s) in enumerate(zip(idx, shift)):
+        j, kind = (i + s) % B, k % 3
+        x[i] = x_real[j]
+        if kind == 1:
+            zz[i] = z[j]
+        if kind == 2:
+            _set_cond(cc, cond, i, j)
+        done.append((i, j, ("unrelated", "wrong_c", "wrong_z")[kind]))
+    return x, zz, cc, done
+
+
+def _set_cond(dst, src, i, j):
+    if torch.is_tensor(src):
+        dst[i] = src[j]
+        return
+    for k, v in src.items():
+        if torch.is_tensor(v):
+            dst[k][i] = v[j]
+        else:
+            for kk, vv in v.items():
+                dst[k][kk][i] = vv[j]
+
+
+def sync_grads(model):
+    """All-reduce gradients by hand (as StyleGAN2-ADA does) so R1's double
+    backward works under torchrun without DDP's autograd hooks."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    if params:
+        flat = torch.cat([p.grad.flatten() for p in params])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        off = 0
+        for p in params:
+            p.grad.copy_(flat[off:off + p.numel()].view_as(p))
+            off += p.numel()
+
+
+def cond_slice(cond, n):
+    """The first n samples of a condition (labels tensor or U-Net kwargs dict)."""
+    if torch.is_tensor(cond):
+        return cond[:n]
+    return {k: (v[:n] if torch.is_tensor(v) else {kk: vv[:n] for kk, vv in v.items()}) for k, v in cond.items()}
+
+
+# ----------------------------------------------------------------------------
+# 12. Metric maths (05). Our own code, tested against closed forms; the
+# pretrained feature networks for SD come from optional packages.
+
+def feature_stats(f):
+    f = f.double()
+    mu = f.mean(0)
+    d = f - mu
+    return mu, d.T @ d / (len(f) - 1)
+
+
+def sqrtm_psd(a):
+    """Matrix square root of a symmetric PSD matrix by eigendecomposition (float64;
+    tiny negative eigenvalues from round-off are clamped to 0)."""
+    a = (a + a.T) / 2
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2). The inner matrix is
+    symmetric PSD, so its trace-sqrt is a sum of sqrt-eigenvalues: stable, no scipy."""
+    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
+    r1 = sqrtm_psd(s1)
+    m = r1 @ s2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+
+
+def fid_from_features(a, b):
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def _kth_nn_radius(f, k, chunk=1024):
+    r = []
+    for i in range(0, len(f), chunk):
+        d = torch.cdist(f[i:i + chunk].double(), f.double())
+        r.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
+    return torch.cat(r)
+
+
+def _coverage(query, ref, radii, chunk=1024):
+    inside = []
+    for i in range(0, len(query), chunk):
+        d = torch.cdist(query[i:i + chunk].double(), ref.double())
+        inside.append((d <= radii[None]).any(1))
+    return torch.cat(inside).float().mean().item()
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision/recall (Kynkaanniemi et al. 2019): a sample is covered
+    when it lies inside some k-NN ball of the other set (k = 3)."""
+    precision = _coverage(fake, real, _kth_nn_radius(real, k))
+    recall = _coverage(real, fake, _kth_nn_radius(fake, k))
+    return precision, recall
+
+
+def mean_pairwise_distance(f):
+    """DreamDiv-style diversity of one condition's samples: mean distance over pairs."""
+    n = len(f)
+    d = torch.cdist(f.double(), f.double())
+    return (d.sum() / (n * (n - 1))).item()
+
+
+def diversity(features, groups):
+    """Mean over conditions of the within-condition mean pairwise distance."""
+    vals = [mean_pairwise_distance(features[groups == g]) for g in groups.unique() if (groups == g).sum() > 1]
+    return float(np.mean(vals))
+
+
+def fidelity(student, teacher_out, dist=None):
+    """Fidelity to the teacher (the DreamSim-5k idea): the mean distance between
+    student and teacher outputs from the same z (lower is closer)."""
+    if dist is None:
+        return (student.float() - teacher_out.float()).pow(2).flatten(1).mean(1).mean().item()
+    return dist(student, teacher_out).float().mean().item()
+
+
+def gather_by_rank(local, n, world):
+    """Undo a seeds[rank::world] split: every rank's rows, back in seed order."""
+    import torch.distributed as dist
+    if world == 1:
+        return local
+    parts = [None] * world
+    dist.all_gather_object(parts, local.cpu())
+    out = torch.empty(n, *local.shape[1:], dtype=local.dtype)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 13. Benchmarks (commands, not timed tests).
+
+def _timed(fn, device, repeats=1):
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def benchmark_pairs(cfg, device, batches=2):
+    """Our pair generation vs diffusers' own pipeline making the same latents (same
+    teacher, prompts, z, steps, guidance, batch), in one run; plus the pure-UNet
+    time of the same calls, the floor for both."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    teacher = LDMTeacher(cfg, device, load_vae=False)
+    B = cfg["batch_per_device"]
+    cls = StableDiffusionXLPipeline if teacher.kind == "sdxl" else StableDiffusionPipeline
+    kw = dict(torch_dtype=teacher.dtype) if teacher.dtype != torch.float32 else {}
+    pipe = cls.from_pretrained(resolve_pretrained(cfg["teacher"]), **kw).to(device)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(B))
+    z, prompts = teacher.noise_and_condition(seeds, seeds)
+    res = pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"], guidance_scale=cfg["guidance"],
+               height=teacher.pixel_res, width=teacher.pixel_res, output_type="latent")  # warm-up
+    ours_t = _timed(lambda: teacher.solve(z, prompts), device, batches)
+    theirs_t = _timed(lambda: pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"],
+                                   guidance_scale=cfg["guidance"], height=teacher.pixel_res, width=teacher.pixel_res,
+                                   output_type="latent"), device, batches)
+    cond = cat_cond(teacher.encode_uncond(B), teacher.encode_prompts(prompts)) if cfg["guidance"] > 1 else teacher.encode_prompts(prompts)
+    x2 = torch.cat([z, z]).to(device, teacher.dtype) if cfg["guidance"] > 1 else z.to(device, teacher.dtype)
+    unet_t = _timed(lambda: [teacher.unet(x2, t, **cond) for t in teacher.timesteps], device, batches)
+    out = dict(ours_pairs_s=B / ours_t, diffusers_pairs_s=B / theirs_t, unet_only_pairs_s=B / unet_t,
+               ours_over_diffusers=theirs_t / ours_t, ours_over_unet_only=unet_t / ours_t, batch=B, steps=cfg["num_steps"],
+               unet_params_m=sum(p.numel() for p in teacher.unet.parameters()) / 1e6, device=str(device))
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def sd15_unet_config():
+    """SD1.5's U-Net architecture (random weights: for benchmarking only)."""
+    return dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+
+
+@torch.no_grad()
+def benchmark_speed(cfg, device):
+    """Fig. 3: one-step student vs the teacher's full solver on the same device.
+    With --teacher DIR it times that teacher; otherwise random-weight SD1.5 shapes
+    (U-Net 860M, CLIP ViT-L text encoder), for benchmarking only. Reports time
+    per image, the achieved ratio, and that ratio over the ideal ratio from
+    per-call U-Net times (1.0 = no overhead), plus the Fig. 4 loss benchmark."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    steps = cfg.get("speed_steps") or cfg["num_steps"]
+    if cfg["family"] != "ldm":
+        fail("--speed measures the SD1.5/SDXL student vs DDIM teacher; use --preset sd15 or sdxl")
+    if cfg.get("teacher") and os.path.isdir(cfg["teacher"]):
+        teacher = LDMTeacher(dict(cfg, num_steps=steps), device, load_vae=False)
+        unet, latent, sched = teacher.unet, teacher.z_shape, teacher.scheduler
+        encode, uncond = (lambda n: teacher.encode_prompts(["a photo"] * n)), teacher.encode_uncond
+    else:
+        torch.manual_seed(0)
+        dtype = getattr(torch, cfg["dtype"])
+        unet = UNet2DConditionModel(**sd15_unet_config()).to(device, dtype).eval()
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                          num_hidden_layers=12, max_position_embeddings=77)).to(device, dtype).eval()
+        ids = torch.zeros(1, 77, dtype=torch.long, device=device)
+        encode = uncond = lambda n: dict(encoder_hidden_states=te(ids.repeat(n, 1))[0])
+        latent = (4, 64, 64)
+        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                              clip_sample=False, set_alpha_to_one=False)
+        sched.set_timesteps(steps)
+    dt = next(unet.parameters()).dtype
+    z = torch.randn(1, *latent, device=device)
+    T = int(sched.timesteps[0])
+    alpha_bar = sched.alphas_cumprod[T].to(device)
+
+    def student():  # Eq. 8: one U-Net call
+        eps = unet(z.to(dt), T, **encode(1)).sample.float()
+        return x0_from_model_output(eps, z, alpha_bar)
+
+    def teacher_solve():  # DDIM + CFG, cond and uncond batched
+        cond = cat_cond(uncond(1), encode(1))
+        x = z.clone()
+        for t in sched.timesteps:
+            e = unet(torch.cat([x, x]).to(dt), t, **cond).sample.float()
+            eu, ec = e.chunk(2)
+            x = sched.step(eu + cfg["guidance"] * (ec - eu), t, x).prev_sample
+        return x
+    cond1 = encode(1)
+    cond2 = cat_cond(cond1, cond1)
+    student(), teacher_solve()  # warm-up
+    t_student, t_teacher = _timed(student, device, 3), _timed(teacher_solve, device, 1)
+    t_text1, t_text2 = _timed(lambda: encode(1), device, 3), _timed(lambda: cat_cond(uncond(1), encode(1)), device, 3)
+    u1 = _timed(lambda: unet(z.to(dt), T, **cond1), device, 3)
+    u2 = _timed(lambda: unet(torch.cat([z, z]).to(dt), T, **cond2), device, 3)
+    ideal = (steps * u2 + t_text2) / (u1 + t_text1)
+    out = dict(student_s_per_img=round(t_student, 4), teacher_s_per_img=round(t_teacher, 4), teacher_steps=steps,
+               speedup=round(t_teacher / t_student, 2), ideal_speedup_from_unet_calls=round(ideal, 2),
+               achieved_over_ideal=round(t_teacher / t_student / ideal, 3),
+               teacher_overhead_over_unet_calls=round((t_teacher - t_text2) / (steps * u2) - 1, 4),
+               student_overhead_over_unet_call=round((t_student - t_text1) / u1 - 1, 4),
+               unet_call_s=dict(batch1=round(u1, 4), batch2=round(u2, 4)), text_encode_s=round(t_text1, 4), device=str(device))
+    out["lpips_fig4"] = benchmark_lpips_speed(device)
     return out

@@ -41,3 +41,79 @@ def test_pairs_equal_diffusers_pipeline(kind, guidance, tiny_sd15, tiny_sdxl, pr
     # Float tolerance: our batch of 2 and the pipeline's batch of 1 round differently in BLAS.
     assert x.shape == ref.shape and err < 1e-5
     assert (tmp_path / "pairs" / "pairs.png").is_file()
+
+
+def _teacher(kind, folder, **kw):
+    cfg = dict(C.get_preset(kind), preset=kind, teacher=folder, resolution=16, num_steps=50, dtype="float32", num_pairs=1)
+    cfg.update(kw)
+    return C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_eq8_student_is_one_ddim_step_to_x0(kind, tiny_sd15, tiny_sdxl):
+    """G(z, c) on the teacher's weights = the x0 that a DDIM step from T predicts,
+    with T the first timestep of the teacher's own 50-step DDIM schedule (981)."""
+    teacher = _teacher(kind, tiny_sd15 if kind == "sd15" else tiny_sdxl)
+    assert teacher.T == 981
+    G = C.Student(teacher, teacher.cfg).eval()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = teacher.encode_prompts(["a red cube", "the fox"])
+    with torch.no_grad():
+        x = G(z, cond)
+        eps = teacher.unet(z, teacher.T, **cond).sample
+        ref = teacher.scheduler.step(eps, teacher.T, z).pred_original_sample
+    assert torch.allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sd_torchrun_equals_single_process(tiny_sd15, prompt_file, tmp_path):
+    args = ["--preset", "sd15", "--teacher", tiny_sd15, "--prompts", prompt_file, *SMALL]
+    run_script("01_make_pairs.py", "--out_dir", tmp_path / "one", *args)
+    run_script("01_make_pairs.py", "--out_dir", tmp_path / "two", *args, torchrun=2)
+    for k in range(2):
+        a = C.load_shard(C.shard_path(tmp_path / "one" / "pairs", k))
+        b = C.load_shard(C.shard_path(tmp_path / "two" / "pairs", k))
+        assert torch.equal(a["x"], b["x"]) and a["prompts"] == b["prompts"] and torch.equal(a["seed"], b["seed"])
+
+
+def _fails(*args, env=None):
+    p = run_script("01_make_pairs.py", *args, env=env, check=False)
+    assert p.returncode != 0
+    return p.stderr.strip().splitlines()[-1]
+
+
+def test_sd_bad_input(tiny_sd15, tiny_sdxl, prompt_file, tmp_path):
+    import shutil
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    base = ["--out_dir", tmp_path / "out", "--resolution", 16, "--num_steps", 2]
+    assert "no prompts found" in _fails("--preset", "sd15", "--teacher", tiny_sd15, "--prompts", empty, *base)
+    msg = _fails("--preset", "sd15", "--teacher", tiny_sd15, "--prompts", prompt_file, "--num_pairs", 10, *base)
+    assert "has 4 prompts but --num_pairs is 10" in msg and "--cycle_prompts" in msg
+    assert "SDXL model but --preset is sd15" in _fails("--preset", "sd15", "--teacher", tiny_sdxl, "--prompts", prompt_file, *base)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd15, broken)
+    shutil.rmtree(broken / "text_encoder")
+    assert "missing the 'text_encoder' component" in _fails("--preset", "sd15", "--teacher", broken, "--prompts", prompt_file, *base)
+    # a degenerate tokenizer (what an offline hub id can silently give) is refused
+    degenerate = tmp_path / "degenerate"
+    shutil.copytree(tiny_sd15, degenerate)
+    from transformers import CLIPTokenizer
+    shutil.rmtree(degenerate / "tokenizer")
+    CLIPTokenizer(vocab={"<|startoftext|>": 0, "<|endoftext|>": 1}, merges=[]).save_pretrained(degenerate / "tokenizer")
+    msg = _fails("--preset", "sd15", "--teacher", degenerate, "--prompts", prompt_file, *base)
+    assert "did not load properly" in msg
+    # cycling is allowed when asked for: 6 pairs from 4 prompts
+    run_script("01_make_pairs.py", "--preset", "sd15", "--teacher", tiny_sd15, "--prompts", prompt_file, "--cycle_prompts",
+               "--out_dir", tmp_path / "cyc", "--num_pairs", 6, "--shard_size", 6, "--resolution", 16, "--num_steps", 2)
+    assert C.load_shard(C.shard_path(tmp_path / "cyc" / "pairs", 0))["prompts"][4] == C.load_prompts(prompt_file)[0]
+
+
+def test_hub_id_offline_and_unreachable(prompt_file, tmp_path):
+    import time
+    base = ["--preset", "sd15", "--teacher", "nobody/not-a-cached-model", "--prompts", prompt_file, "--out_dir", tmp_path]
+    msg = _fails(*base, env={"HF_HUB_OFFLINE": "1"})
+    assert "nobody/not-a-cached-model" in msg and "HF_HUB_OFFLINE" in msg
+    t = time.time()
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    msg = _fails(*base, env=env)
+    assert "nobody/not-a-cached-model" in msg and time.time() - t < 60

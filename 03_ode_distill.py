@@ -1,0 +1,174 @@
+"""
+Stage 1 of Diffusion2GAN (§3.1-3.2, Eq. 1, 3, 4, 8): ODE distillation. The
+one-step student G(z, c), initialised from the teacher in the data-prediction
+parameterisation (Eq. 8; EDM: D(sigma_max z; sigma_max)), regresses the teacher's
+ODE output x for the same noise z and condition c:
+
+    L = E_{z,c,x} d(G(z, c), x),   d = E-LatentLPIPS by default (Eq. 3-4)
+
+Input:  <out_dir>/pairs (01), <out_dir>/lpips/latent_lpips.pt (02) or --lpips_ckpt
+Output: <out_dir>/distill/{student_ema.pt, ckpt_latest.pt, metrics.jsonl, grid_*.png}
+        student_ema.pt is what 04 and 05 read.
+
+Toy (CPU, ~3 min):   python 03_ode_distill.py
+CIFAR10 (1 GPU):     python 03_ode_distill.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl --pixel_lpips imagenet
+SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 03_ode_distill.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth --dtype bfloat16
+Table 1 ablation:    python 03_ode_distill.py --loss mse --out_dir runs/toy --run_name distill_mse
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import common as C
+
+DEFAULTS = dict(
+    preset="toy",
+    out_dir=None,
+    run_name="distill",      # output subfolder of out_dir
+    pairs=None,              # default <out_dir>/pairs
+    teacher=None,
+    lpips_ckpt=None,         # default <out_dir>/lpips/latent_lpips.pt (or an official tuned checkpoint)
+    pixel_lpips="imagenet",  # --loss lpips: 'imagenet' (the `lpips` package, VGG16) or 'random' (offline tests)
+    loss=None,               # elatent | elatent+latent | latent | lpips | mse | huber
+    lpips_augment=None,      # E-LatentLPIPS augmentations, e.g. bg+cutout, bgc+cutout
+    steps=None,              # training iterations
+    batch=None,              # global batch
+    batch_per_device=None,   # micro-batch per process; accumulation = batch / (batch_per_device x world)
+    optimizer=None,          # adam | radam
+    lr=None,
+    lr_end=None,             # cosine decay target
+    betas="0.9,0.999",
+    weight_decay=None,
+    attn_weight_decay=None,  # weight decay on attention parameters
+    dropout=None,
+    ema_start=None,          # EMA tracks the model exactly before this step
+    ema_beta=None,
+    grad_clip=0.0,           # 0 = off
+    dtype="float32",         # autocast dtype (bfloat16 on GPU)
+    seed=0,
+    log_every=10,
+    grid_every=None,
+    ckpt_every=None,
+    resume=False,            # continue from <run>/ckpt_latest.pt
+    max_steps_this_run=0,    # stop after this many steps (0 = run to --steps); for time-limited jobs
+)
+
+STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
+    "toy": dict(steps=1500, batch=64, batch_per_device=64, optimizer="adam", lr=2e-4, lr_end=2e-5, weight_decay=0.0,
+                attn_weight_decay=0.0, dropout=0.0, ema_start=500, ema_beta=0.995, grid_every=500, ckpt_every=250),
+    "cifar10": dict(steps=150_000, batch=512, batch_per_device=512, optimizer="radam", lr=4e-4, lr_end=4e-4,
+                    weight_decay=0.0, attn_weight_decay=0.0, dropout=0.1, ema_start=20_000, ema_beta=0.9999,
+                    grid_every=5000, ckpt_every=5000),
+    "sd15": dict(steps=150_000, batch=256, batch_per_device=8, optimizer="adam", lr=1e-4, lr_end=1e-5, weight_decay=1e-2,
+                 attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000, ckpt_every=2000),
+    "sdxl": dict(steps=20_000, batch=1024, batch_per_device=2, optimizer="adam", lr=1e-4, lr_end=1e-5, weight_decay=1e-2,
+                 attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000, ckpt_every=2000),
+}
+
+
+def build_loss(cfg, teacher, device):
+    """The regression loss d of Eq. 1, with its networks frozen."""
+    lpips, decode, pixel = None, None, None
+    if "latent" in cfg["loss"]:
+        path = cfg["lpips_ckpt"] or os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt")
+        lpips = C.load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
+    if cfg["loss"] == "lpips":
+        pixel = C.load_pixel_lpips(cfg["pixel_lpips"], device)
+        decode = teacher.to_images if teacher.family == "ldm" else None
+    return C.RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel).to(device)
+
+
+def main(argv=None):
+    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
+    args = parser.parse_args(argv)
+    cfg = C.resolve_config(args)
+    cfg.update({k: v for k, v in STAGE1[cfg["preset"]].items() if getattr(args, k, None) is None})
+    rank, _, world, device = C.setup_distributed()
+    accum = C.check_batch(cfg["batch"], cfg["batch_per_device"], world)
+    C.print0(f"global batch {cfg['batch']} = {cfg['batch_per_device']} per device x {world} device(s) x {accum} accumulation step(s)")
+    run_dir = os.path.join(cfg["out_dir"], cfg["run_name"])
+    ckpt_path = os.path.join(run_dir, "ckpt_latest.pt")
+
+    teacher = C.load_teacher(cfg, device)
+    data = C.PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
+    loss_fn = build_loss(cfg, teacher, device)
+    G = C.Student(teacher, cfg).to(device)
+    ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt = C.make_optimizer(cfg["optimizer"], C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]),
+                           cfg["lr"], tuple(float(b) for b in cfg["betas"].split(",")))
+    step = 0
+    if cfg["resume"] and os.path.isfile(ckpt_path):
+        ck = C.load_checkpoint(ckpt_path, "checkpoint")
+        G.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        C.print0(f"resumed from '{ckpt_path}' at step {step}")
+    model = torch.nn.parallel.DistributedDataParallel(G) if world > 1 else G
+    log = C.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), step)
+    if rank == 0:
+        C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
+        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device)
+
+    def save(step):
+        if rank == 0:
+            C.atomic_torch_save(dict(model=G.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                                     config=cfg), ckpt_path)
+
+    def grid(step):
+        if rank == 0:
+            with torch.no_grad():
+                x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device)).float()
+            imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_st)]).cpu()
+            C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
+                              scale=max(1, 64 // imgs.shape[-1]))
+
+    end = cfg["steps"] if not cfg["max_steps_this_run"] else min(cfg["steps"], step + cfg["max_steps_this_run"])
+    bar = tqdm(range(step, end), initial=step, total=cfg["steps"], desc="stage 1", disable=rank != 0)
+    t0, seen = time.time(), 0
+    for step in bar:
+        lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        total = torch.zeros((), device=device)
+        for m, (chunk, idx) in enumerate(C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum)):
+            torch.manual_seed(cfg["seed"] * 1_000_003 + step * 4099 + chunk)  # augmentation/dropout RNG per chunk
+            b = data.get(idx)
+            cond = C.student_cond(teacher, b["cond"], device)
+            sync = m == accum - 1 or world == 1
+            with (model.no_sync() if not sync else torch.enable_grad()), C.autocast(device, cfg["dtype"]):
+                loss = loss_fn(model(b["z"].to(device), cond), b["x"].to(device)).mean()  # Eq. 1 / 4
+                (loss / accum).backward()
+            total += loss.detach() / accum
+        total = C.all_reduce_mean(total).item()
+        C.finite_or_stop(total, step, ckpt_path)
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(G.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
+        seen += cfg["batch"]
+        if step % cfg["log_every"] == 0 or step == cfg["steps"] - 1:
+            rate = seen / (time.time() - t0)
+            log.write(step=step, loss=total, img_s=rate, lr=lr)
+            bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")
+        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end:
+            save(step + 1)
+        if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
+            grid(step + 1)
+    if rank == 0 and end == cfg["steps"]:
+        with torch.no_grad():
+            x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device)).float().cpu()
+        fid = (x_st - x_ho).pow(2).mean().item()
+        C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=1),
+                            os.path.join(run_dir, "student_ema.pt"))
+        print(f"held-out fidelity (MSE student vs teacher, same z): {fid:.5f}; wrote {run_dir}/student_ema.pt")
+    C.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Issue 6: the conditional diffusion discriminator, R1 and mix-and-match."""
+import types
+
+import pytest
+import torch
+
+import common as C
+
+
+def toy_teacher(seed=0):
+    torch.manual_seed(seed)
+    net = C.build_toy_teacher().eval()
+    return types.SimpleNamespace(family="edm", net=net, num_classes=10)
+
+
+def capture(unet):
+    """Reference features of a plain U-Net run: per up block (input, skips, output)."""
+    feats, hooks = [], []
+
+    def pre(m, args, kwargs):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+        feats.extend([h, torch.cat([torch.nn.functional.interpolate(s, size=h.shape[-2:]) if s.shape[-2:] != h.shape[-2:] else s
+                                    for s in skips], 1)])
+
+    def post(m, args, out):
+        feats.append(out[0] if isinstance(out, tuple) else out)
+    for b in unet.up_blocks:
+        hooks += [b.register_forward_pre_hook(pre, with_kwargs=True), b.register_forward_hook(post)]
+    return feats, hooks
+
+
+def test_zero_init_invariance_toy():
+    t = toy_teacher()
+    D = C.Discriminator(t, z_cond=True, multiscale=True, d_sigma=0.5)
+    assert len(D.heads) == 3 * len(D.unet.up_blocks)  # 3 readouts per decoder scale
+    x, z, c = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        got = D.features(x, z, c)
+        ref, hooks = capture(t.net.unet)
+        s = torch.full((4,), 0.5)
+        t.net.unet(x / (0.5 ** 2 + 0.25) ** 0.5, s.log() / 4, class_labels=c)
+        for h in hooks:
+            h.remove()
+    assert len(got) == len(ref) == len(D.heads)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    # the branches are live: after a change to the z conv, features move
+    with torch.no_grad():
+        D.z_conv.weight.normal_()
+        assert not torch.equal(D.features(x, z, c)[-1], ref[-1])
+
+
+def test_zero_init_invariance_sd(tiny_sdxl):
+    teacher = C.LDMTeacher(dict(C.get_preset("sdxl"), preset="sdxl", teacher=tiny_sdxl, resolution=16, num_steps=4,
+                                dtype="float32", num_pairs=1), torch.device("cpu"), load_vae=False)
+    D = C.Discriminator(teacher, z_cond=True, multiscale=True, d_timestep=10)
+    assert len(D.heads) == 3 * len(teacher.unet.up_blocks)
+    x, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    cond = teacher.encode_prompts(["a cat", "a dog"])
+    with torch.no_grad():
+        got = D.features(x, z, cond)
+        ref, hooks = capture(teacher.unet)
+        teacher.unet(x, torch.full((2,), 10), **cond)
+        for h in hooks:
+            h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    logits = D(x, z, cond)
+    assert len(logits) == len(D.heads) and all(l.shape[1] == 1 for l in logits)
+
+
+def test_single_readout_without_multiscale():
+    D = C.Discriminator(toy_teacher(), z_cond=False, multiscale=False)
+    assert len(D.heads) == 1 and D.z_conv is None and D.ms_in is None
+    out = D(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    assert out[0].shape == (2, 1, 16, 16)
+
+
+def test_r1_equals_finite_differences():
+    D = C.Discriminator(toy_teacher(), z_cond=True, multiscale=True).double()
+    for p in D.parameters():  # make the zero-init branches matter too
+        if p.abs().sum() == 0:
+            p.data.normal_(0, 0.05)
+    x, z, c = torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.tensor([3])
+    r1 = C.r1_penalty(D, x, z, c).item()
+    eps, g = 1e-6, torch.zeros(x.numel(), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(x.numel()):
+            e = torch.zeros(x.numel(), dtype=torch.float64)
+            e[i] = eps
+            e = e.view_as(x)
+            g[i] = (C.d_score(D(x + e, z, c)) - C.d_score(D(x - e, z, c))).item() / (2 * eps)
+    fd = g.pow(2).sum().item()
+    print(f"R1 autograd {r1:.8e} vs finite differences {fd:.8e}")
+    assert abs(r1 - fd) / fd < 1e-6
+
+
+def test_mix_and_match():
+    B = 16
+    x_fake, x_real = torch.randn(B, 3, 4, 4), torch.randn(B, 3, 4, 4)
+    z, c = torch.randn(B, 3, 4, 4), torch.arange(B)
+    x, zz, cc, done = C.mix_and_match(x_fake, x_real, z, c, 0.25, torch.Generator().manual_seed(0))
+    assert len(done) == 4 and len({i for i, _, _ in done}) == 4
+    assert {k for _, _, k in done} == {"unrelated", "wrong_c", "wrong_z"}
+    replaced = {i for i, _, _ in done}
+    for i, j, kind in done:
+        assert j != i and torch.equal(x[i], x_real[j])           # a real latent of another sample
+        assert torch.equal(zz[i], z[j] if kind == "wrong_c" else z[i])
+        assert cc[i] == (c[j] if kind == "wrong_z" else c[i])
+    for i in set(range(B)) - replaced:
+        assert torch.equal(x[i], x_fake[i]) and torch.equal(zz[i], z[i]) and cc[i] == c[i]
+    # these inputs go into D's fake batch: all labelled fake by gan_loss_d
+    assert C.mix_and_match(x_fake, x_real, z, c, 0.0)[3] == []
+
+
+def test_gan_losses():
+    real, fake = [torch.full((2, 1, 4, 4), 3.0)], [torch.full((2, 1, 4, 4), -3.0)]
+    sp = torch.nn.functional.softplus
+    assert torch.isclose(C.gan_loss_d(real, fake), 2 * sp(torch.tensor(-3.0)))
+    assert torch.isclose(C.gan_loss_g(fake), sp(torch.tensor(3.0)))

@@ -1,0 +1,146 @@
+"""Issue 4: LatentLPIPS / E-LatentLPIPS properties, the official checkpoint
+layout, and bad input."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common as C
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def lp():
+    torch.manual_seed(0)
+    m = C.LatentLPIPS(4, 0.25, 3, 10)
+    for lin in m.lins:  # non-uniform heads, as after calibration
+        lin.weight.uniform_(0, 1)
+    return m
+
+
+@pytest.mark.parametrize("mode", ["mse", "huber", "latent", "elatent", "elatent+latent"])
+def test_zero_nonneg_symmetric(lp, mode):
+    loss = C.RegressionLoss(mode, lp, "bgc+cutout")
+    a, b = torch.randn(6, 4, 16, 16), torch.randn(6, 4, 16, 16)
+    torch.manual_seed(1)
+    assert torch.allclose(loss(a, a), torch.zeros(6), atol=1e-6)  # d(x, x) = 0, also under augmentation
+    torch.manual_seed(2)
+    dab = loss(a, b)
+    torch.manual_seed(2)
+    dba = loss(b, a)
+    assert (dab >= 0).all() and (dab > 0).all()
+    assert torch.allclose(dab, dba, rtol=1e-5, atol=1e-6)  # symmetric for the same draw of T
+
+
+def test_same_augmentation_reaches_both_inputs(lp):
+    loss = C.RegressionLoss("elatent", lp, "bg+cutout")
+    x = torch.randn(8, 4, 16, 16)
+    for seed in range(5):  # identical pairs give zero whatever T is drawn
+        torch.manual_seed(seed)
+        assert loss(x, x.clone()).abs().max() < 1e-6
+    torch.manual_seed(0)
+    assert (loss(x, x.flip(3)) > 1e-3).all()  # a flip of one input is seen
+    aug = C.Augment("bgc+cutout")
+    a, b = aug(x, x.clone())
+    assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_unknown_augment_letter():
+    with pytest.raises(SystemExit, match="unknown augment 'bgx'"):
+        C.Augment("bgx")
+    with pytest.raises(SystemExit, match="unknown augment"):
+        C.Augment("bg+mixup")
+
+
+def test_frozen_and_always_eval(lp):
+    parent = nn.Sequential(nn.Conv2d(4, 4, 1), lp)
+    x, y = torch.randn(4, 4, 16, 16), torch.randn(4, 4, 16, 16)
+    before = lp(x, y)
+    stats = [b.clone() for b in lp.buffers()]
+    parent.train()
+    assert not lp.training and all(not m.training for m in lp.modules())
+    after = lp(x, y)
+    assert torch.equal(before, after)
+    assert all(torch.equal(s, b) for s, b in zip(stats, lp.buffers()))  # no BatchNorm update leaked
+    xg = x.clone().requires_grad_(True)
+    C.RegressionLoss("elatent", lp, "bgc+cutout")(xg, y).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in lp.parameters())
+
+
+def _to_official(sd):
+    """Our state dict written in the official elatentlpips layout (net.sliceK.i.*,
+    lin{k}.model.1.weight and the duplicate lins.{k}.model.1.weight)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("net.slices."):
+            _, _, s, rest = k.split(".", 3)
+            out[f"net.slice{int(s) + 1}.{rest}"] = v
+        elif k.startswith("lins."):
+            i = k.split(".")[1]
+            out[f"lin{i}.model.1.weight"] = v
+            out[f"lins.{i}.model.1.weight"] = v
+    return out
+
+
+def test_official_checkpoint_layout(tmp_path):
+    torch.manual_seed(0)
+    ours = C.LatentLPIPS(4, 1.0, 3)  # the paper's full-width network
+    for lin in ours.lins:
+        lin.weight.uniform_(0, 1)
+    for m in ours.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    official = _to_official(ours.state_dict())
+    assert "net.slice4.33.weight" not in official and "net.slice5.34.weight" in official  # torchvision indices
+    torch.save(official, tmp_path / "sd15_latest_vgg16_tuned.pth")
+    loaded = C.load_latent_lpips(str(tmp_path / "sd15_latest_vgg16_tuned.pth"), in_ch=4)
+    x, y = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    assert torch.allclose(loaded(x, y), ours(x, y), rtol=1e-6)
+    # an SD3-style 16-channel checkpoint given to a 4-channel space
+    sd3 = dict(official)
+    sd3["net.slice1.0.weight"] = torch.randn(64, 16, 3, 3)
+    torch.save(sd3, tmp_path / "sd3_latest_vgg16_tuned.pth")
+    with pytest.raises(SystemExit, match="16-channel inputs but this space has 4 channels"):
+        C.load_latent_lpips(str(tmp_path / "sd3_latest_vgg16_tuned.pth"), in_ch=4)
+
+
+def test_bad_folders(tmp_path):
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(SystemExit, match="no images found"):
+        C.image_folder(str(tmp_path / "imgs"))
+    sub = tmp_path / "bapps" / "2afc" / "train" / "traditional"
+    for part in ("ref", "p0", "judge"):
+        (sub / part).mkdir(parents=True)
+    cfg = dict(bapps=str(tmp_path / "bapps"), family="edm", resolution=16)
+    with pytest.raises(SystemExit, match="missing its 'p1' folder"):
+        C.load_bapps(cfg, "train", torch.device("cpu"))
+
+
+def test_bapps_layout_loads(tmp_path):
+    """A 2-triplet BAPPS tree in the real layout loads into the toy space."""
+    import numpy as np
+    from PIL import Image
+    sub = tmp_path / "bapps" / "2afc" / "val" / "cnn"
+    for part in ("ref", "p0", "p1", "judge"):
+        (sub / part).mkdir(parents=True)
+    for i in range(2):
+        for part in ("ref", "p0", "p1"):
+            Image.fromarray(np.full((64, 64, 3), 40 * i + 10, np.uint8)).save(sub / part / f"{i:06d}.png")
+        np.save(sub / "judge" / f"{i:06d}.npy", np.array([0.25 * (i + 1)]))
+    ref, p0, p1, j = C.load_bapps(dict(bapps=str(tmp_path / "bapps"), family="edm", resolution=16), "val", torch.device("cpu"))
+    assert ref.shape == (2, 3, 16, 16) and torch.allclose(j, torch.tensor([0.25, 0.5], dtype=j.dtype))
+
+
+def test_02_toy_smoke(tmp_path):
+    p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path, "--cls_steps", 20, "--num_triplets", 300,
+                   "--cal_steps", 50)
+    ck = torch.load(tmp_path / "lpips" / "latent_lpips.pt", weights_only=True)
+    m = ck["metrics"]
+    assert 0 <= m["top1"] <= 1 and 0 <= m["two_afc_calibrated"] <= 1
+    lp = C.load_latent_lpips(str(tmp_path / "lpips" / "latent_lpips.pt"), in_ch=3)
+    assert all((l.weight >= 0).all() for l in lp.lins)
+    assert "phase 1: held-out top-1" in p.stdout

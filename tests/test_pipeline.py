@@ -1,0 +1,112 @@
+"""Issues 5-7: the five stages chained on a tiny toy run (CPU, seconds per stage):
+stage-1 resume exactness, DDP equals one process, NaN guard, bad input, stage 2
+components, and 05's outputs."""
+import json
+import os
+
+import pytest
+import torch
+
+import common as C
+from conftest import run_script
+
+S1 = ["--batch", 8, "--batch_per_device", 8, "--ckpt_every", 2, "--grid_every", 100, "--log_every", 1]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """Pairs (64) and a small LatentLPIPS, shared by the tests below."""
+    out = tmp_path_factory.mktemp("toy")
+    run_script("01_make_pairs.py", "--out_dir", out, "--num_pairs", 64, "--shard_size", 32, "--batch_per_device", 32)
+    run_script("02_train_latent_lpips.py", "--out_dir", out, "--cls_steps", 20, "--num_triplets", 200, "--cal_steps", 20)
+    return out
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_stage1_resume_is_exact(toy_run):
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "straight", "--steps", 6, *S1)
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--max_steps_this_run", 3, *S1)
+    mid = weights(toy_run / "resumed" / "ckpt_latest.pt")
+    assert mid["step"] == 3 and not (toy_run / "resumed" / "student_ema.pt").exists()
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--resume", *S1)
+    a, b = weights(toy_run / "straight" / "ckpt_latest.pt"), weights(toy_run / "resumed" / "ckpt_latest.pt")
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    la = [json.loads(l) for l in open(toy_run / "straight" / "metrics.jsonl")]
+    lb = [json.loads(l) for l in open(toy_run / "resumed" / "metrics.jsonl")]
+    assert [l["step"] for l in lb] == list(range(6)) and [l["loss"] for l in la] == [l["loss"] for l in lb]
+    assert (toy_run / "straight" / "student_ema.pt").exists() and (toy_run / "straight" / "grid_000006.png").exists()
+
+
+def test_stage1_ddp_equals_single_process(toy_run):
+    """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes."""
+    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 4, "--log_every", 1, "--ckpt_every", 100,
+            "--grid_every", 100]
+    run_script("03_ode_distill.py", *args, "--run_name", "one")
+    run_script("03_ode_distill.py", *args, "--run_name", "two", torchrun=2)
+    la = [json.loads(l)["loss"] for l in open(toy_run / "one" / "metrics.jsonl")]
+    lb = [json.loads(l)["loss"] for l in open(toy_run / "two" / "metrics.jsonl")]
+    print("1 process:", la, "\n2 processes:", lb)
+    assert len(la) == len(lb) == 4
+    assert max(abs(x - y) / abs(x) for x, y in zip(la, lb)) < 1e-4
+
+
+def test_stage1_nan_guard_keeps_last_checkpoint(toy_run):
+    p = run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "nan", "--steps", 20, "--loss", "mse",
+                   "--lr", 1e30, "--lr_end", 1e30, "--ckpt_every", 1, "--batch", 8, "--batch_per_device", 8, check=False)
+    assert p.returncode != 0
+    msg = p.stderr.strip().splitlines()[-1]
+    assert "loss became" in msg and "at step" in msg and "last good checkpoint" in msg
+    step = int(msg.split("at step ")[1].split(";")[0])
+    assert weights(toy_run / "nan" / "ckpt_latest.pt")["step"] == step
+
+
+def test_stage1_bad_input(toy_run, tmp_path):
+    def fails(*args):
+        p = run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 2, *args, check=False)
+        assert p.returncode != 0
+        return p.stderr.strip().splitlines()[-1]
+    assert "not divisible" in fails("--batch", 10, "--batch_per_device", 4)
+    assert "LatentLPIPS checkpoint not found" in fails("--lpips_ckpt", tmp_path / "missing.pt", *S1)
+    m = json.load(open(toy_run / "pairs" / "manifest.json"))
+    other = tmp_path / "pairs"
+    other.mkdir()
+    for f in os.listdir(toy_run / "pairs"):
+        if f.endswith(".safetensors"):
+            os.symlink(toy_run / "pairs" / f, other / f)
+    json.dump(dict(m, teacher="someone_else.safetensors:sha256=0"), open(other / "manifest.json", "w"))
+    msg = fails("--pairs", other, *S1)
+    assert "different setup" in msg and "teacher: found 'someone_else" in msg
+
+
+def test_stage2_and_eval(toy_run):
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
+    p = run_script("04_gan_finetune.py", "--out_dir", toy_run, "--steps", 34, "--batch", 8, "--batch_per_device", 8,
+                   "--log_every", 1000, "--grid_every", 1000, "--ckpt_every", 17)
+    assert "D: 9 readout heads" in p.stdout
+    log = [json.loads(l) for l in open(toy_run / "gan" / "metrics.jsonl")]
+    r1_steps = [l["step"] for l in log if l["r1"] is not None]
+    assert r1_steps == [0, 16, 32] and all(l["r1"] > 0 for l in log if l["r1"] is not None)
+    assert all(torch.isfinite(torch.tensor([l["loss_g"], l["loss_d"], l["logit_real"], l["logit_fake"]])).all() for l in log)
+    ck = weights(toy_run / "gan" / "ckpt_latest.pt")
+    assert ck["step"] == 34 and {"model", "ema", "D", "opt", "opt_d"} <= set(ck)
+    assert (toy_run / "gan" / "student_ema.pt").exists() and (toy_run / "gan" / "grid_000034.png").exists()
+    # resume continues from the checkpoint
+    p = run_script("04_gan_finetune.py", "--out_dir", toy_run, "--steps", 36, "--batch", 8, "--batch_per_device", 8,
+                   "--resume", "--ckpt_every", 100)
+    assert "resumed" in p.stdout and "at step 34" in p.stdout
+    # 05 on all stages
+    p = run_script("05_evaluate.py", "--out_dir", toy_run, "--num_samples", 60, "--batch_per_device", 30,
+                   "--diversity_seeds", 4)
+    m = json.load(open(toy_run / "eval" / "metrics.json"))
+    assert {"teacher", "stage 1", "stage 2", "real data"} <= set(m)
+    assert m["teacher"]["nfe"] == 35 and m["stage 2"]["nfe"] == 1
+    assert m["teacher"]["fidelity_mse"] == 0 and m["stage 1"]["fidelity_mse"] > 0
+    for f in ("results.md", "compare.png", "diversity.png"):
+        assert (toy_run / "eval" / f).exists()
+    assert "| teacher |" in p.stdout
