@@ -1654,7 +1654,7 @@ class Discriminator(nn.Module):
                 t = torch.randint(0, len(self.alphas_cumprod), (len(x),), device=x.device)
                 a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
                 x = a.sqrt() * x + (1 - a).sqrt() * noise
-        return [head(f.float()) for head, f in zip(self.heads, self.features(x, z, cond, t))]
+        return [head(f.to(head.weight.dtype)) for head, f in zip(self.heads, self.features(x, z, cond, t))]
 
 
 def d_score(logits):

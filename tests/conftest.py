@@ -14,7 +14,7 @@ def run_script(name, *args, env=None, check=True, torchrun=0):
     """Run a numbered script as a subprocess; returns CompletedProcess."""
     cmd = [sys.executable, os.path.join(REPO, name), *map(str, args)]
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                os.path.join(REPO, name), *map(str, args)]
     e = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
     e.update(env or {})

@@ -26,7 +26,7 @@ def read_all(out_dir):
 def toy_reference(tmp_path_factory):
     """One uninterrupted single-process toy run."""
     out = tmp_path_factory.mktemp("ref")
-    run_script("01_make_pairs.py", "--out_dir", out, *TOY)
+    run_script("01_make_pairs.py", "--out_dir", out, *TOY, env={"OMP_NUM_THREADS": "1"})  # as each torchrun worker
     return out
 
 

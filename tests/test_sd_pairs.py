@@ -67,7 +67,8 @@ def test_eq8_student_is_one_ddim_step_to_x0(kind, tiny_sd15, tiny_sdxl):
 
 def test_sd_torchrun_equals_single_process(tiny_sd15, prompt_file, tmp_path):
     args = ["--preset", "sd15", "--teacher", tiny_sd15, "--prompts", prompt_file, *SMALL]
-    run_script("01_make_pairs.py", "--out_dir", tmp_path / "one", *args)
+    # same BLAS threading in both runs (torchrun workers get 1 thread each)
+    run_script("01_make_pairs.py", "--out_dir", tmp_path / "one", *args, env={"OMP_NUM_THREADS": "1"})
     run_script("01_make_pairs.py", "--out_dir", tmp_path / "two", *args, torchrun=2)
     for k in range(2):
         a = C.load_shard(C.shard_path(tmp_path / "one" / "pairs", k))
