@@ -17,9 +17,12 @@ SD1.5 (8 GPUs):         torchrun --nproc_per_node=8 01_make_pairs.py --preset sd
 SDXL (8 GPUs):          torchrun --nproc_per_node=8 01_make_pairs.py --preset sdxl --prompts laion_prompts.txt --dtype bfloat16
 Retrain the toy teacher (writes assets/toy_teacher.safetensors, ~15 min CPU):
                         python 01_make_pairs.py --train_teacher
+Throughput vs diffusers' pipeline (same teacher, prompts, z, steps, guidance):
+                        python 01_make_pairs.py --preset sd15 --teacher DIR --prompts p.txt --benchmark
 """
 import argparse
 import copy
+import json
 import os
 import time
 
@@ -47,6 +50,7 @@ DEFAULTS = dict(
     train_teacher=False,     # toy only: train the toy teacher and write it to --teacher
     teacher_steps=4000,      # toy teacher: training steps
     teacher_batch=128,       # toy teacher: batch size
+    benchmark=False,         # sd15/sdxl: time our pair generation against diffusers' pipeline (same latents) and exit
 )
 
 
@@ -98,6 +102,11 @@ def main(argv=None):
             C.fail("--train_teacher trains the toy teacher only")
         return train_toy_teacher(cfg, device) if rank == 0 else None
 
+    if cfg["benchmark"]:
+        if cfg["family"] != "ldm":
+            C.fail("--benchmark compares against diffusers' pipelines: use --preset sd15 or sdxl")
+        print(json.dumps(C.benchmark_pairs(cfg, device), indent=2))
+        return C.cleanup()
     teacher = C.load_teacher(cfg, device)
     pairs_dir = os.path.join(cfg["out_dir"], "pairs")
     N, S = cfg["num_pairs"], cfg["shard_size"]
@@ -128,12 +137,13 @@ def main(argv=None):
     for k in tqdm(todo, desc="shards", disable=rank != 0):
         idx = list(range(k * S, min((k + 1) * S, N)))
         seeds = [cfg["seed"] + i for i in idx]
-        xs = []
-        for b in range(0, len(idx), cfg["batch_per_device"]):
-            z, cond = teacher.noise_and_condition(seeds[b:b + cfg["batch_per_device"]], idx[b:b + cfg["batch_per_device"]])
-            xs.append(teacher.solve(z, cond).to(dtype).cpu())
+        w = C.pair_guidance(seeds, cfg["cfg_range"]) if cfg["cfg_range"] else None
+        xs, B = [], cfg["batch_per_device"]
+        for b in range(0, len(idx), B):
+            z, cond = teacher.noise_and_condition(seeds[b:b + B], idx[b:b + B])
+            xs.append(teacher.solve(z, cond, guidance=None if w is None else w[b:b + B]).to(dtype).cpu())
         _, cond = teacher.noise_and_condition(seeds, idx)
-        C.write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, **teacher.shard_fields(cond))
+        C.write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, w=w, **teacher.shard_fields(cond))
         made += len(idx)
     dt = time.time() - t0
     if made:

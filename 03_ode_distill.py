@@ -58,8 +58,8 @@ DEFAULTS = dict(
 )
 
 STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
-    "toy": dict(steps=1500, batch=64, batch_per_device=64, optimizer="adam", lr=2e-4, lr_end=2e-5, weight_decay=0.0,
-                attn_weight_decay=0.0, dropout=0.0, ema_start=500, ema_beta=0.995, grid_every=500, ckpt_every=250),
+    "toy": dict(steps=1000, batch=64, batch_per_device=64, optimizer="adam", lr=2e-4, lr_end=2e-5, weight_decay=0.0,
+                attn_weight_decay=0.0, dropout=0.0, ema_start=300, ema_beta=0.995, grid_every=250, ckpt_every=250),
     "cifar10": dict(steps=150_000, batch=512, batch_per_device=512, optimizer="radam", lr=4e-4, lr_end=4e-4,
                     weight_decay=0.0, attn_weight_decay=0.0, dropout=0.1, ema_start=20_000, ema_beta=0.9999,
                     grid_every=5000, ckpt_every=5000),
@@ -112,7 +112,8 @@ def main(argv=None):
     log = C.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), step)
     if rank == 0:
         C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device)
+        w_ho = C.mid_guidance(cfg)
+        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
 
     def save(step):
         if rank == 0:
@@ -122,7 +123,7 @@ def main(argv=None):
     def grid(step):
         if rank == 0:
             with torch.no_grad():
-                x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device)).float()
+                x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
             imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_st)]).cpu()
             C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
                               scale=max(1, 64 // imgs.shape[-1]))
@@ -141,7 +142,7 @@ def main(argv=None):
             cond = C.student_cond(teacher, b["cond"], device)
             sync = m == accum - 1 or world == 1
             with (model.no_sync() if not sync else torch.enable_grad()), C.autocast(device, cfg["dtype"]):
-                loss = loss_fn(model(b["z"].to(device), cond), b["x"].to(device)).mean()  # Eq. 1 / 4
+                loss = loss_fn(model(b["z"].to(device), cond, b.get("w")), b["x"].to(device)).mean()  # Eq. 1 / 4
                 (loss / accum).backward()
             total += loss.detach() / accum
         total = C.all_reduce_mean(total).item()
@@ -162,7 +163,7 @@ def main(argv=None):
             grid(step + 1)
     if rank == 0 and end == cfg["steps"]:
         with torch.no_grad():
-            x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device)).float().cpu()
+            x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
         fid = (x_st - x_ho).pow(2).mean().item()
         C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=1),
                             os.path.join(run_dir, "student_ema.pt"))

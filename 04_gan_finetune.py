@@ -17,6 +17,7 @@ Output: <out_dir>/gan/{student_ema.pt, ckpt_latest.pt, metrics.jsonl, grid_*.png
 Toy (CPU, ~3 min):   python 04_gan_finetune.py
 SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 04_gan_finetune.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth --dtype bfloat16
 Table 2 row:         python 04_gan_finetune.py --no-multiscale --mix_match 0 --run_name gan_no_ms
+Export (diffusers):  python 04_gan_finetune.py --preset sd15 --export runs/sd15/export   (see README for the pipeline call)
 """
 import argparse
 import copy
@@ -63,6 +64,7 @@ DEFAULTS = dict(
     log_every=10, grid_every=None, ckpt_every=None,
     resume=False,
     max_steps_this_run=0,
+    export=None,             # sd15/sdxl: write the stage-2 student as a diffusers folder (unet/ + scheduler/) and exit
 )
 
 STAGE2 = {
@@ -78,6 +80,27 @@ STAGE2 = {
 }
 
 
+def export_diffusers(cfg, teacher, device):
+    """Write the stage-2 EMA student as a standard diffusers U-Net plus a 1-step
+    DDIM scheduler config whose single timestep is the student's T (steps_offset =
+    T, set_alpha_to_one): one pipeline step then returns exactly Eq. 8's x0."""
+    from diffusers import DDIMScheduler
+    if teacher.family != "ldm":
+        C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
+    path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
+    ck = C.load_checkpoint(path, "student")
+    if ck.get("teacher") != teacher.teacher_id:
+        C.fail(f"student '{path}' was distilled from '{ck.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
+    G = C.Student(teacher, dict(cfg, cfg_range=ck["config"].get("cfg_range")))
+    G.load_state_dict(ck["ema"])
+    G.net.save_pretrained(os.path.join(cfg["export"], "unet"))
+    sched = DDIMScheduler.from_config(teacher.scheduler.config, steps_offset=teacher.T, set_alpha_to_one=True,
+                                      timestep_spacing="leading", clip_sample=False, thresholding=False)
+    sched.save_pretrained(os.path.join(cfg["export"], "scheduler"))
+    print(f"exported to {cfg['export']}: unet/ and scheduler/ (1 step at t={teacher.T}); "
+          f"guidance_scale={'w (the unet embeds it)' if G.w_cond else '1.0'}")
+
+
 def main(argv=None):
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
     args = parser.parse_args(argv)
@@ -86,6 +109,9 @@ def main(argv=None):
         C.fail(f"the paper's {cfg['preset']} setting has no GAN stage (Table A1); use toy, sd15 or sdxl")
     cfg.update({k: v for k, v in STAGE2[cfg["preset"]].items() if getattr(args, k, None) is None})
     rank, _, world, device = C.setup_distributed()
+    if cfg["export"]:
+        return export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False) if cfg["family"] == "ldm" else
+                                C.load_teacher(cfg, device), device) if rank == 0 else None
     accum = C.check_batch(cfg["batch"], cfg["batch_per_device"], world)
     C.print0(f"global batch {cfg['batch']} = {cfg['batch_per_device']} per device x {world} device(s) x {accum} accumulation step(s)")
     run_dir = os.path.join(cfg["out_dir"], cfg["run_name"])
@@ -120,9 +146,10 @@ def main(argv=None):
     log = C.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), step)
     if rank == 0:
         C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device)
+        w_ho = C.mid_guidance(cfg)
+        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
         with torch.no_grad():
-            x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device)).float()
+            x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
 
     def save(step):
         if rank == 0:
@@ -132,7 +159,7 @@ def main(argv=None):
     def grid(step):  # rows: teacher | stage 1 | stage 2 (same z)
         if rank == 0:
             with torch.no_grad():
-                x_s2 = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device)).float()
+                x_s2 = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
             imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_s1), teacher.to_images(x_s2)]).cpu()
             C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
                               scale=max(1, 64 // imgs.shape[-1]))
@@ -151,10 +178,10 @@ def main(argv=None):
         for m, (chunk, idx) in enumerate(C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum)):
             torch.manual_seed(cfg["seed"] * 1_000_003 + step * 4099 + chunk)
             b = data.get(idx)
-            z, x_real = b["z"].to(device), b["x"].to(device)
+            z, x_real, w = b["z"].to(device), b["x"].to(device), b.get("w")
             cond = C.student_cond(teacher, b["cond"], device)
             with C.autocast(device, cfg["dtype"]):
-                x_fake = G(z, cond)
+                x_fake = G(z, cond, w)
                 # D step (Eq. 5): real vs fake, with mix-and-match fakes
                 C.requires_grad(D, True)
                 xf, zf, cf, _ = C.mix_and_match(x_fake.detach(), x_real, z, cond, cfg["mix_match"])
@@ -199,7 +226,7 @@ def main(argv=None):
             grid(step + 1)
     if rank == 0 and end == cfg["steps"]:
         with torch.no_grad():
-            x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device)).float().cpu()
+            x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
         C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=2),
                             os.path.join(run_dir, "student_ema.pt"))
         print(f"held-out fidelity (MSE student vs teacher, same z): stage 1 {(x_s1.cpu() - x_ho).pow(2).mean():.5f}, "

@@ -39,9 +39,11 @@ DEFAULTS = dict(
     batch_per_device=None,
     grid_rows=10,
     diversity_seeds=16,      # diversity grid: one condition, this many seeds
+    div_prompts=500,         # sd15/sdxl DreamDiv: prompts x 8 seeds each (paper: 5k COCO2017 prompts)
     coco=None,               # sd15/sdxl: COCO2014 root with val2014/ and annotations/captions_val2014.json
     dtype="float32",
     seed=0,
+    eval_w=None,             # guidance sweep, e.g. "1,2,3": fidelity of each student to the teacher at each w
     speed=False,             # time one-step student vs teacher solver (and E-LatentLPIPS vs LPIPS) and exit
     speed_steps=None,        # teacher steps to time (default: the preset's); the ratio is reported per full solver
 )
@@ -53,8 +55,9 @@ def load_student(path, teacher, cfg, device):
     ck = C.load_checkpoint(path, "student")
     if ck.get("teacher") != teacher.teacher_id:
         C.fail(f"student '{path}' was distilled from '{ck.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
-    G = C.Student(teacher, dict(cfg, dropout=0.0)).to(device)
+    G = C.Student(teacher, dict(cfg, dropout=0.0, cfg_range=ck["config"].get("cfg_range"))).to(device)
     G.load_state_dict(ck["ema"])
+    G.cfg = ck["config"]
     return G.eval().requires_grad_(False)
 
 
@@ -82,7 +85,7 @@ def generate(models, teacher, cfg, seeds, conds, device, rank, world):
 
 def model_table(cfg, teacher, device):
     """name -> callable(z, cond) -> x, plus NFE per model."""
-    models = {"teacher": lambda z, c: teacher.solve(z, c)}
+    models = {"teacher": lambda z, c, w=None: teacher.solve(z, c, guidance=w)}
     nfe = {"teacher": teacher.nfe}
     paths = {"stage 1": os.path.join(cfg["out_dir"], "distill", "student_ema.pt"),
              "stage 2": os.path.join(cfg["out_dir"], "gan", "student_ema.pt")}
@@ -94,7 +97,9 @@ def model_table(cfg, teacher, device):
             C.print0(f"note: no {name} student at '{path}'; skipping that row")
             continue
         G = load_student(path, teacher, cfg, device)
-        models[name] = (lambda G: lambda z, c: G(z, C.student_cond(teacher, c, device)))(G)
+        # a guidance-conditioned student takes w; a fixed-w student ignores it
+        models[name] = (lambda G: lambda z, c, w=None: G(z, C.student_cond(teacher, c, device),
+                                                         (w if w is not None else C.mid_guidance(G.cfg)) if G.w_cond else None))(G)
         nfe[name] = 1
     return models, nfe
 
@@ -151,6 +156,83 @@ def write_grids(outs, teacher, eval_dir, conds, cfg, models, device):
                         os.path.join(eval_dir, "grids.txt"))
 
 
+def evaluate_text_to_image(cfg, teacher, device, rank, world):
+    """FID (Inception), CLIP score, precision/recall, DreamSim-5k to the teacher
+    and DreamDiv for every model, on COCO captions; seeds split across ranks."""
+    nets = C.load_feature_nets(cfg, device)
+    models, nfe = model_table(cfg, teacher, device)
+    n, B = cfg["num_samples"], cfg["batch_per_device"]
+    prompts, real_paths = C.load_coco(cfg["coco"], n, cfg["seed"])
+    mine = list(range(n))[rank::world]
+    acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
+    real, keep = [], {name: [] for name in models}
+    with torch.no_grad():
+        for i in tqdm(range(0, len(mine), B), desc="sampling", disable=rank != 0):
+            part = mine[i:i + B]
+            z = torch.stack([torch.randn(teacher.z_shape, generator=torch.Generator().manual_seed(EVAL_SEED0 + j)) for j in part])
+            cond = [prompts[j] for j in part]
+            real.append(nets["inception"](torch.stack([C.load_image(real_paths[j], 256) for j in part]).to(device)).cpu())
+            imgs = {}
+            for name, fn in models.items():
+                t = time.perf_counter()
+                x = fn(z.to(device), cond)
+                acc[name]["sec"] += time.perf_counter() - t
+                imgs[name] = teacher.to_images(x.float())
+                acc[name]["inc"].append(nets["inception"](imgs[name]).cpu())
+                acc[name]["clip"].append(nets["clip"](imgs[name], cond).cpu())
+                if i == 0:
+                    keep[name] = x.float().cpu()
+            for name in models:  # DreamSim-5k: distance to the teacher's image from the same z
+                acc[name]["dsim"].append(nets["dreamsim"](imgs[name], imgs["teacher"]).cpu())
+        div = {name: [] for name in models}
+        k = min(cfg["div_prompts"], n)
+        for p in tqdm(list(range(k))[rank::world], desc="DreamDiv", disable=rank != 0):
+            z = torch.stack([torch.randn(teacher.z_shape, generator=torch.Generator().manual_seed(EVAL_SEED0 + 50_000_000 + 8 * p + s))
+                             for s in range(8)])
+            for name, fn in models.items():
+                img = teacher.to_images(fn(z.to(device), [prompts[p]] * 8).float())
+                d = [nets["dreamsim"](img[a:a + 1], img[b:b + 1]) for a in range(8) for b in range(a + 1, 8)]
+                div[name].append(torch.cat(d).mean().cpu().view(1))
+    real = C.gather_by_rank(torch.cat(real), n, world)
+    rows = {}
+    for name in models:
+        f = C.gather_by_rank(torch.cat(acc[name]["inc"]), n, world)
+        m = min(n, 10_000)  # precision/recall on 10k, as in the paper
+        p, r = C.precision_recall(real[:m], f[:m])
+        rows[name] = dict(fid=C.fid_from_features(real, f), clip=C.gather_by_rank(torch.cat(acc[name]["clip"]), n, world).mean().item(),
+                          precision=p, recall=r, dreamdiv=C.gather_by_rank(torch.cat(div[name]), k, world).mean().item(),
+                          dreamsim_to_teacher=C.gather_by_rank(torch.cat(acc[name]["dsim"]), n, world).mean().item(),
+                          sec_per_img=acc[name]["sec"] / max(1, len(mine)), nfe=nfe[name])
+    if rank == 0:
+        write_grids(keep, teacher, os.path.join(cfg["out_dir"], "eval"), [prompts[j] for j in mine[:B]], cfg, models, device)
+        C.atomic_write_text("\n".join(f"{i}: {prompts[j]}" for i, j in enumerate(mine[:cfg["grid_rows"]])) + "\n",
+                            os.path.join(cfg["out_dir"], "eval", "prompts.txt"))
+    return rows
+
+
+@torch.no_grad()
+def guidance_sweep(cfg, teacher, device, n=500):
+    """Beyond the paper: fidelity to the teacher (MSE, same z) and class accuracy
+    at each guidance scale w, for every student; grid rows w, columns alternate
+    teacher | student for a few classes (guidance.png)."""
+    eval_dir = os.path.join(cfg["out_dir"], "eval")
+    clf = C.train_toy_classifier(os.path.join(eval_dir, "toy_classifier.pt"), log=C.print0).to(device)
+    models, _ = model_table(cfg, teacher, device)
+    seeds = list(range(EVAL_SEED0 + 20_000_000, EVAL_SEED0 + 20_000_000 + n))
+    z, labels = teacher.noise_and_condition(seeds)
+    table, rows = {}, []
+    for w in [float(v) for v in cfg["eval_w"].split(",")]:
+        out = {name: torch.cat([fn(z[i:i + 250].to(device), labels[i:i + 250], w).float().cpu() for i in range(0, n, 250)])
+               for name, fn in models.items()}
+        table[f"w={w:g}"] = {name: dict(fidelity_mse=C.fidelity(x.clamp(-1, 1), out["teacher"].clamp(-1, 1)),
+                                        class_acc=C.classify(clf, x.clamp(-1, 1).to(device)).cpu().eq(labels).float().mean().item())
+                             for name, x in out.items()}
+        picks = [int((labels == c).nonzero()[0]) for c in range(5)]
+        rows.append(torch.stack([out[name][i] for i in picks for name in out]))
+    C.save_image_grid(torch.cat(rows).clamp(-1, 1), os.path.join(eval_dir, "guidance.png"), ncol=len(rows[0]), scale=4)
+    return table
+
+
 def markdown_table(rows):
     cols = list(next(iter(rows.values())))
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
@@ -175,9 +257,13 @@ def main(argv=None):
         if cfg["preset"] != "toy":
             C.fail("CIFAR10 FID needs Inception features: use the official EDM fid.py on the students' samples")
         rows = evaluate_toy(cfg, teacher, device, rank, world)
+        if cfg["eval_w"] and rank == 0:
+            sweep = guidance_sweep(cfg, teacher, device)
+            C.atomic_write_json(sweep, os.path.join(cfg["out_dir"], "eval", "guidance.json"))
+            print("guidance sweep (fidelity MSE to the teacher at each w):\n" + markdown_table(
+                {w: {name: r["fidelity_mse"] for name, r in t.items()} for w, t in sweep.items()}))
     else:
-        rows = C.evaluate_text_to_image(cfg, teacher, device, rank, world, model_table(cfg, teacher, device),
-                                        EVAL_SEED0, write_grids)
+        rows = evaluate_text_to_image(cfg, teacher, device, rank, world)
     if rank == 0:
         eval_dir = os.path.join(cfg["out_dir"], "eval")
         table = markdown_table(rows)

@@ -38,7 +38,9 @@ PRESETS = {
         resolution=16, channels=3, num_classes=10,
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
         num_pairs=4096, shard_size=512, batch_per_device=256, pair_dtype="float32",
-        lpips_width=0.25, lpips_pools_removed=3, cls_steps=800, cls_batch=128, cls_lr=2e-3,
+        # toy LatentLPIPS: a quarter-width VGG16-bn; on a 16x16 space only 2 pools are
+        # removed (taps at 16, 16, 8, 4, 2 px), as 3 would cost 2.4x for no gain here
+        lpips_width=0.25, lpips_pools_removed=2, cls_steps=600, cls_batch=64, cls_lr=2e-3,
         loss="elatent", lpips_augment="bgc+cutout",
     ),
     "cifar10": dict(
@@ -406,17 +408,36 @@ def edm_loss(D, y, labels, p_mean=-1.2, p_std=1.2, sigma_data=0.5, generator=Non
 
 def guided_denoiser(net, guidance):
     """Classifier-free guidance for a class-conditional EDM net (null class =
-    num_classes): D_w = D_uncond + w (D_cond - D_uncond). w = 1 is the plain net."""
-    if guidance == 1.0:
+    num_classes): D_w = D_uncond + w (D_cond - D_uncond). w is a number or one
+    value per sample; a plain w = 1 is the net itself (one NFE)."""
+    if not torch.is_tensor(guidance) and guidance == 1.0:
         return net
 
     def D(x, sigma, labels):
+        w = torch.as_tensor(guidance, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         null = torch.full_like(labels, net.num_classes)
-        d = net(torch.cat([x, x]), torch.cat([sigma.reshape(-1)] * 2) if torch.is_tensor(sigma) and sigma.ndim else sigma,
-                torch.cat([null, labels]))
+        d = net(torch.cat([x, x]), torch.cat([sigma.reshape(-1)] * 2), torch.cat([null, labels]))
         d_uncond, d_cond = d.chunk(2)
-        return d_uncond + guidance * (d_cond - d_uncond)
+        return d_uncond + w * (d_cond - d_uncond)
     return D
+
+
+def pair_guidance(seeds, cfg_range):
+    """The guidance-conditioned student (beyond the paper, §5 'Limitations'): each
+    pair's scale w ~ U(LOW, HIGH), drawn from a generator seeded by the pair's seed."""
+    lo, hi = (float(v) for v in cfg_range.split(","))
+    return torch.tensor([lo + (hi - lo) * torch.rand(1, generator=torch.Generator().manual_seed(int(s) + (1 << 40))).item()
+                         for s in seeds])
+
+
+def guidance_embedding(w, dim=256):
+    """Sinusoidal embedding of (w - 1), as diffusers' pipelines build `timestep_cond`
+    for U-Nets with time_cond_proj_dim (so an exported student runs in them)."""
+    w = (w.float() - 1) * 1000
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device))
+    args = w[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], 1)
 
 
 def edm_sigma_steps(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -517,7 +538,7 @@ class EDMTeacher:
         """D(x; sigma, labels) with integer labels (one-hot for the NVlabs net)."""
         if self.kind == "toy":
             return guided_denoiser(self.net, guidance)
-        if guidance != 1.0:
+        if torch.is_tensor(guidance) or guidance != 1.0:
             fail("the official EDM CIFAR10 network has no unconditional mode; use --guidance 1")
         net = self.net
 
@@ -527,15 +548,16 @@ class EDMTeacher:
         return D
 
     @torch.no_grad()
-    def solve(self, z, labels):
+    def solve(self, z, labels, guidance=None):
         c = self.cfg
         rs = getattr(self.net, "round_sigma", None) if self.kind != "toy" else None
-        return edm_heun_sampler(self.denoiser(c["guidance"]), z.to(self.device), labels.to(self.device),
+        w = c["guidance"] if guidance is None else guidance
+        return edm_heun_sampler(self.denoiser(w), z.to(self.device), labels.to(self.device),
                                 c["num_steps"], c["sigma_min"], c["sigma_max"], c["rho"], round_sigma=rs)
 
     @property
     def nfe(self):
-        return (2 * self.cfg["num_steps"] - 1) * (2 if self.cfg["guidance"] != 1.0 else 1)
+        return (2 * self.cfg["num_steps"] - 1) * (2 if self.cfg["guidance"] != 1.0 or self.cfg.get("cfg_range") else 1)
 
     def solver_name(self):
         return f"edm-heun-{self.cfg['num_steps']}"
@@ -1326,7 +1348,7 @@ class PairDataset:
         if not m.get("complete"):
             fail(f"pairs in '{pairs_dir}' are incomplete; rerun 01_make_pairs.py to finish them")
         expected = dict(preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id,
-                        z_shape=list(teacher.z_shape))
+                        z_shape=list(teacher.z_shape), solver=teacher.solver_name())  # the solver fixes the student's T
         check_manifest(m, expected, f"the pairs in '{pairs_dir}'")
         self.m, self.teacher, self.N, self.S = m, teacher, m["num_pairs"], m["shard_size"]
         self.shards = [open_shard(shard_path(pairs_dir, k), min(self.S, self.N - k * self.S))
@@ -1390,7 +1412,13 @@ def check_batch(batch, per_device, world):
 
 class Student(nn.Module):
     """G(z, c): a trainable copy of the teacher network in the data-prediction
-    parameterisation. EDM: G = D(sigma_max z; sigma_max, c). SD: Eq. 8."""
+    parameterisation. EDM: G = D(sigma_max z; sigma_max, c). SD: Eq. 8.
+    With cfg_range the student also takes the guidance scale w through a
+    zero-initialised projection added to its time embedding (diffusers'
+    `time_embedding.cond_proj`), so at initialisation it is exactly the teacher's
+    one-step map for every w."""
+
+    W_DIM = 256
 
     def __init__(self, teacher, cfg):
         super().__init__()
@@ -1408,15 +1436,39 @@ class Student(nn.Module):
             self.net = copy.deepcopy(teacher.unet).float().train().requires_grad_(True)
             self.T, self.prediction_type = teacher.T, teacher.prediction_type
             self.register_buffer("alpha_bar_T", teacher.alphas_cumprod[teacher.T].clone())
+        self.w_cond = bool(cfg.get("cfg_range"))
+        if self.w_cond:
+            if self.family == "edm" and teacher.kind != "toy":
+                fail("--cfg_range needs a teacher with an unconditional mode (toy, sd15, sdxl)")
+            unet = self.net.unet if self.family == "edm" else self.net
+            te = unet.time_embedding
+            te.cond_proj = nn.Linear(self.W_DIM, te.linear_1.in_features, bias=False)
+            nn.init.zeros_(te.cond_proj.weight)
+            if self.family == "ldm":  # a standard diffusers config: pipelines pass timestep_cond themselves
+                self.net.register_to_config(time_cond_proj_dim=self.W_DIM)
+            else:  # UNet2DModel calls time_embedding(t_emb) without a condition: supply it
+                te.register_forward_pre_hook(_w_condition_hook)  # reads the module's own w (EMA copies stay apart)
+        self._w_emb = None
 
-    def forward(self, z, cond):
+    def forward(self, z, cond, w=None):
+        if self.w_cond:
+            if w is None:
+                fail("this student is guidance-conditioned: pass the guidance scale w")
+            self._w_emb = guidance_embedding(torch.as_tensor(w, dtype=torch.float32, device=z.device).reshape(-1).expand(len(z)),
+                                             self.W_DIM)
+            (self.net.unet if self.family == "edm" else self.net).time_embedding._w_emb = self._w_emb
         if self.family == "edm":
             sigma = torch.full((len(z),), self.sigma_max, device=z.device)
             if hasattr(self.net, "label_dim"):  # NVlabs network: one-hot labels
                 return self.net(z * self.sigma_max, sigma, F.one_hot(cond, self.net.label_dim).float()).float()
             return self.net(z * self.sigma_max, sigma, cond)
-        out = self.net(z, self.T, **cond).sample  # Eq. 8 with T = the teacher's first DDIM timestep
+        extra = dict(timestep_cond=self._w_emb.to(next(self.net.parameters()).dtype)) if self.w_cond else {}
+        out = self.net(z, self.T, **cond, **extra).sample  # Eq. 8 with T = the teacher's first DDIM timestep
         return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T, self.prediction_type)
+
+
+def _w_condition_hook(module, args):
+    return (args[0], module._w_emb) if len(args) == 1 else None
 
 
 def student_cond(teacher, cond, device):
@@ -1505,8 +1557,9 @@ def load_checkpoint(path, what):
 
 
 @torch.no_grad()
-def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000):
-    """Fixed held-out seeds (never in the pairs): z, c and the teacher's x."""
+def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000, w=None):
+    """Fixed held-out seeds (never in the pairs): z, c and the teacher's x (at
+    guidance w when given)."""
     seeds = list(range(seed0, seed0 + n))
     if teacher.family == "edm":
         z, cond = teacher.noise_and_condition(seeds)
@@ -1516,8 +1569,16 @@ def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000):
         z = torch.stack([torch.randn(teacher.z_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         prompts = teacher.prompts or ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake"]
         cond = [prompts[i % len(prompts)] for i in range(n)]
-    x = teacher.solve(z, cond).float().cpu()
+    x = teacher.solve(z, cond, guidance=w).float().cpu()
     return z, cond, x
+
+
+def mid_guidance(cfg):
+    """The guidance scale shown in grids of a guidance-conditioned run."""
+    if not cfg.get("cfg_range"):
+        return None
+    lo, hi = (float(v) for v in cfg["cfg_range"].split(","))
+    return (lo + hi) / 2
 
 
 def load_pixel_lpips(kind, device):
@@ -1676,10 +1737,13 @@ def gan_loss_g(logits_fake):
 
 
 def r1_penalty(D, x, z, cond):
-    """Single-sample R1: ||grad_x D(x)||^2 on one real sample (D(x) = d_score)."""
+    """Single-sample R1: ||grad_x D(x)||^2 on one real sample (D(x) = d_score).
+    Attention runs on the math kernel here: fused kernels have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     x = x.detach().requires_grad_(True)
-    score = d_score(D(x, z, cond)).sum()
-    (g,) = torch.autograd.grad(score, x, create_graph=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        score = d_score(D(x, z, cond)).sum()
+        (g,) = torch.autograd.grad(score, x, create_graph=True)
     return g.pow(2).sum((1, 2, 3)).mean()
 
 
@@ -1951,3 +2015,69 @@ def benchmark_speed(cfg, device):
                unet_call_s=dict(batch1=round(u1, 4), batch2=round(u2, 4)), text_encode_s=round(t_text1, 4), device=str(device))
     out["lpips_fig4"] = benchmark_lpips_speed(device)
     return out
+
+
+# ----------------------------------------------------------------------------
+# 14. Pretrained feature networks for the SD/SDXL evaluation (05), each from an
+# optional package imported only here. Each callable takes images in [-1, 1].
+
+def _need(pkg, pip_name, what):
+    import importlib
+    try:
+        return importlib.import_module(pkg)
+    except ImportError:
+        fail(f"{what} needs the optional package '{pip_name}': pip install {pip_name}")
+
+
+def _resize(x, size):
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
+def load_feature_nets(cfg, device):
+    """dict(inception=f(imgs) -> (N, 2048), clip=f(imgs, prompts) -> (N,) cosine,
+    dreamsim=f(a, b) -> (N,) distance). Resizing follows the paper's protocol:
+    512 -> 256 -> 299, bicubic with antialiasing (Parmar et al.)."""
+    nets = {}
+    try:
+        feats = _need("cleanfid.features", "clean-fid", "FID")
+        model = feats.build_feature_extractor("clean", device)
+        nets["inception"] = lambda x: model((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5)
+    except SystemExit:
+        tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", "FID (clean-fid or torch-fidelity)")
+        model = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
+        nets["inception"] = lambda x: model(((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))[0]
+    oc = _need("open_clip", "open_clip_torch", "the CLIP score")
+    clip, _, _ = oc.create_model_and_transforms("ViT-g-14", pretrained="laion2b_s34b_b88k", device=device)
+    tok = oc.get_tokenizer("ViT-g-14")
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
+
+    def clip_score(x, prompts):
+        img = clip.encode_image(((_resize(x, 224) + 1) / 2 - mean) / std)
+        txt = clip.encode_text(tok(prompts).to(device))
+        return F.cosine_similarity(img, txt).float()
+    nets["clip"] = clip_score
+    ds = _need("dreamsim", "dreamsim", "DreamDiv / DreamSim-5k")
+    dmodel, _ = ds.dreamsim(pretrained=True, device=device)
+    nets["dreamsim"] = lambda a, b: dmodel((_resize(a, 224) + 1) / 2, (_resize(b, 224) + 1) / 2).flatten().float()
+    return nets
+
+
+def load_coco(root, n, seed):
+    """COCO2014 val: n captions sampled deterministically (one per image) and the
+    real image paths. Layout: <root>/annotations/captions_val2014.json, <root>/val2014/."""
+    ann = os.path.join(root or "", "annotations", "captions_val2014.json")
+    if not os.path.isfile(ann):
+        fail(f"COCO captions not found at '{ann}' (pass --coco ROOT with annotations/ and val2014/)")
+    data = json.load(open(ann))
+    files = {im["id"]: os.path.join(root, "val2014", im["file_name"]) for im in data["images"]}
+    caps = {}
+    for a in data["annotations"]:
+        caps.setdefault(a["image_id"], a["caption"].strip())
+    ids = sorted(caps)
+    g = torch.Generator().manual_seed(seed)
+    pick = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n].tolist()]
+    missing = [files[i] for i in pick if not os.path.isfile(files[i])]
+    if missing:
+        fail(f"{len(missing)} COCO images are missing, e.g. '{missing[0]}'")
+    return [caps[i] for i in pick], [files[i] for i in pick]

@@ -1,0 +1,163 @@
+"""Issues 5-8 on tiny random SD1.5/SDXL models: stage 1 and 2 train and reload,
+05 runs its metric path with stand-in feature networks, the guidance-conditioned
+student starts as the teacher, and the exported U-Net runs in diffusers' pipelines."""
+import importlib
+import json
+import os
+
+import pytest
+import torch
+
+import common as C
+from conftest import run_script
+
+STEPS = ["--resolution", 16, "--num_steps", 2]
+
+
+@pytest.fixture(scope="module")
+def lpips4(tmp_path_factory):
+    """A small 4-channel LatentLPIPS checkpoint in our format."""
+    torch.manual_seed(0)
+    lp = C.LatentLPIPS(4, 0.125, 3, 10)
+    path = tmp_path_factory.mktemp("lp") / "latent_lpips.pt"
+    torch.save(dict(config=lp.config, state_dict=lp.state_dict()), path)
+    return str(path)
+
+
+def make_pairs(kind, folder, prompts, out, *extra):
+    run_script("01_make_pairs.py", "--preset", kind, "--teacher", folder, "--prompts", prompts, "--out_dir", out,
+               "--num_pairs", 4, "--shard_size", 4, "--batch_per_device", 4, *STEPS, *extra)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_sd_stage1_and_stage2(kind, tiny_sd15, tiny_sdxl, prompt_file, lpips4, tmp_path):
+    folder = tiny_sd15 if kind == "sd15" else tiny_sdxl
+    make_pairs(kind, folder, prompt_file, tmp_path)
+    base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, "--lpips_ckpt", lpips4, *STEPS,
+            "--batch", 4, "--batch_per_device", 2]
+    run_script("03_ode_distill.py", *base, "--steps", 12, "--lr", 2e-3, "--lr_end", 2e-3, "--log_every", 1,
+               "--grid_every", 100, "--ckpt_every", 100, "--ema_start", 100)
+    loss = [json.loads(l)["loss"] for l in open(tmp_path / "distill" / "metrics.jsonl")]
+    print(kind, "stage-1 losses:", [round(v, 4) for v in loss])
+    assert sum(loss[-3:]) < sum(loss[:3]), "the loss decreases on a fixed small pair set"
+    ev = importlib.import_module("05_evaluate")
+    cfg = dict(C.get_preset(kind), preset=kind, teacher=folder, resolution=16, num_steps=2, dtype="float32", num_pairs=1)
+    teacher = C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False)
+    G = ev.load_student(str(tmp_path / "distill" / "student_ema.pt"), teacher, cfg, torch.device("cpu"))
+    z = torch.randn(1, 4, 8, 8)
+    assert torch.isfinite(G(z, teacher.encode_prompts(["a cat"]))).all()
+    # stage 2 with every component on (R1 every 2 steps so that it fires)
+    p = run_script("04_gan_finetune.py", *base, "--steps", 4, "--r1_gamma", 0.01, "--r1_every", 2, "--mix_match", 0.5,
+                   "--z_cond", "--multiscale", *(["--noise_aug"] if kind == "sdxl" else []), "--log_every", 1,
+                   "--grid_every", 100, "--ckpt_every", 2)
+    assert "D: 6 readout heads" in p.stdout
+    log = [json.loads(l) for l in open(tmp_path / "gan" / "metrics.jsonl")]
+    assert len(log) == 4 and [l["step"] for l in log if l["r1"] is not None] == [0, 2]
+    for l in log:
+        assert all(torch.isfinite(torch.tensor(l[k])) for k in ("loss_g", "loss_d", "logit_real", "logit_fake"))
+    p = run_script("04_gan_finetune.py", *base, "--steps", 5, "--resume", "--r1_gamma", 0.01, "--grid_every", 100)
+    assert "at step 4" in p.stdout and (tmp_path / "gan" / "student_ema.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_export_runs_in_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_file, tmp_path):
+    """Our G(z, c) equals the standard pipeline's 1-step latents from the exported folder."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    folder = tiny_sd15 if kind == "sd15" else tiny_sdxl
+    make_pairs(kind, folder, prompt_file, tmp_path)
+    base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, *STEPS, "--batch", 4, "--batch_per_device", 4,
+            "--loss", "mse"]
+    run_script("03_ode_distill.py", *base, "--steps", 2, "--lr", 1e-3, "--grid_every", 100)
+    run_script("04_gan_finetune.py", *base, "--steps", 2, "--grid_every", 100)
+    run_script("04_gan_finetune.py", *base, "--export", tmp_path / "export")
+    cfg = dict(C.get_preset(kind), preset=kind, teacher=folder, resolution=16, num_steps=2, dtype="float32", num_pairs=1)
+    teacher = C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False)
+    G = importlib.import_module("05_evaluate").load_student(str(tmp_path / "gan" / "student_ema.pt"), teacher, cfg,
+                                                            torch.device("cpu"))
+    cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
+    pipe = cls.from_pretrained(folder, unet=UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet"),
+                               scheduler=DDIMScheduler.from_pretrained(tmp_path / "export" / "scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red cube", "the fox"]
+    ref = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, height=16, width=16, output_type="latent").images
+    with torch.no_grad():
+        ours = G(z, teacher.encode_prompts(prompts))
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    print(f"{kind} export: max rel. difference {err:.2e}")
+    assert err < 1e-5
+
+
+def test_guidance_conditioned_student(tiny_sd15, prompt_file, tmp_path):
+    """cfg_range pairs store w; the student starts exactly as the teacher's one-step
+    map for every w (zero-init); its export takes w as the pipeline's guidance_scale."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    make_pairs("sd15", tiny_sd15, prompt_file, tmp_path, "--cfg_range", "2,6")
+    shard = C.load_shard(C.shard_path(tmp_path / "pairs", 0))
+    assert torch.allclose(shard["w"], C.pair_guidance(range(4), "2,6")) and ((shard["w"] >= 2) & (shard["w"] <= 6)).all()
+    cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
+               num_pairs=1, cfg_range="2,6")
+    teacher = C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False)
+    # the teacher's x at w equals a fixed-guidance solve at that w
+    z, prompts = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(4)]), shard["prompts"]
+    for i in range(2):
+        assert torch.allclose(teacher.solve(z[i:i + 1], prompts[i:i + 1], guidance=float(shard["w"][i])), shard["x"][i:i + 1], atol=1e-5)
+    G = C.Student(teacher, cfg).eval()
+    base = C.Student(teacher, dict(cfg, cfg_range=None)).eval()
+    cond = teacher.encode_prompts(prompts[:2])
+    with torch.no_grad():
+        for w in (2.0, 4.5, 6.0):
+            assert torch.equal(G(z[:2], cond, w), base(z[:2], cond))
+    run_script("03_ode_distill.py", "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, *STEPS, "--steps", 3,
+               "--batch", 4, "--batch_per_device", 4, "--loss", "mse", "--lr", 1e-3, "--cfg_range", "2,6", "--grid_every", 100)
+    run_script("04_gan_finetune.py", "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, *STEPS,
+               "--export", tmp_path / "export", "--init", tmp_path / "distill" / "student_ema.pt")
+    G = importlib.import_module("05_evaluate").load_student(str(tmp_path / "distill" / "student_ema.pt"), teacher, cfg,
+                                                            torch.device("cpu"))
+    assert G.net.time_embedding.cond_proj.weight.abs().sum() > 0  # w is learned
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, unet=UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet"),
+                                                   scheduler=DDIMScheduler.from_pretrained(tmp_path / "export" / "scheduler"),
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompts[:2], latents=z[:2], num_inference_steps=1, guidance_scale=3.5, height=16, width=16, output_type="latent").images
+    with torch.no_grad():
+        ours = G(z[:2], cond, 3.5)
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_path, monkeypatch):
+    """05's full SD path (FID, CLIP, P/R, DreamDiv, DreamSim-5k, grids) with stand-in
+    feature networks injected in place of the pretrained ones: no download."""
+    import numpy as np
+    from PIL import Image
+    make_pairs("sd15", tiny_sd15, prompt_file, tmp_path)
+    base = ["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, *STEPS, "--batch", 4, "--batch_per_device", 4,
+            "--loss", "mse"]
+    run_script("03_ode_distill.py", *base, "--steps", 2, "--grid_every", 100)
+    coco = tmp_path / "coco"
+    (coco / "val2014").mkdir(parents=True)
+    (coco / "annotations").mkdir()
+    images, anns = [], []
+    for i in range(6):
+        Image.fromarray(np.random.RandomState(i).randint(0, 255, (24, 32, 3)).astype(np.uint8)).save(coco / "val2014" / f"{i}.jpg")
+        images.append(dict(id=i, file_name=f"{i}.jpg"))
+        anns.append(dict(image_id=i, caption=f"a photo number {i}"))
+    json.dump(dict(images=images, annotations=anns), open(coco / "annotations" / "captions_val2014.json", "w"))
+    torch.manual_seed(0)
+    proj = torch.randn(3 * 8 * 8, 16)
+    feat = lambda x: torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="area").flatten(1) @ proj
+    stand_in = dict(inception=feat, clip=lambda x, p: torch.full((len(x),), 0.25),
+                    dreamsim=lambda a, b: (feat(a) - feat(b)).norm(dim=1) / 100)
+    ev = importlib.import_module("05_evaluate")
+    monkeypatch.setattr(C, "load_feature_nets", lambda cfg, device: stand_in)
+    ev.main(["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
+             "--coco", str(coco), "--num_samples", "6", "--batch_per_device", "3", "--div_prompts", "2", "--grid_rows", "3",
+             "--diversity_seeds", "3"])
+    m = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert set(m) == {"teacher", "stage 1"}
+    for row in m.values():
+        for k in ("fid", "clip", "precision", "recall", "dreamdiv", "dreamsim_to_teacher"):
+            assert row[k] is not None and np.isfinite(row[k]), k
+    assert m["teacher"]["dreamsim_to_teacher"] == 0 and m["teacher"]["nfe"] == 4 and m["stage 1"]["nfe"] == 1
+    for f in ("compare.png", "diversity.png", "results.md"):
+        assert (tmp_path / "eval" / f).exists()
