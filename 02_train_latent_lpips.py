@@ -111,11 +111,16 @@ def toy_distort(x, family, s, g):
     return m + (x - m) * (1 - 0.7 * s4)
 
 
+# Perceived magnitude per unit strength of each family: the observer of the
+# synthetic 2AFC is (like people, and unlike L2) tolerant of small translations
+# and global contrast/colour changes, and sensitive to noise and blur.
+FAMILY_WEIGHT = torch.tensor([1.0, 1.0, 0.4, 0.8, 0.5])  # noise, blur, shift, colour, contrast
+
+
 def toy_triplets(n, seed):
     """Synthetic 2AFC: p0 and p1 are distortions of ref (random families) of
-    strengths s0, s1; judge = P(p1 judged closer) = sigmoid((s0 - s1) / 0.1).
-    A 1-pixel shift is 'weak' here though its L2 is large: the kind of judgment
-    a perceptual metric should get right and L2 gets wrong."""
+    strengths s0, s1; their perceived magnitudes are m = FAMILY_WEIGHT[family] * s,
+    and judge = P(p1 judged closer) = sigmoid((m0 - m1) / 0.1)."""
     g = torch.Generator().manual_seed(seed)
     ref, _ = C.toy_images(range(90_000_000 + seed * n, 90_000_000 + seed * n + n))
     s0, s1 = torch.rand(n, generator=g), torch.rand(n, generator=g)
@@ -125,7 +130,7 @@ def toy_triplets(n, seed):
         m0, m1 = f0 == f, f1 == f
         p0[m0] = toy_distort(ref[m0], f, s0[m0], g)
         p1[m1] = toy_distort(ref[m1], f, s1[m1], g)
-    return ref, p0, p1, torch.sigmoid((s0 - s1) / 0.1)
+    return ref, p0, p1, torch.sigmoid((FAMILY_WEIGHT[f0] * s0 - FAMILY_WEIGHT[f1] * s1) / 0.1)
 
 
 @torch.no_grad()

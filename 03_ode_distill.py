@@ -83,7 +83,7 @@ def build_loss(cfg, teacher, device):
 
 
 def main(argv=None):
-    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
+    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS, STAGE1)
     args = parser.parse_args(argv)
     cfg = C.resolve_config(args)
     cfg.update({k: v for k, v in STAGE1[cfg["preset"]].items() if getattr(args, k, None) is None})
@@ -95,6 +95,7 @@ def main(argv=None):
 
     teacher = C.load_teacher(cfg, device)
     data = C.PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
+    cfg["cfg_range"] = data.m.get("cfg_range")  # pairs with a guidance range train a w-conditioned student
     loss_fn = build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)

@@ -81,10 +81,13 @@ STAGE2 = {
 
 
 def export_diffusers(cfg, teacher, device):
-    """Write the stage-2 EMA student as a standard diffusers U-Net plus a 1-step
-    DDIM scheduler config whose single timestep is the student's T (steps_offset =
-    T, set_alpha_to_one): one pipeline step then returns exactly Eq. 8's x0."""
-    from diffusers import DDIMScheduler
+    """Write the stage-2 EMA student as a standard diffusers U-Net plus an
+    LCMScheduler config. One pipeline step at the custom timestep T (the
+    student's, Eq. 8) returns the x0 prediction: LCM's boundary terms at T are
+    c_skip ~ 3e-9 and c_out ~ 1 - 1e-9, i.e. G(z, c) to float precision.
+    (A DDIM config with steps_offset = T would be exact too, but SD1.5's pipeline
+    resets steps_offset to 1 when it is built.)"""
+    from diffusers import LCMScheduler
     if teacher.family != "ldm":
         C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
     path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
@@ -94,15 +97,14 @@ def export_diffusers(cfg, teacher, device):
     G = C.Student(teacher, dict(cfg, cfg_range=ck["config"].get("cfg_range")))
     G.load_state_dict(ck["ema"])
     G.net.save_pretrained(os.path.join(cfg["export"], "unet"))
-    sched = DDIMScheduler.from_config(teacher.scheduler.config, steps_offset=teacher.T, set_alpha_to_one=True,
-                                      timestep_spacing="leading", clip_sample=False, thresholding=False)
-    sched.save_pretrained(os.path.join(cfg["export"], "scheduler"))
-    print(f"exported to {cfg['export']}: unet/ and scheduler/ (1 step at t={teacher.T}); "
-          f"guidance_scale={'w (the unet embeds it)' if G.w_cond else '1.0'}")
+    LCMScheduler.from_config(teacher.scheduler.config).save_pretrained(os.path.join(cfg["export"], "scheduler"))
+    call = dict(num_inference_steps=1, timesteps=[teacher.T], guidance_scale="w" if G.w_cond else 1.0)
+    C.atomic_write_json(dict(teacher=cfg["teacher"], student=path, pipeline_call=call), os.path.join(cfg["export"], "export.json"))
+    print(f"exported to {cfg['export']}: unet/, scheduler/ (LCMScheduler); call the pipeline with {call}")
 
 
 def main(argv=None):
-    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
+    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS, STAGE2)
     args = parser.parse_args(argv)
     cfg = C.resolve_config(args)
     if cfg["preset"] not in STAGE2:
@@ -119,6 +121,7 @@ def main(argv=None):
 
     teacher = C.load_teacher(cfg, device)
     data = C.PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
+    cfg["cfg_range"] = data.m.get("cfg_range")  # pairs with a guidance range train a w-conditioned student
     stage1 = importlib.import_module("03_ode_distill")
     s1 = C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student")
     if s1.get("teacher") != teacher.teacher_id:

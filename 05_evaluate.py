@@ -35,7 +35,7 @@ DEFAULTS = dict(
     out_dir=None,
     teacher=None,
     students=None,           # extra rows: "name=path,name=path" of student_ema.pt files
-    num_samples=None,        # samples per model (toy 2000; paper 30k for FID, 10k for P/R, 5k for DreamSim)
+    num_samples=0,           # samples per model (0 = preset default) (toy 2000; paper 30k for FID, 10k for P/R, 5k for DreamSim)
     batch_per_device=None,
     grid_rows=10,
     diversity_seeds=16,      # diversity grid: one condition, this many seeds
@@ -45,7 +45,7 @@ DEFAULTS = dict(
     seed=0,
     eval_w=None,             # guidance sweep, e.g. "1,2,3": fidelity of each student to the teacher at each w
     speed=False,             # time one-step student vs teacher solver (and E-LatentLPIPS vs LPIPS) and exit
-    speed_steps=None,        # teacher steps to time (default: the preset's); the ratio is reported per full solver
+    speed_steps=0,           # teacher steps to time (0 = preset) (default: the preset's); the ratio is reported per full solver
 )
 
 EVAL_SEED0 = 2_000_000_000  # evaluation seeds are disjoint from pair seeds and held-out grid seeds

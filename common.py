@@ -76,15 +76,17 @@ def get_preset(name):
     return dict(PRESETS[name])
 
 
-def add_preset_args(parser, defaults):
+def add_preset_args(parser, defaults, stage_defaults=None):
     """Build argparse flags from a script's block of defaults, plus one flag per
-    preset key. A default of None means 'take it from the preset'."""
+    preset key. A default of None means 'take it from the preset' (or from the
+    script's per-preset table `stage_defaults`), which also gives the flag's type."""
     keys = dict(defaults)
+    tables = list(PRESETS.values()) + list((stage_defaults or {}).values())
     for p in PRESETS.values():
         for k in p:
             keys.setdefault(k, None)
     for key, val in keys.items():
-        ref = val if val is not None else next((p[key] for p in PRESETS.values() if p.get(key) is not None), "")
+        ref = val if val is not None else next((p[key] for p in tables if p.get(key) is not None), "")
         if isinstance(ref, bool):
             parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=val)
         else:

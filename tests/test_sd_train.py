@@ -62,7 +62,7 @@ def test_sd_stage1_and_stage2(kind, tiny_sd15, tiny_sdxl, prompt_file, lpips4, t
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_export_runs_in_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_file, tmp_path):
     """Our G(z, c) equals the standard pipeline's 1-step latents from the exported folder."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     folder = tiny_sd15 if kind == "sd15" else tiny_sdxl
     make_pairs(kind, folder, prompt_file, tmp_path)
     base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, *STEPS, "--batch", 4, "--batch_per_device", 4,
@@ -76,11 +76,13 @@ def test_export_runs_in_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_fi
                                                             torch.device("cpu"))
     cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
     pipe = cls.from_pretrained(folder, unet=UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet"),
-                               scheduler=DDIMScheduler.from_pretrained(tmp_path / "export" / "scheduler"))
+                               scheduler=LCMScheduler.from_pretrained(tmp_path / "export" / "scheduler"))
     pipe.set_progress_bar_config(disable=True)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     prompts = ["a red cube", "the fox"]
-    ref = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, height=16, width=16, output_type="latent").images
+    call = json.load(open(tmp_path / "export" / "export.json"))["pipeline_call"]
+    assert call == dict(num_inference_steps=1, timesteps=[teacher.T], guidance_scale=1.0)
+    ref = pipe(prompts, latents=z, height=16, width=16, output_type="latent", **call).images
     with torch.no_grad():
         ours = G(z, teacher.encode_prompts(prompts))
     err = ((ours - ref).abs().max() / ref.abs().max()).item()
@@ -91,8 +93,8 @@ def test_export_runs_in_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_fi
 def test_guidance_conditioned_student(tiny_sd15, prompt_file, tmp_path):
     """cfg_range pairs store w; the student starts exactly as the teacher's one-step
     map for every w (zero-init); its export takes w as the pipeline's guidance_scale."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    make_pairs("sd15", tiny_sd15, prompt_file, tmp_path, "--cfg_range", "2,6")
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    make_pairs("sd15", tiny_sd15, prompt_file, tmp_path, "--cfg_range", "2,6", "--pair_dtype", "float32")
     shard = C.load_shard(C.shard_path(tmp_path / "pairs", 0))
     assert torch.allclose(shard["w"], C.pair_guidance(range(4), "2,6")) and ((shard["w"] >= 2) & (shard["w"] <= 6)).all()
     cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
@@ -109,17 +111,18 @@ def test_guidance_conditioned_student(tiny_sd15, prompt_file, tmp_path):
         for w in (2.0, 4.5, 6.0):
             assert torch.equal(G(z[:2], cond, w), base(z[:2], cond))
     run_script("03_ode_distill.py", "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, *STEPS, "--steps", 3,
-               "--batch", 4, "--batch_per_device", 4, "--loss", "mse", "--lr", 1e-3, "--cfg_range", "2,6", "--grid_every", 100)
+               "--batch", 4, "--batch_per_device", 4, "--loss", "mse", "--lr", 1e-3, "--grid_every", 100)
     run_script("04_gan_finetune.py", "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, *STEPS,
                "--export", tmp_path / "export", "--init", tmp_path / "distill" / "student_ema.pt")
     G = importlib.import_module("05_evaluate").load_student(str(tmp_path / "distill" / "student_ema.pt"), teacher, cfg,
                                                             torch.device("cpu"))
     assert G.net.time_embedding.cond_proj.weight.abs().sum() > 0  # w is learned
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, unet=UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet"),
-                                                   scheduler=DDIMScheduler.from_pretrained(tmp_path / "export" / "scheduler"),
+                                                   scheduler=LCMScheduler.from_pretrained(tmp_path / "export" / "scheduler"),
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompts[:2], latents=z[:2], num_inference_steps=1, guidance_scale=3.5, height=16, width=16, output_type="latent").images
+    ref = pipe(prompts[:2], latents=z[:2], num_inference_steps=1, timesteps=[teacher.T], guidance_scale=3.5, height=16,
+               width=16, output_type="latent").images
     with torch.no_grad():
         ours = G(z[:2], cond, 3.5)
     assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-5
