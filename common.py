@@ -742,7 +742,7 @@ class LDMTeacher:
     def noise_and_condition(self, seeds, indices):
         """z from each pair's seed on the CPU generator; prompt i for pair i."""
         z = torch.stack([torch.randn(self.z_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        return z, [self.prompts[i % len(self.prompts)] for i in indices]
+        return z, [self.prompts[i % len(self.prompts)] for i in indices] if self.prompts else None
 
     def shard_fields(self, prompts):
         return dict(prompts=prompts)
