@@ -99,7 +99,7 @@ def model_table(cfg, teacher, device):
         G = load_student(path, teacher, cfg, device)
         # a guidance-conditioned student takes w; a fixed-w student ignores it
         models[name] = (lambda G: lambda z, c, w=None: G(z, C.student_cond(teacher, c, device),
-                                                         (w if w is not None else C.mid_guidance(G.cfg)) if G.w_cond else None))(G)
+                                                         (w if w is not None else cfg["guidance"]) if G.w_cond else None))(G)
         nfe[name] = 1
     return models, nfe
 

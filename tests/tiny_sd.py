@@ -54,13 +54,15 @@ def _scheduler():
                          set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
 
 
-def make_tiny_sd15(folder, seed=0):
-    """SD1.5 layout: unet, vae, text_encoder, tokenizer, scheduler. Latents 4x8x8 at resolution 16."""
+def make_tiny_sd15(folder, seed=0, channels=(32, 64)):
+    """SD1.5 layout: unet, vae, text_encoder, tokenizer, scheduler. Latents 4x8x8 at
+    resolution 16. Wider `channels` give a medium U-Net for benchmarks, e.g.
+    python -c "import sys; sys.path.insert(0, 'tests'); import tiny_sd; tiny_sd.make_tiny_sd15('runs/medium_sd15', channels=(128, 256))" """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     tok = _tiny_clip_tokenizer(os.path.join(folder, "_tok"))
     te = _text_encoder(tok, seed=seed)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=tuple(channels),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=8)
