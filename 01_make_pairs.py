@@ -89,6 +89,36 @@ def train_toy_teacher(cfg, device):
     print(f"wrote {cfg['teacher']}")
 
 
+@torch.no_grad()
+def benchmark_pairs(cfg, device, batches=2):
+    """Our pair generation vs diffusers' own pipeline making the same latents (same
+    teacher, prompts, z, steps, guidance, batch), in one run; plus the pure-UNet
+    time of the same calls, the floor for both."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    teacher = C.LDMTeacher(cfg, device, load_vae=False)
+    B = cfg["batch_per_device"]
+    cls = StableDiffusionXLPipeline if teacher.kind == "sdxl" else StableDiffusionPipeline
+    kw = dict(torch_dtype=teacher.dtype) if teacher.dtype != torch.float32 else {}
+    pipe = cls.from_pretrained(C.resolve_pretrained(cfg["teacher"]), **kw).to(device)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(B))
+    z, prompts = teacher.noise_and_condition(seeds, seeds)
+    pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"], guidance_scale=cfg["guidance"],
+               height=teacher.pixel_res, width=teacher.pixel_res, output_type="latent")  # warm-up
+    ours_t = C._timed(lambda: teacher.solve(z, prompts), device, batches)
+    theirs_t = C._timed(lambda: pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"],
+                                   guidance_scale=cfg["guidance"], height=teacher.pixel_res, width=teacher.pixel_res,
+                                   output_type="latent"), device, batches)
+    cond = C.cat_cond(teacher.encode_uncond(B), teacher.encode_prompts(prompts)) if cfg["guidance"] > 1 else teacher.encode_prompts(prompts)
+    x2 = torch.cat([z, z]).to(device, teacher.dtype) if cfg["guidance"] > 1 else z.to(device, teacher.dtype)
+    unet_t = C._timed(lambda: [teacher.unet(x2, t, **cond) for t in teacher.timesteps], device, batches)
+    out = dict(ours_pairs_s=B / ours_t, diffusers_pairs_s=B / theirs_t, unet_only_pairs_s=B / unet_t,
+               ours_over_diffusers=theirs_t / ours_t, ours_over_unet_only=unet_t / ours_t, batch=B, steps=cfg["num_steps"],
+               unet_params_m=sum(p.numel() for p in teacher.unet.parameters()) / 1e6, device=str(device))
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
 def main(argv=None):
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
     cfg = C.resolve_config(parser.parse_args(argv))
@@ -105,7 +135,7 @@ def main(argv=None):
     if cfg["benchmark"]:
         if cfg["family"] != "ldm":
             C.fail("--benchmark compares against diffusers' pipelines: use --preset sd15 or sdxl")
-        print(json.dumps(C.benchmark_pairs(cfg, device), indent=2))
+        print(json.dumps(benchmark_pairs(cfg, device), indent=2))
         return C.cleanup()
     teacher = C.load_teacher(cfg, device)
     pairs_dir = os.path.join(cfg["out_dir"], "pairs")

@@ -25,10 +25,10 @@ Speed (Fig. 4):      python 02_train_latent_lpips.py --speed
 """
 import argparse
 import json
-import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ def phase1_data(cfg, device):
             x, y = C.toy_images(range(0, 24_000))
             n_val = int(len(x) * cfg["val_frac"])
             return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
-    return C.cached_image_latents(cfg, device)
+    return cached_image_latents(cfg, device)
 
 
 def train_classifier(cfg, x, y, xv, yv, device, rank, world):
@@ -216,6 +216,114 @@ def reconstruct(cfg, lp, device, target, decode=None):
     return {f"psnr_{m}": round(c[-1], 2) for m, c in curves.items()}, out
 
 
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_ldm_vae(cfg, device):
+    path = C.resolve_pretrained(cfg["teacher"])
+    if not os.path.isdir(os.path.join(path, "vae")):
+        C.fail(f"teacher folder '{path}' is missing the 'vae' component")
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).eval().requires_grad_(False)
+    return vae, vae.config.scaling_factor
+
+
+def image_folder(root):
+    """ImageFolder layout: root/<class>/<image>. Returns [(path, label)], classes."""
+    if root is None or not os.path.isdir(root):
+        C.fail(f"image folder '{root}' does not exist")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    items = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMG_EXTS)]
+    if not items:
+        C.fail(f"no images found in '{root}' (expected root/<class>/<image>{'|'.join(IMG_EXTS)})")
+    return items, classes
+
+
+@torch.no_grad()
+def encode_images(vae, scaling, imgs, device, batch=32):
+    """Images in [-1, 1] -> diffusion-space latents (posterior mean x scaling factor)."""
+    return torch.cat([vae.encode(imgs[i:i + batch].to(device)).latent_dist.mean.cpu() * scaling
+                      for i in range(0, len(imgs), batch)])
+
+
+def cached_image_latents(cfg, device, shard=1024):
+    """Encode an ImageFolder once with the teacher's VAE, cached in atomic shards
+    (ranks take shards[rank::world]; a rerun skips finished ones). Returns
+    (x, y, x_val, y_val) with a deterministic held-out split."""
+    import torch.distributed as dist
+    items, classes = image_folder(cfg["images"])
+    g = torch.Generator().manual_seed(cfg["seed"])
+    items = [items[i] for i in torch.randperm(len(items), generator=g)]
+    cache = os.path.join(cfg["out_dir"], "lpips", "latents")
+    manifest = dict(images=os.path.abspath(cfg["images"]), n=len(items), image_size=cfg["image_size"], teacher=cfg["teacher"])
+    mpath = os.path.join(cache, "manifest.json")
+    if os.path.isfile(mpath):
+        found = json.load(open(mpath))
+        diff = [k for k in manifest if found.get(k) != manifest[k]]
+        if diff:
+            C.fail(f"latent cache '{cache}' was made from other images/settings (differs in {diff}); use another --out_dir")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if rank == 0:
+        C.atomic_write_json(manifest, mpath)
+    n_shards = (len(items) + shard - 1) // shard
+    todo = [k for k in range(n_shards)[rank::world] if not os.path.isfile(os.path.join(cache, f"shard_{k:06d}.safetensors"))]
+    if todo:
+        vae, scaling = load_ldm_vae(cfg, device)
+        from tqdm import tqdm
+        for k in tqdm(todo, desc="encoding images", disable=rank != 0):
+            part = items[k * shard:(k + 1) * shard]
+            imgs = torch.stack([C.load_image(p, cfg["image_size"]) for p, _ in part])
+            C.atomic_save_safetensors(dict(x=encode_images(vae, scaling, imgs, device).half(),
+                                         y=torch.tensor([l for _, l in part])), os.path.join(cache, f"shard_{k:06d}.safetensors"))
+    C.barrier()
+    x, y = [], []
+    for k in range(n_shards):
+        d = C.load_shard(os.path.join(cache, f"shard_{k:06d}.safetensors"))
+        x.append(d["x"])
+        y.append(d["y"])
+    x, y = torch.cat(x), torch.cat(y)
+    n_val = max(1, int(len(x) * cfg["val_frac"]))
+    return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+
+
+def first_cached_latent(cfg, device):
+    """The reconstruction target for sd15/sdxl: the first cached image latent."""
+    path = os.path.join(cfg["out_dir"], "lpips", "latents", "shard_000000.safetensors")
+    if not os.path.isfile(path):
+        C.fail(f"no cached latents at '{path}'; run phase 1 with --images first")
+    vae, scaling = load_ldm_vae(cfg, device)
+    return C.load_shard(path)["x"][:1].float().to(device), lambda z: vae.decode(z / scaling).sample.clamp(-1, 1)
+
+
+def load_bapps(cfg, split, device):
+    """BAPPS 2AFC: root/2afc/<split>/<subset>/{ref,p0,p1}/*.png and judge/*.npy,
+    brought into the model's space (VAE-encoded for sd15/sdxl; resized for toy)."""
+    root = os.path.join(cfg["bapps"], "2afc", split)
+    if not os.path.isdir(root):
+        C.fail(f"BAPPS folder '{root}' does not exist (expected <bapps>/2afc/{{train,val}}/<subset>/...)")
+    subsets = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not subsets:
+        C.fail(f"BAPPS folder '{root}' has no subsets")
+    refs, p0s, p1s, judges = [], [], [], []
+    for sub in subsets:
+        for part in ("ref", "p0", "p1", "judge"):
+            if not os.path.isdir(os.path.join(root, sub, part)):
+                C.fail(f"BAPPS subset '{os.path.join(root, sub)}' is missing its '{part}' folder")
+        names = sorted(f[:-4] for f in os.listdir(os.path.join(root, sub, "judge")) if f.endswith(".npy"))
+        for nm in names:
+            refs.append(os.path.join(root, sub, "ref", nm + ".png"))
+            p0s.append(os.path.join(root, sub, "p0", nm + ".png"))
+            p1s.append(os.path.join(root, sub, "p1", nm + ".png"))
+            judges.append(float(np.load(os.path.join(root, sub, "judge", nm + ".npy")).reshape(-1)[0]))
+    if cfg["family"] == "ldm":
+        vae, scaling = load_ldm_vae(cfg, device)
+        conv = lambda paths: encode_images(vae, scaling, torch.stack([C.load_image(p, 64) for p in paths]), device)
+    else:
+        conv = lambda paths: torch.stack([C.load_image(p, cfg["resolution"]) for p in paths])
+    return conv(refs), conv(p0s), conv(p1s), torch.tensor(judges)
+
+
 def main(argv=None):
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
     cfg = C.resolve_config(parser.parse_args(argv))
@@ -231,7 +339,7 @@ def main(argv=None):
         if cfg["family"] == "edm":
             target, decode = C.toy_images([123])[0].to(device), None
         else:
-            target, decode = C.first_cached_latent(cfg, device)
+            target, decode = first_cached_latent(cfg, device)
         res, png = reconstruct(cfg, lp, device, target, decode)
         if rank == 0:
             m = json.load(open(metrics_path)) if os.path.isfile(metrics_path) else {}
@@ -251,7 +359,7 @@ def main(argv=None):
         lp = lp.to(device)
         t1 = time.time()
         if cfg["bapps"]:
-            train, val = C.load_bapps(cfg, "train", device), C.load_bapps(cfg, "val", device)
+            train, val = load_bapps(cfg, "train", device), load_bapps(cfg, "val", device)
         else:
             n = cfg["num_triplets"]
             train, val = toy_triplets(n - n // 5, cfg["seed"] + 1), toy_triplets(n // 5, cfg["seed"] + 2)

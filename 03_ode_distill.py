@@ -88,14 +88,7 @@ def main(argv=None):
     cfg = C.resolve_config(args)
     cfg.update({k: v for k, v in STAGE1[cfg["preset"]].items() if getattr(args, k, None) is None})
     rank, _, world, device = C.setup_distributed()
-    accum = C.check_batch(cfg["batch"], cfg["batch_per_device"], world)
-    C.print0(f"global batch {cfg['batch']} = {cfg['batch_per_device']} per device x {world} device(s) x {accum} accumulation step(s)")
-    run_dir = os.path.join(cfg["out_dir"], cfg["run_name"])
-    ckpt_path = os.path.join(run_dir, "ckpt_latest.pt")
-
-    teacher = C.load_teacher(cfg, device)
-    data = C.PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
-    cfg["cfg_range"] = data.m.get("cfg_range")  # pairs with a guidance range train a w-conditioned student
+    accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     loss_fn = build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
     ema = copy.deepcopy(G).eval().requires_grad_(False)

@@ -114,14 +114,7 @@ def main(argv=None):
     if cfg["export"]:
         return export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False) if cfg["family"] == "ldm" else
                                 C.load_teacher(cfg, device), device) if rank == 0 else None
-    accum = C.check_batch(cfg["batch"], cfg["batch_per_device"], world)
-    C.print0(f"global batch {cfg['batch']} = {cfg['batch_per_device']} per device x {world} device(s) x {accum} accumulation step(s)")
-    run_dir = os.path.join(cfg["out_dir"], cfg["run_name"])
-    ckpt_path = os.path.join(run_dir, "ckpt_latest.pt")
-
-    teacher = C.load_teacher(cfg, device)
-    data = C.PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
-    cfg["cfg_range"] = data.m.get("cfg_range")  # pairs with a guidance range train a w-conditioned student
+    accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     stage1 = importlib.import_module("03_ode_distill")
     s1 = C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student")
     if s1.get("teacher") != teacher.teacher_id:

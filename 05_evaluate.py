@@ -159,10 +159,10 @@ def write_grids(outs, teacher, eval_dir, conds, cfg, models, device):
 def evaluate_text_to_image(cfg, teacher, device, rank, world):
     """FID (Inception), CLIP score, precision/recall, DreamSim-5k to the teacher
     and DreamDiv for every model, on COCO captions; seeds split across ranks."""
-    nets = C.load_feature_nets(cfg, device)
+    nets = load_feature_nets(cfg, device)
     models, nfe = model_table(cfg, teacher, device)
     n, B = cfg["num_samples"], cfg["batch_per_device"]
-    prompts, real_paths = C.load_coco(cfg["coco"], n, cfg["seed"])
+    prompts, real_paths = load_coco(cfg["coco"], n, cfg["seed"])
     mine = list(range(n))[rank::world]
     acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
     real, keep = [], {name: [] for name in models}
@@ -241,13 +241,146 @@ def markdown_table(rows):
     return "\n".join(lines) + "\n"
 
 
+def sd15_unet_config():
+    """SD1.5's U-Net architecture (random weights: for benchmarking only)."""
+    return dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+
+
+@torch.no_grad()
+def benchmark_speed(cfg, device):
+    """Fig. 3: one-step student vs the teacher's full solver on the same device.
+    With --teacher DIR it times that teacher; otherwise random-weight SD1.5 shapes
+    (U-Net 860M, CLIP ViT-L text encoder), for benchmarking only. Reports time
+    per image, the achieved ratio, and that ratio over the ideal ratio from
+    per-call U-Net times (1.0 = no overhead), plus the Fig. 4 loss benchmark."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    steps = cfg.get("speed_steps") or cfg["num_steps"]
+    if cfg["family"] != "ldm":
+        C.fail("--speed measures the SD1.5/SDXL student vs DDIM teacher; use --preset sd15 or sdxl")
+    if cfg.get("teacher") and os.path.isdir(cfg["teacher"]):
+        teacher = C.LDMTeacher(dict(cfg, num_steps=steps), device, load_vae=False)
+        unet, latent, sched = teacher.unet, teacher.z_shape, teacher.scheduler
+        encode, uncond = (lambda n: teacher.encode_prompts(["a photo"] * n)), teacher.encode_uncond
+    else:
+        torch.manual_seed(0)
+        dtype = getattr(torch, cfg["dtype"])
+        unet = UNet2DConditionModel(**sd15_unet_config()).to(device, dtype).eval()
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                          num_hidden_layers=12, max_position_embeddings=77)).to(device, dtype).eval()
+        ids = torch.zeros(1, 77, dtype=torch.long, device=device)
+        encode = uncond = lambda n: dict(encoder_hidden_states=te(ids.repeat(n, 1))[0])
+        latent = (4, 64, 64)
+        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                              clip_sample=False, set_alpha_to_one=False)
+        sched.set_timesteps(steps)
+    dt = next(unet.parameters()).dtype
+    z = torch.randn(1, *latent, device=device)
+    T = int(sched.timesteps[0])
+    alpha_bar = sched.alphas_cumprod[T].to(device)
+
+    def student():  # Eq. 8: one U-Net call
+        eps = unet(z.to(dt), T, **encode(1)).sample.float()
+        return C.x0_from_model_output(eps, z, alpha_bar)
+
+    def teacher_solve():  # DDIM + CFG, cond and uncond batched
+        cond = C.cat_cond(uncond(1), encode(1))
+        x = z.clone()
+        for t in sched.timesteps:
+            e = unet(torch.cat([x, x]).to(dt), t, **cond).sample.float()
+            eu, ec = e.chunk(2)
+            x = sched.step(eu + cfg["guidance"] * (ec - eu), t, x).prev_sample
+        return x
+    cond1 = encode(1)
+    cond2 = C.cat_cond(cond1, cond1)
+    student(), teacher_solve()  # warm-up
+    t_student, t_teacher = C._timed(student, device, 3), C._timed(teacher_solve, device, 1)
+    t_text1, t_text2 = C._timed(lambda: encode(1), device, 3), C._timed(lambda: C.cat_cond(uncond(1), encode(1)), device, 3)
+    u1 = C._timed(lambda: unet(z.to(dt), T, **cond1), device, 3)
+    u2 = C._timed(lambda: unet(torch.cat([z, z]).to(dt), T, **cond2), device, 3)
+    ideal = (steps * u2 + t_text2) / (u1 + t_text1)
+    out = dict(student_s_per_img=round(t_student, 4), teacher_s_per_img=round(t_teacher, 4), teacher_steps=steps,
+               speedup=round(t_teacher / t_student, 2), ideal_speedup_from_unet_calls=round(ideal, 2),
+               achieved_over_ideal=round(t_teacher / t_student / ideal, 3),
+               teacher_overhead_over_unet_calls=round((t_teacher - t_text2) / (steps * u2) - 1, 4),
+               student_overhead_over_unet_call=round((t_student - t_text1) / u1 - 1, 4),
+               unet_call_s=dict(batch1=round(u1, 4), batch2=round(u2, 4)), text_encode_s=round(t_text1, 4), device=str(device))
+    out["lpips_fig4"] = C.benchmark_lpips_speed(device)
+    return out
+
+
+
+def _need(pkg, pip_name, what):
+    import importlib
+    try:
+        return importlib.import_module(pkg)
+    except ImportError:
+        C.fail(f"{what} needs the optional package '{pip_name}': pip install {pip_name}")
+
+
+def _resize(x, size):
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
+def load_feature_nets(cfg, device):
+    """dict(inception=f(imgs) -> (N, 2048), clip=f(imgs, prompts) -> (N,) cosine,
+    dreamsim=f(a, b) -> (N,) distance). Resizing follows the paper's protocol:
+    512 -> 256 -> 299, bicubic with antialiasing (Parmar et al.)."""
+    nets = {}
+    try:
+        feats = _need("cleanfid.features", "clean-fid", "FID")
+        model = feats.build_feature_extractor("clean", device)
+        nets["inception"] = lambda x: model((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5)
+    except SystemExit:
+        tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", "FID (clean-fid or torch-fidelity)")
+        model = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
+        nets["inception"] = lambda x: model(((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))[0]
+    oc = _need("open_clip", "open_clip_torch", "the CLIP score")
+    clip, _, _ = oc.create_model_and_transforms("ViT-g-14", pretrained="laion2b_s34b_b88k", device=device)
+    tok = oc.get_tokenizer("ViT-g-14")
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
+
+    def clip_score(x, prompts):
+        img = clip.encode_image(((_resize(x, 224) + 1) / 2 - mean) / std)
+        txt = clip.encode_text(tok(prompts).to(device))
+        return F.cosine_similarity(img, txt).float()
+    nets["clip"] = clip_score
+    ds = _need("dreamsim", "dreamsim", "DreamDiv / DreamSim-5k")
+    dmodel, _ = ds.dreamsim(pretrained=True, device=device)
+    nets["dreamsim"] = lambda a, b: dmodel((_resize(a, 224) + 1) / 2, (_resize(b, 224) + 1) / 2).flatten().float()
+    return nets
+
+
+def load_coco(root, n, seed):
+    """COCO2014 val: n captions sampled deterministically (one per image) and the
+    real image paths. Layout: <root>/annotations/captions_val2014.json, <root>/val2014/."""
+    ann = os.path.join(root or "", "annotations", "captions_val2014.json")
+    if not os.path.isfile(ann):
+        C.fail(f"COCO captions not found at '{ann}' (pass --coco ROOT with annotations/ and val2014/)")
+    data = json.load(open(ann))
+    files = {im["id"]: os.path.join(root, "val2014", im["file_name"]) for im in data["images"]}
+    caps = {}
+    for a in data["annotations"]:
+        caps.setdefault(a["image_id"], a["caption"].strip())
+    ids = sorted(caps)
+    g = torch.Generator().manual_seed(seed)
+    pick = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n].tolist()]
+    missing = [files[i] for i in pick if not os.path.isfile(files[i])]
+    if missing:
+        C.fail(f"{len(missing)} COCO images are missing, e.g. '{missing[0]}'")
+    return [caps[i] for i in pick], [files[i] for i in pick]
+
+
 def main(argv=None):
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
     cfg = C.resolve_config(parser.parse_args(argv))
     cfg["num_samples"] = cfg["num_samples"] or (2000 if cfg["preset"] == "toy" else 30_000)
     rank, _, world, device = C.setup_distributed()
     if cfg["speed"]:
-        res = C.benchmark_speed(cfg, device)
+        res = benchmark_speed(cfg, device)
         if rank == 0:
             C.atomic_write_json(res, os.path.join(cfg["out_dir"], "eval", "speed.json"))
             print(json.dumps(res, indent=2))

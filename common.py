@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -1169,18 +1168,6 @@ def save_curves_and_images(curves, images, path, title, labels=None, size=(420, 
 # ----------------------------------------------------------------------------
 # 9. Images, latents and 2AFC data for 02 (sd15/sdxl), and the Fig. 4 benchmark.
 
-IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def load_ldm_vae(cfg, device):
-    path = resolve_pretrained(cfg["teacher"])
-    if not os.path.isdir(os.path.join(path, "vae")):
-        fail(f"teacher folder '{path}' is missing the 'vae' component")
-    from diffusers import AutoencoderKL
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).eval().requires_grad_(False)
-    return vae, vae.config.scaling_factor
-
-
 def load_image(path, size):
     """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
     from PIL import Image
@@ -1190,102 +1177,6 @@ def load_image(path, size):
     l, t = (im.width - size) // 2, (im.height - size) // 2
     im = im.crop((l, t, l + size, t + size))
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def image_folder(root):
-    """ImageFolder layout: root/<class>/<image>. Returns [(path, label)], classes."""
-    if root is None or not os.path.isdir(root):
-        fail(f"image folder '{root}' does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    items = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMG_EXTS)]
-    if not items:
-        fail(f"no images found in '{root}' (expected root/<class>/<image>{'|'.join(IMG_EXTS)})")
-    return items, classes
-
-
-@torch.no_grad()
-def encode_images(vae, scaling, imgs, device, batch=32):
-    """Images in [-1, 1] -> diffusion-space latents (posterior mean x scaling factor)."""
-    return torch.cat([vae.encode(imgs[i:i + batch].to(device)).latent_dist.mean.cpu() * scaling
-                      for i in range(0, len(imgs), batch)])
-
-
-def cached_image_latents(cfg, device, shard=1024):
-    """Encode an ImageFolder once with the teacher's VAE, cached in atomic shards
-    (ranks take shards[rank::world]; a rerun skips finished ones). Returns
-    (x, y, x_val, y_val) with a deterministic held-out split."""
-    import torch.distributed as dist
-    items, classes = image_folder(cfg["images"])
-    g = torch.Generator().manual_seed(cfg["seed"])
-    items = [items[i] for i in torch.randperm(len(items), generator=g)]
-    cache = os.path.join(cfg["out_dir"], "lpips", "latents")
-    manifest = dict(images=os.path.abspath(cfg["images"]), n=len(items), image_size=cfg["image_size"], teacher=cfg["teacher"])
-    mpath = os.path.join(cache, "manifest.json")
-    if os.path.isfile(mpath):
-        found = json.load(open(mpath))
-        diff = [k for k in manifest if found.get(k) != manifest[k]]
-        if diff:
-            fail(f"latent cache '{cache}' was made from other images/settings (differs in {diff}); use another --out_dir")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if rank == 0:
-        atomic_write_json(manifest, mpath)
-    n_shards = (len(items) + shard - 1) // shard
-    todo = [k for k in range(n_shards)[rank::world] if not os.path.isfile(os.path.join(cache, f"shard_{k:06d}.safetensors"))]
-    if todo:
-        vae, scaling = load_ldm_vae(cfg, device)
-        from tqdm import tqdm
-        for k in tqdm(todo, desc="encoding images", disable=rank != 0):
-            part = items[k * shard:(k + 1) * shard]
-            imgs = torch.stack([load_image(p, cfg["image_size"]) for p, _ in part])
-            atomic_save_safetensors(dict(x=encode_images(vae, scaling, imgs, device).half(),
-                                         y=torch.tensor([l for _, l in part])), os.path.join(cache, f"shard_{k:06d}.safetensors"))
-    barrier()
-    x, y = [], []
-    for k in range(n_shards):
-        d = load_shard(os.path.join(cache, f"shard_{k:06d}.safetensors"))
-        x.append(d["x"])
-        y.append(d["y"])
-    x, y = torch.cat(x), torch.cat(y)
-    n_val = max(1, int(len(x) * cfg["val_frac"]))
-    return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
-
-
-def first_cached_latent(cfg, device):
-    """The reconstruction target for sd15/sdxl: the first cached image latent."""
-    path = os.path.join(cfg["out_dir"], "lpips", "latents", "shard_000000.safetensors")
-    if not os.path.isfile(path):
-        fail(f"no cached latents at '{path}'; run phase 1 with --images first")
-    vae, scaling = load_ldm_vae(cfg, device)
-    return load_shard(path)["x"][:1].float().to(device), lambda z: vae.decode(z / scaling).sample.clamp(-1, 1)
-
-
-def load_bapps(cfg, split, device):
-    """BAPPS 2AFC: root/2afc/<split>/<subset>/{ref,p0,p1}/*.png and judge/*.npy,
-    brought into the model's space (VAE-encoded for sd15/sdxl; resized for toy)."""
-    root = os.path.join(cfg["bapps"], "2afc", split)
-    if not os.path.isdir(root):
-        fail(f"BAPPS folder '{root}' does not exist (expected <bapps>/2afc/{{train,val}}/<subset>/...)")
-    subsets = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not subsets:
-        fail(f"BAPPS folder '{root}' has no subsets")
-    refs, p0s, p1s, judges = [], [], [], []
-    for sub in subsets:
-        for part in ("ref", "p0", "p1", "judge"):
-            if not os.path.isdir(os.path.join(root, sub, part)):
-                fail(f"BAPPS subset '{os.path.join(root, sub)}' is missing its '{part}' folder")
-        names = sorted(f[:-4] for f in os.listdir(os.path.join(root, sub, "judge")) if f.endswith(".npy"))
-        for nm in names:
-            refs.append(os.path.join(root, sub, "ref", nm + ".png"))
-            p0s.append(os.path.join(root, sub, "p0", nm + ".png"))
-            p1s.append(os.path.join(root, sub, "p1", nm + ".png"))
-            judges.append(float(np.load(os.path.join(root, sub, "judge", nm + ".npy")).reshape(-1)[0]))
-    if cfg["family"] == "ldm":
-        vae, scaling = load_ldm_vae(cfg, device)
-        conv = lambda paths: encode_images(vae, scaling, torch.stack([load_image(p, 64) for p in paths]), device)
-    else:
-        conv = lambda paths: torch.stack([load_image(p, cfg["resolution"]) for p in paths])
-    return conv(refs), conv(p0s), conv(p1s), torch.tensor(judges)
 
 
 def sd15_vae_decoder_config():
@@ -1404,6 +1295,19 @@ def micro_batches(idx, world, rank, accum):
     see the same chunks, and each chunk's RNG is seeded by its chunk id."""
     n = len(idx) // (world * accum)
     return [((m * world + rank), idx[(m * world + rank) * n:(m * world + rank + 1) * n]) for m in range(accum)]
+
+
+def training_setup(cfg, world, device):
+    """The shared start of 03 and 04: the derived accumulation, the run folder and
+    its checkpoint path, the teacher, and its pairs (a guidance range in the pairs'
+    manifest makes the student w-conditioned)."""
+    accum = check_batch(cfg["batch"], cfg["batch_per_device"], world)
+    print0(f"global batch {cfg['batch']} = {cfg['batch_per_device']} per device x {world} device(s) x {accum} accumulation step(s)")
+    run_dir = os.path.join(cfg["out_dir"], cfg["run_name"])
+    teacher = load_teacher(cfg, device)
+    data = PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
+    cfg["cfg_range"] = data.m.get("cfg_range")
+    return accum, run_dir, os.path.join(run_dir, "ckpt_latest.pt"), teacher, data
 
 
 def check_batch(batch, per_device, world):
@@ -1919,167 +1823,4 @@ def _timed(fn, device, repeats=1):
     return sorted(times)[len(times) // 2]
 
 
-@torch.no_grad()
-def benchmark_pairs(cfg, device, batches=2):
-    """Our pair generation vs diffusers' own pipeline making the same latents (same
-    teacher, prompts, z, steps, guidance, batch), in one run; plus the pure-UNet
-    time of the same calls, the floor for both."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    teacher = LDMTeacher(cfg, device, load_vae=False)
-    B = cfg["batch_per_device"]
-    cls = StableDiffusionXLPipeline if teacher.kind == "sdxl" else StableDiffusionPipeline
-    kw = dict(torch_dtype=teacher.dtype) if teacher.dtype != torch.float32 else {}
-    pipe = cls.from_pretrained(resolve_pretrained(cfg["teacher"]), **kw).to(device)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    seeds = list(range(B))
-    z, prompts = teacher.noise_and_condition(seeds, seeds)
-    res = pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"], guidance_scale=cfg["guidance"],
-               height=teacher.pixel_res, width=teacher.pixel_res, output_type="latent")  # warm-up
-    ours_t = _timed(lambda: teacher.solve(z, prompts), device, batches)
-    theirs_t = _timed(lambda: pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"],
-                                   guidance_scale=cfg["guidance"], height=teacher.pixel_res, width=teacher.pixel_res,
-                                   output_type="latent"), device, batches)
-    cond = cat_cond(teacher.encode_uncond(B), teacher.encode_prompts(prompts)) if cfg["guidance"] > 1 else teacher.encode_prompts(prompts)
-    x2 = torch.cat([z, z]).to(device, teacher.dtype) if cfg["guidance"] > 1 else z.to(device, teacher.dtype)
-    unet_t = _timed(lambda: [teacher.unet(x2, t, **cond) for t in teacher.timesteps], device, batches)
-    out = dict(ours_pairs_s=B / ours_t, diffusers_pairs_s=B / theirs_t, unet_only_pairs_s=B / unet_t,
-               ours_over_diffusers=theirs_t / ours_t, ours_over_unet_only=unet_t / ours_t, batch=B, steps=cfg["num_steps"],
-               unet_params_m=sum(p.numel() for p in teacher.unet.parameters()) / 1e6, device=str(device))
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
-
-def sd15_unet_config():
-    """SD1.5's U-Net architecture (random weights: for benchmarking only)."""
-    return dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
-
-
-@torch.no_grad()
-def benchmark_speed(cfg, device):
-    """Fig. 3: one-step student vs the teacher's full solver on the same device.
-    With --teacher DIR it times that teacher; otherwise random-weight SD1.5 shapes
-    (U-Net 860M, CLIP ViT-L text encoder), for benchmarking only. Reports time
-    per image, the achieved ratio, and that ratio over the ideal ratio from
-    per-call U-Net times (1.0 = no overhead), plus the Fig. 4 loss benchmark."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    steps = cfg.get("speed_steps") or cfg["num_steps"]
-    if cfg["family"] != "ldm":
-        fail("--speed measures the SD1.5/SDXL student vs DDIM teacher; use --preset sd15 or sdxl")
-    if cfg.get("teacher") and os.path.isdir(cfg["teacher"]):
-        teacher = LDMTeacher(dict(cfg, num_steps=steps), device, load_vae=False)
-        unet, latent, sched = teacher.unet, teacher.z_shape, teacher.scheduler
-        encode, uncond = (lambda n: teacher.encode_prompts(["a photo"] * n)), teacher.encode_uncond
-    else:
-        torch.manual_seed(0)
-        dtype = getattr(torch, cfg["dtype"])
-        unet = UNet2DConditionModel(**sd15_unet_config()).to(device, dtype).eval()
-        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                          num_hidden_layers=12, max_position_embeddings=77)).to(device, dtype).eval()
-        ids = torch.zeros(1, 77, dtype=torch.long, device=device)
-        encode = uncond = lambda n: dict(encoder_hidden_states=te(ids.repeat(n, 1))[0])
-        latent = (4, 64, 64)
-        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                              clip_sample=False, set_alpha_to_one=False)
-        sched.set_timesteps(steps)
-    dt = next(unet.parameters()).dtype
-    z = torch.randn(1, *latent, device=device)
-    T = int(sched.timesteps[0])
-    alpha_bar = sched.alphas_cumprod[T].to(device)
-
-    def student():  # Eq. 8: one U-Net call
-        eps = unet(z.to(dt), T, **encode(1)).sample.float()
-        return x0_from_model_output(eps, z, alpha_bar)
-
-    def teacher_solve():  # DDIM + CFG, cond and uncond batched
-        cond = cat_cond(uncond(1), encode(1))
-        x = z.clone()
-        for t in sched.timesteps:
-            e = unet(torch.cat([x, x]).to(dt), t, **cond).sample.float()
-            eu, ec = e.chunk(2)
-            x = sched.step(eu + cfg["guidance"] * (ec - eu), t, x).prev_sample
-        return x
-    cond1 = encode(1)
-    cond2 = cat_cond(cond1, cond1)
-    student(), teacher_solve()  # warm-up
-    t_student, t_teacher = _timed(student, device, 3), _timed(teacher_solve, device, 1)
-    t_text1, t_text2 = _timed(lambda: encode(1), device, 3), _timed(lambda: cat_cond(uncond(1), encode(1)), device, 3)
-    u1 = _timed(lambda: unet(z.to(dt), T, **cond1), device, 3)
-    u2 = _timed(lambda: unet(torch.cat([z, z]).to(dt), T, **cond2), device, 3)
-    ideal = (steps * u2 + t_text2) / (u1 + t_text1)
-    out = dict(student_s_per_img=round(t_student, 4), teacher_s_per_img=round(t_teacher, 4), teacher_steps=steps,
-               speedup=round(t_teacher / t_student, 2), ideal_speedup_from_unet_calls=round(ideal, 2),
-               achieved_over_ideal=round(t_teacher / t_student / ideal, 3),
-               teacher_overhead_over_unet_calls=round((t_teacher - t_text2) / (steps * u2) - 1, 4),
-               student_overhead_over_unet_call=round((t_student - t_text1) / u1 - 1, 4),
-               unet_call_s=dict(batch1=round(u1, 4), batch2=round(u2, 4)), text_encode_s=round(t_text1, 4), device=str(device))
-    out["lpips_fig4"] = benchmark_lpips_speed(device)
-    return out
-
-
-# ----------------------------------------------------------------------------
-# 14. Pretrained feature networks for the SD/SDXL evaluation (05), each from an
-# optional package imported only here. Each callable takes images in [-1, 1].
-
-def _need(pkg, pip_name, what):
-    import importlib
-    try:
-        return importlib.import_module(pkg)
-    except ImportError:
-        fail(f"{what} needs the optional package '{pip_name}': pip install {pip_name}")
-
-
-def _resize(x, size):
-    return F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-
-
-def load_feature_nets(cfg, device):
-    """dict(inception=f(imgs) -> (N, 2048), clip=f(imgs, prompts) -> (N,) cosine,
-    dreamsim=f(a, b) -> (N,) distance). Resizing follows the paper's protocol:
-    512 -> 256 -> 299, bicubic with antialiasing (Parmar et al.)."""
-    nets = {}
-    try:
-        feats = _need("cleanfid.features", "clean-fid", "FID")
-        model = feats.build_feature_extractor("clean", device)
-        nets["inception"] = lambda x: model((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5)
-    except SystemExit:
-        tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", "FID (clean-fid or torch-fidelity)")
-        model = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
-        nets["inception"] = lambda x: model(((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))[0]
-    oc = _need("open_clip", "open_clip_torch", "the CLIP score")
-    clip, _, _ = oc.create_model_and_transforms("ViT-g-14", pretrained="laion2b_s34b_b88k", device=device)
-    tok = oc.get_tokenizer("ViT-g-14")
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
-
-    def clip_score(x, prompts):
-        img = clip.encode_image(((_resize(x, 224) + 1) / 2 - mean) / std)
-        txt = clip.encode_text(tok(prompts).to(device))
-        return F.cosine_similarity(img, txt).float()
-    nets["clip"] = clip_score
-    ds = _need("dreamsim", "dreamsim", "DreamDiv / DreamSim-5k")
-    dmodel, _ = ds.dreamsim(pretrained=True, device=device)
-    nets["dreamsim"] = lambda a, b: dmodel((_resize(a, 224) + 1) / 2, (_resize(b, 224) + 1) / 2).flatten().float()
-    return nets
-
-
-def load_coco(root, n, seed):
-    """COCO2014 val: n captions sampled deterministically (one per image) and the
-    real image paths. Layout: <root>/annotations/captions_val2014.json, <root>/val2014/."""
-    ann = os.path.join(root or "", "annotations", "captions_val2014.json")
-    if not os.path.isfile(ann):
-        fail(f"COCO captions not found at '{ann}' (pass --coco ROOT with annotations/ and val2014/)")
-    data = json.load(open(ann))
-    files = {im["id"]: os.path.join(root, "val2014", im["file_name"]) for im in data["images"]}
-    caps = {}
-    for a in data["annotations"]:
-        caps.setdefault(a["image_id"], a["caption"].strip())
-    ids = sorted(caps)
-    g = torch.Generator().manual_seed(seed)
-    pick = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n].tolist()]
-    missing = [files[i] for i in pick if not os.path.isfile(files[i])]
-    if missing:
-        fail(f"{len(missing)} COCO images are missing, e.g. '{missing[0]}'")
-    return [caps[i] for i in pick], [files[i] for i in pick]

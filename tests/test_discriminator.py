@@ -1,7 +1,6 @@
 """Issue 6: the conditional diffusion discriminator, R1 and mix-and-match."""
 import types
 
-import pytest
 import torch
 
 import common as C

@@ -1,7 +1,5 @@
 """Issue 4: LatentLPIPS / E-LatentLPIPS properties, the official checkpoint
 layout, and bad input."""
-import os
-
 import pytest
 import torch
 import torch.nn as nn
@@ -107,17 +105,22 @@ def test_official_checkpoint_layout(tmp_path):
         C.load_latent_lpips(str(tmp_path / "sd3_latest_vgg16_tuned.pth"), in_ch=4)
 
 
+def lpips_script():
+    import importlib
+    return importlib.import_module("02_train_latent_lpips")
+
+
 def test_bad_folders(tmp_path):
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     (tmp_path / "imgs" / "cat" / "notes.txt").write_text("no images here")
     with pytest.raises(SystemExit, match="no images found"):
-        C.image_folder(str(tmp_path / "imgs"))
+        lpips_script().image_folder(str(tmp_path / "imgs"))
     sub = tmp_path / "bapps" / "2afc" / "train" / "traditional"
     for part in ("ref", "p0", "judge"):
         (sub / part).mkdir(parents=True)
     cfg = dict(bapps=str(tmp_path / "bapps"), family="edm", resolution=16)
     with pytest.raises(SystemExit, match="missing its 'p1' folder"):
-        C.load_bapps(cfg, "train", torch.device("cpu"))
+        lpips_script().load_bapps(cfg, "train", torch.device("cpu"))
 
 
 def test_bapps_layout_loads(tmp_path):
@@ -131,7 +134,7 @@ def test_bapps_layout_loads(tmp_path):
         for part in ("ref", "p0", "p1"):
             Image.fromarray(np.full((64, 64, 3), 40 * i + 10, np.uint8)).save(sub / part / f"{i:06d}.png")
         np.save(sub / "judge" / f"{i:06d}.npy", np.array([0.25 * (i + 1)]))
-    ref, p0, p1, j = C.load_bapps(dict(bapps=str(tmp_path / "bapps"), family="edm", resolution=16), "val", torch.device("cpu"))
+    ref, p0, p1, j = lpips_script().load_bapps(dict(bapps=str(tmp_path / "bapps"), family="edm", resolution=16), "val", torch.device("cpu"))
     assert ref.shape == (2, 3, 16, 16) and torch.allclose(j, torch.tensor([0.25, 0.5], dtype=j.dtype))
 
 

@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import common as C
 from conftest import run_script
 
 S1 = ["--batch", 8, "--batch_per_device", 8, "--ckpt_every", 2, "--grid_every", 100, "--log_every", 1]

@@ -1,6 +1,4 @@
 """Issue 3: SD1.5/SDXL pairs equal diffusers' own pipelines (tiny random models)."""
-import os
-
 import pytest
 import torch
 

@@ -3,8 +3,6 @@
 student starts as the teacher, and the exported U-Net runs in diffusers' pipelines."""
 import importlib
 import json
-import os
-
 import pytest
 import torch
 
@@ -152,7 +150,7 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     stand_in = dict(inception=feat, clip=lambda x, p: torch.full((len(x),), 0.25),
                     dreamsim=lambda a, b: (feat(a) - feat(b)).norm(dim=1) / 100)
     ev = importlib.import_module("05_evaluate")
-    monkeypatch.setattr(C, "load_feature_nets", lambda cfg, device: stand_in)
+    monkeypatch.setattr(ev, "load_feature_nets", lambda cfg, device: stand_in)
     ev.main(["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
              "--coco", str(coco), "--num_samples", "6", "--batch_per_device", "3", "--div_prompts", "2", "--grid_rows", "3",
              "--diversity_seeds", "3"])
