@@ -1299,14 +1299,14 @@ def micro_batches(idx, world, rank, accum):
 
 def training_setup(cfg, world, device):
     """The shared start of 03 and 04: the derived accumulation, the run folder and
-    its checkpoint path, the teacher, and its pairs (a guidance range in the pairs'
-    manifest makes the student w-conditioned)."""
+    its checkpoint path, the teacher, and its pairs. The guidance comes from the
+    pairs' manifest; a guidance range there makes the student w-conditioned."""
     accum = check_batch(cfg["batch"], cfg["batch_per_device"], world)
     print0(f"global batch {cfg['batch']} = {cfg['batch_per_device']} per device x {world} device(s) x {accum} accumulation step(s)")
     run_dir = os.path.join(cfg["out_dir"], cfg["run_name"])
     teacher = load_teacher(cfg, device)
     data = PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
-    cfg["cfg_range"] = data.m.get("cfg_range")
+    cfg["cfg_range"], cfg["guidance"] = data.m.get("cfg_range"), data.m["guidance"]  # the student learns the pairs' teacher
     return accum, run_dir, os.path.join(run_dir, "ckpt_latest.pt"), teacher, data
 
 
