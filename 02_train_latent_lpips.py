@@ -279,7 +279,8 @@ def cached_image_latents(cfg, device, shard=1024):
     C.barrier()
     x, y = [], []
     for k in range(n_shards):
-        d = C.load_shard(os.path.join(cache, f"shard_{k:06d}.safetensors"))
+        d = C.load_shard(os.path.join(cache, f"shard_{k:06d}.safetensors"), what="latent cache shard",
+                         remedy="rerun 02_train_latent_lpips.py to re-encode it")
         x.append(d["x"])
         y.append(d["y"])
     x, y = torch.cat(x), torch.cat(y)
@@ -360,6 +361,8 @@ def main(argv=None):
         t1 = time.time()
         if cfg["bapps"]:
             train, val = load_bapps(cfg, "train", device), load_bapps(cfg, "val", device)
+        elif cfg["family"] == "ldm":
+            C.fail("phase 2 for sd15/sdxl needs 2AFC judgments: pass --bapps DIR (the BAPPS 2afc layout)")
         else:
             n = cfg["num_triplets"]
             train, val = toy_triplets(n - n // 5, cfg["seed"] + 1), toy_triplets(n // 5, cfg["seed"] + 2)

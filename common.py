@@ -873,21 +873,21 @@ def write_shard(path, x, seeds, labels=None, prompts=None, w=None):
     atomic_save_safetensors(tensors, path, metadata=meta)
 
 
-def open_shard(path, expected_count=None):
+def open_shard(path, expected_count=None, what="pair shard", remedy="rerun 01_make_pairs.py to regenerate it"):
     """Open a shard memory-mapped; a corrupt or truncated shard stops the run."""
     from safetensors import safe_open
     try:
         f = safe_open(path, framework="pt")
-        n = f.get_slice("seed").get_shape()[0]
+        n = f.get_slice("x").get_shape()[0]
     except Exception as e:
-        fail(f"corrupt pair shard '{path}' ({type(e).__name__}: {e}); delete it and rerun 01_make_pairs.py to regenerate it")
+        fail(f"corrupt {what} '{path}' ({type(e).__name__}: {e}); delete it and {remedy}")
     if expected_count is not None and n != expected_count:
-        fail(f"pair shard '{path}' holds {n} pairs, expected {expected_count}; delete it and rerun 01_make_pairs.py")
+        fail(f"{what} '{path}' holds {n} items, expected {expected_count}; delete it and {remedy}")
     return f
 
 
-def load_shard(path, expected_count=None):
-    f = open_shard(path, expected_count)
+def load_shard(path, expected_count=None, **kw):
+    f = open_shard(path, expected_count, **kw)
     out = {k: f.get_tensor(k) for k in f.keys()}
     meta = f.metadata() or {}
     if "prompts" in meta:

@@ -147,3 +147,44 @@ def test_02_toy_smoke(tmp_path):
     lp = C.load_latent_lpips(str(tmp_path / "lpips" / "latent_lpips.pt"), in_ch=3)
     assert all((l.weight >= 0).all() for l in lp.lins)
     assert "phase 1: held-out top-1" in p.stdout
+
+
+def _image_tree(root, classes=2, per_class=4, size=24):
+    import numpy as np
+    from PIL import Image
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.random.RandomState(10 * c + i).randint(0, 255, (size, size + 4, 3)).astype(np.uint8)
+            Image.fromarray(arr).save(root / f"class{c}" / f"{i}.png")
+
+
+def _bapps_tree(root, n=3):
+    import numpy as np
+    from PIL import Image
+    for split in ("train", "val"):
+        sub = root / "2afc" / split / "traditional"
+        for part in ("ref", "p0", "p1", "judge"):
+            (sub / part).mkdir(parents=True)
+        for i in range(n):
+            for part in ("ref", "p0", "p1"):
+                Image.fromarray(np.random.RandomState(i).randint(0, 255, (64, 64, 3)).astype(np.uint8)).save(sub / part / f"{i:06d}.png")
+            np.save(sub / "judge" / f"{i:06d}.npy", np.array([i / n]))
+
+
+def test_02_sd_path(tiny_sd15, tmp_path):
+    """Phase 1 on VAE latents of an ImageFolder (cached in shards, reused by a
+    rerun), phase 2 on a BAPPS-layout tree; and SD without --bapps is refused."""
+    _image_tree(tmp_path / "imgs")
+    _bapps_tree(tmp_path / "bapps")
+    args = ["--preset", "sd15", "--teacher", tiny_sd15, "--images", tmp_path / "imgs", "--image_size", 16,
+            "--cls_steps", 3, "--cls_batch", 4, "--cal_steps", 5, "--val_frac", 0.25, "--out_dir", tmp_path / "run",
+            "--lpips_width", 0.125]
+    run_script("02_train_latent_lpips.py", *args, "--bapps", tmp_path / "bapps")
+    lp = C.load_latent_lpips(str(tmp_path / "run" / "lpips" / "latent_lpips.pt"), in_ch=4)
+    assert lp.config["in_ch"] == 4 and lp.config["num_classes"] == 2
+    cache = tmp_path / "run" / "lpips" / "latents" / "shard_000000.safetensors"
+    assert C.load_shard(str(cache))["x"].shape == (8, 4, 8, 8)
+    mtime = cache.stat().st_mtime_ns
+    p = run_script("02_train_latent_lpips.py", *args, check=False)  # no --bapps for an SD space
+    assert p.returncode != 0 and "needs 2AFC judgments" in p.stderr and cache.stat().st_mtime_ns == mtime

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import common as C
 from conftest import run_script
 
 S1 = ["--batch", 8, "--batch_per_device", 8, "--ckpt_every", 2, "--grid_every", 100, "--log_every", 1]
@@ -109,3 +110,28 @@ def test_stage2_and_eval(toy_run):
     for f in ("results.md", "compare.png", "diversity.png"):
         assert (toy_run / "eval" / f).exists()
     assert "| teacher |" in p.stdout
+
+
+def test_stage2_nan_guard(toy_run):
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 2, *S1)
+    p = run_script("04_gan_finetune.py", "--out_dir", toy_run, "--run_name", "gan_nan", "--steps", 20, "--batch", 8,
+                   "--batch_per_device", 8, "--lr", 1e30, "--lr_end", 1e30, "--d_lr", 1e30, "--d_lr_end", 1e30,
+                   "--ckpt_every", 1, check=False)
+    assert p.returncode != 0
+    msg = p.stderr.strip().splitlines()[-1]
+    assert "became" in msg and "at step" in msg and "last good checkpoint" in msg, msg
+
+
+def test_stage1_pixel_lpips_and_guidance_student(toy_run, tmp_path):
+    """--loss lpips (offline: random-weight pixel VGG) trains; a toy student with a
+    w input starts exactly as the teacher's one-step map for every w."""
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "lpips_px", "--steps", 2, "--loss", "lpips",
+               "--pixel_lpips", "random", *S1)
+    assert (toy_run / "lpips_px" / "student_ema.pt").exists()
+    cfg = dict(C.get_preset("toy"), preset="toy", cfg_range="1,3")
+    teacher = C.EDMTeacher(cfg, torch.device("cpu"))
+    G, base = C.Student(teacher, cfg).eval(), C.Student(teacher, dict(cfg, cfg_range=None)).eval()
+    z, c = teacher.noise_and_condition(range(4))
+    with torch.no_grad():
+        for w in (1.0, 2.0, torch.tensor([1.0, 1.5, 2.5, 3.0])):
+            assert torch.equal(G(z, c, w), base(z, c))

@@ -1,0 +1,52 @@
+"""Issue 7: the metric maths against closed forms."""
+import math
+
+import torch
+
+import common as C
+
+
+def test_frechet_distance_closed_form():
+    """Two Gaussians with commuting covariances: ||mu1-mu2||^2 + sum (sqrt(a)-sqrt(b))^2."""
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), torch.tensor([4.0, 1.0, 1.0, 9.0], dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    s1, s2 = q @ torch.diag(a).double() @ q.T, q @ torch.diag(b).double() @ q.T  # same eigenbasis, not diagonal
+    mu1, mu2 = torch.zeros(4, dtype=torch.float64), torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    exact = (mu1 - mu2).pow(2).sum().item() + ((a.sqrt() - b.sqrt()) ** 2).sum().item()
+    assert math.isclose(C.frechet_distance(mu1, s1, mu2, s2), exact, rel_tol=1e-10)
+    # 1-D: (m1-m2)^2 + (s1-s2)^2
+    assert math.isclose(C.frechet_distance(torch.tensor([0.0]), torch.tensor([[4.0]]), torch.tensor([3.0]), torch.tensor([[1.0]])),
+                        9 + 1, rel_tol=1e-12)
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    f = torch.randn(3000, 32, generator=torch.Generator().manual_seed(0))
+    assert abs(C.fid_from_features(f, f)) < 1e-8
+    # a shifted copy: exactly the squared shift
+    assert math.isclose(C.fid_from_features(f, f + 0.5), 32 * 0.25, rel_tol=1e-8)
+    # rank-deficient covariances (fewer samples than dims) stay finite and non-negative
+    g = torch.randn(20, 64, generator=torch.Generator().manual_seed(1))
+    assert 0 <= C.fid_from_features(g, g.flip(0) * 1.1) < float("inf")
+
+
+def test_precision_recall_point_clouds():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(1000, 8, generator=g)
+    p, r = C.precision_recall(real, real.clone())
+    assert p == 1.0 and r == 1.0
+    p, r = C.precision_recall(real, real + 100)
+    assert p == 0.0 and r == 0.0
+    p, r = C.precision_recall(real, torch.randn(1000, 8, generator=g))  # same distribution
+    assert p > 0.8 and r > 0.8
+    # a collapsed generator: precise but without recall
+    p, r = C.precision_recall(real, real[:1].repeat(1000, 1) + 0.01 * torch.randn(1000, 8, generator=g))
+    assert p == 1.0 and r < 0.05
+
+
+def test_diversity_and_fidelity():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
+    assert math.isclose(C.mean_pairwise_distance(x), (5 + 5 + 0) * 2 / 6)
+    groups = torch.tensor([0, 0, 1])
+    assert math.isclose(C.diversity(x, groups), 5.0)  # group 1 has one sample: skipped
+    a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    assert C.fidelity(a, b) == 1.0 and C.fidelity(a, a) == 0.0
