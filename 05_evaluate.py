@@ -43,6 +43,8 @@ DEFAULTS = dict(
     coco=None,               # sd15/sdxl: COCO2014 root with val2014/ and annotations/captions_val2014.json
     dtype="float32",
     seed=0,
+    classifier=None,         # toy: the feature classifier (default <out_dir>/eval/toy_classifier.pt, trained once);
+                             #      share one path across evaluations so that their FID-toy numbers are comparable
     eval_w=None,             # guidance sweep, e.g. "1,2,3": fidelity of each student to the teacher at each w
     speed=False,             # time one-step student vs teacher solver (and E-LatentLPIPS vs LPIPS) and exit
     speed_steps=0,           # teacher steps to time (0 = preset) (default: the preset's); the ratio is reported per full solver
@@ -106,7 +108,7 @@ def model_table(cfg, teacher, device):
 
 def evaluate_toy(cfg, teacher, device, rank, world):
     eval_dir = os.path.join(cfg["out_dir"], "eval")
-    clf = C.train_toy_classifier(os.path.join(eval_dir, "toy_classifier.pt"), log=C.print0).to(device)
+    clf = C.train_toy_classifier(cfg["classifier"] or os.path.join(eval_dir, "toy_classifier.pt"), log=C.print0).to(device)
     models, nfe = model_table(cfg, teacher, device)
     n = cfg["num_samples"]
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
@@ -216,7 +218,7 @@ def guidance_sweep(cfg, teacher, device, n=500):
     at each guidance scale w, for every student; grid rows w, columns alternate
     teacher | student for a few classes (guidance.png)."""
     eval_dir = os.path.join(cfg["out_dir"], "eval")
-    clf = C.train_toy_classifier(os.path.join(eval_dir, "toy_classifier.pt"), log=C.print0).to(device)
+    clf = C.train_toy_classifier(cfg["classifier"] or os.path.join(eval_dir, "toy_classifier.pt"), log=C.print0).to(device)
     models, _ = model_table(cfg, teacher, device)
     seeds = list(range(EVAL_SEED0 + 20_000_000, EVAL_SEED0 + 20_000_000 + n))
     z, labels = teacher.noise_and_condition(seeds)
