@@ -92,7 +92,7 @@ def model_table(cfg, teacher, device):
     paths = {"stage 1": os.path.join(cfg["out_dir"], "distill", "student_ema.pt"),
              "stage 2": os.path.join(cfg["out_dir"], "gan", "student_ema.pt")}
     for item in filter(None, (cfg["students"] or "").split(",")):
-        name, _, path = item.partition("=")
+        name, _, path = item.rpartition("=")  # names may contain "=", paths rarely do
         paths[name.strip()] = path.strip()
     for name, path in paths.items():
         if not os.path.isfile(path):
