@@ -1201,6 +1201,11 @@ def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout"):
     on CUDA; on CPU it is the growth of the process' peak RSS (latent path runs first)."""
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
+    with torch.enable_grad():  # callers may run under no_grad; this benchmark times backward passes
+        return _lpips_speed(device, repeats, augment, AutoencoderKL)
+
+
+def _lpips_speed(device, repeats, augment, AutoencoderKL):
     target, x0 = torch.randn(1, 4, 64, 64, device=device), torch.randn(1, 4, 64, 64, device=device)
     latent = RegressionLoss("elatent", LatentLPIPS(4, 1.0, 3).to(device), augment)
     pixel_lpips = LatentLPIPS(3, 1.0, 0).to(device)
