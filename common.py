@@ -1497,8 +1497,8 @@ def load_pixel_lpips(kind, device):
     'imagenet': the official LPIPS (VGG16, ImageNet weights) from the optional
     `lpips` package; 'random': a VGG16-bn LPIPS with random weights, for offline
     tests and benchmarks only."""
-    if kind == "random":
-        return LatentLPIPS(3, 1.0, 0).to(device)
+    if kind == "random":  # one pool removed: works from 16x16 (toy) up
+        return LatentLPIPS(3, 1.0, 1).to(device)
     if kind != "imagenet":
         fail(f"unknown --pixel_lpips '{kind}' (imagenet | random)")
     try:
