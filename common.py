@@ -1373,8 +1373,9 @@ class Student(nn.Module):
             if hasattr(self.net, "label_dim"):  # NVlabs network: one-hot labels
                 return self.net(z * self.sigma_max, sigma, F.one_hot(cond, self.net.label_dim).float()).float()
             return self.net(z * self.sigma_max, sigma, cond)
-        extra = dict(timestep_cond=self._w_emb.to(next(self.net.parameters()).dtype)) if self.w_cond else {}
-        out = self.net(z, self.T, **cond, **extra).sample  # Eq. 8 with T = the teacher's first DDIM timestep
+        dt = next(self.net.parameters()).dtype  # frozen encoders may emit bf16; outside autocast match our weights
+        extra = dict(timestep_cond=self._w_emb.to(dt)) if self.w_cond else {}
+        out = self.net(z.to(dt), self.T, **cast_cond(cond, dt), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
         return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T, self.prediction_type)
 
 
@@ -1609,7 +1610,7 @@ class Discriminator(nn.Module):
             self.unet(c_in * h, sigma.log() / 4, class_labels=cond)
         else:
             t = torch.full((len(x),), self.d_timestep, device=x.device, dtype=torch.long) if t is None else t
-            self.unet(h, t, **cond)
+            self.unet(h, t, **cast_cond(cond, next(self.unet.parameters()).dtype))
         feats, self._feats, self._x = self._feats, [], None
         return feats
 
@@ -1712,6 +1713,11 @@ def sync_grads(model):
         for p in params:
             p.grad.copy_(flat[off:off + p.numel()].view_as(p))
             off += p.numel()
+
+
+def cast_cond(cond, dtype):
+    """U-Net condition kwargs with every tensor cast to `dtype`."""
+    return {k: (v.to(dtype) if torch.is_tensor(v) else cast_cond(v, dtype)) for k, v in cond.items()}
 
 
 def cond_slice(cond, n):

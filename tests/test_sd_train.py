@@ -162,3 +162,17 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     assert m["teacher"]["dreamsim_to_teacher"] == 0 and m["teacher"]["nfe"] == 4 and m["stage 1"]["nfe"] == 1
     for f in ("compare.png", "diversity.png", "results.md"):
         assert (tmp_path / "eval" / f).exists()
+
+
+def test_bf16_frozen_encoders_outside_autocast(tiny_sd15):
+    """--dtype bfloat16: the frozen text encoder emits bf16, the trainable student
+    and D are fp32. Held-out grids and R1 run outside autocast, so both cast."""
+    cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="bfloat16", num_pairs=1)
+    teacher = C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False)
+    cond = teacher.encode_prompts(["a cat", "a dog"])
+    assert cond["encoder_hidden_states"].dtype == torch.bfloat16
+    G, D = C.Student(teacher, cfg), C.Discriminator(teacher)
+    z = torch.randn(2, 4, 8, 8)
+    x = G(z, cond)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.isfinite(C.r1_penalty(D, x.detach(), z, cond))
