@@ -171,7 +171,7 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
     with torch.no_grad():
         for i in tqdm(range(0, len(mine), B), desc="sampling", disable=rank != 0):
             part = mine[i:i + B]
-            z = torch.stack([torch.randn(teacher.z_shape, generator=torch.Generator().manual_seed(EVAL_SEED0 + j)) for j in part])
+            z = C.seed_noise([EVAL_SEED0 + j for j in part], teacher.z_shape)
             cond = [prompts[j] for j in part]
             real.append(nets["inception"](torch.stack([C.load_image(real_paths[j], 256) for j in part]).to(device)).cpu())
             imgs = {}
@@ -189,8 +189,7 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
         div = {name: [] for name in models}
         k = min(cfg["div_prompts"], n)
         for p in tqdm(list(range(k))[rank::world], desc="DreamDiv", disable=rank != 0):
-            z = torch.stack([torch.randn(teacher.z_shape, generator=torch.Generator().manual_seed(EVAL_SEED0 + 50_000_000 + 8 * p + s))
-                             for s in range(8)])
+            z = C.seed_noise([EVAL_SEED0 + 50_000_000 + 8 * p + s for s in range(8)], teacher.z_shape)
             for name, fn in models.items():
                 img = teacher.to_images(fn(z.to(device), [prompts[p]] * 8).float())
                 d = [nets["dreamsim"](img[a:a + 1], img[b:b + 1]) for a in range(8) for b in range(a + 1, 8)]

@@ -12,6 +12,7 @@ GANs"). Sections, in order:
   7. pairs on disk     (seeds, shards, manifest)
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -506,6 +507,12 @@ def load_edm_pickle(path):
     return net.eval().requires_grad_(False)
 
 
+def seed_noise(seeds, shape):
+    """z ~ N(0, I) for each seed, on the CPU generator: the same whatever the batch
+    size, the number of ranks or the device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 class EDMTeacher:
     """The EDM family (toy teacher, or the official CIFAR10 pickle) behind the one
     teacher interface: noise/condition from a seed, the ODE solver, x0(x_t, t, c)
@@ -529,7 +536,7 @@ class EDMTeacher:
         the CPU generator: identical whatever the batch size or number of ranks."""
         z = torch.empty(len(seeds), *self.z_shape)
         labels = torch.empty(len(seeds), dtype=torch.long)
-        for i, s in enumerate(seeds):
+        for i, s in enumerate(seeds):  # z as seed_noise draws it, then the label from the same generator
             g = torch.Generator().manual_seed(int(s))
             z[i] = torch.randn(self.z_shape, generator=g)
             labels[i] = torch.randint(self.num_classes, (1,), generator=g)
@@ -740,8 +747,7 @@ class LDMTeacher:
     # --- conditions -----------------------------------------------------------
     def noise_and_condition(self, seeds, indices):
         """z from each pair's seed on the CPU generator; prompt i for pair i."""
-        z = torch.stack([torch.randn(self.z_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        return z, [self.prompts[i % len(self.prompts)] for i in indices] if self.prompts else None
+        return seed_noise(seeds, self.z_shape), [self.prompts[i % len(self.prompts)] for i in indices] if self.prompts else None
 
     def shard_fields(self, prompts):
         return dict(prompts=prompts)
@@ -798,16 +804,6 @@ class LDMTeacher:
                 e = e_uncond + w * (e_cond - e_uncond)
             x = self.scheduler.step(e, t, x).prev_sample
         return x
-
-    def x0(self, x_t, t, cond, unet=None):
-        """Eq. 7: the data prediction of a U-Net (the teacher's by default)."""
-        unet = unet or self.unet
-        out = unet(x_t.to(next(unet.parameters()).dtype), t, **cond).sample.float()
-        return x0_from_model_output(out, x_t.float(), self.alphas_cumprod[t].to(x_t.device), self.prediction_type)
-
-    def student(self, unet, z, cond):
-        """Eq. 8: G(z, c) = (z - sigma_T eps(z, c, T)) / alpha_T."""
-        return self.x0(z, self.T, cond, unet)
 
     @property
     def nfe(self):
@@ -1274,9 +1270,7 @@ class PairDataset:
                     self.prompts[k] = json.loads(f.metadata()["prompts"])
                 prompts.append(self.prompts[k][j])
         seeds = torch.cat(seeds)
-        z, _ = self.teacher.noise_and_condition(seeds.tolist(), None) if self.teacher.family == "edm" else \
-            (torch.stack([torch.randn(self.teacher.z_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]), None)
-        out = dict(z=z, x=torch.cat(x).float(), seed=seeds, cond=torch.cat(labels) if labels else prompts)
+        out = dict(z=seed_noise(seeds.tolist(), self.teacher.z_shape), x=torch.cat(x).float(), seed=seeds, cond=torch.cat(labels) if labels else prompts)
         if ws:
             out["w"] = torch.cat(ws)
         return out
@@ -1289,9 +1283,14 @@ def step_indices(seed, step, batch, n):
     out = []
     while len(out) < batch:
         e, off = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
-        out.extend(perm[off: off + batch - len(out)].tolist())
+        out.extend(_epoch_perm(seed, e, n)[off: off + batch - len(out)].tolist())
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_perm(seed, epoch, n):
+    """One permutation per epoch, computed once (not at every training step)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def micro_batches(idx, world, rank, accum):
@@ -1478,7 +1477,7 @@ def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000, w=None):
         if cfg["num_classes"]:
             cond = torch.arange(n) % cfg["num_classes"]  # one of each class, in order
     else:
-        z = torch.stack([torch.randn(teacher.z_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        z = seed_noise(seeds, teacher.z_shape)
         prompts = teacher.prompts or ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake"]
         cond = [prompts[i % len(prompts)] for i in range(n)]
     x = teacher.solve(z, cond, guidance=w).float().cpu()
