@@ -333,11 +333,11 @@ class ToyClassifier(nn.Module):
 
 def train_toy_classifier(path, steps=600, batch=128, seed=0, log=print):
     """Train (or load a cached) ToyClassifier. ~1 minute on 2 CPU cores."""
+    torch.manual_seed(seed)  # before the model: its initialisation is part of what the seed fixes
     model = ToyClassifier()
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    torch.manual_seed(seed)
     x, y = toy_images(range(70_000_000, 70_000_000 + 12_000))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
@@ -1306,6 +1306,7 @@ def training_setup(cfg, world, device):
     its checkpoint path, the teacher, and its pairs. The guidance comes from the
     pairs' manifest; a guidance range there makes the student w-conditioned."""
     accum = check_batch(cfg["batch"], cfg["batch_per_device"], world)
+    torch.manual_seed(cfg["seed"])  # randomly initialised parts (D's readout heads) follow --seed, not torch's random default
     print0(f"global batch {cfg['batch']} = {cfg['batch_per_device']} per device x {world} device(s) x {accum} accumulation step(s)")
     run_dir = os.path.join(cfg["out_dir"], cfg["run_name"])
     teacher = load_teacher(cfg, device)
