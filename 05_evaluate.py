@@ -6,7 +6,8 @@ grids of the teacher and the students from the same noise.
   toy      FID-toy (features of a classifier trained on the toy data, never the
            loss network), precision/recall (k=3), class accuracy, diversity
            (mean within-class pairwise feature distance), fidelity to the teacher
-           (MSE to the teacher's x from the same z), time per image, NFE.
+           from the same z (pixel MSE, and feature cosine distance as a toy
+           DreamSim), time per image, NFE.
   sd/sdxl  FID on COCO2014 val (clean-fid or torch-fidelity Inception features,
            bicubic antialiased resizing), CLIP score (open_clip ViT-g-14 or
            transformers CLIP), precision/recall, DreamDiv and DreamSim-5k
@@ -22,8 +23,10 @@ Speed (Fig. 3):      python 05_evaluate.py --preset sd15 --speed      (random-we
 import argparse
 import json
 import os
+import re
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -34,7 +37,8 @@ DEFAULTS = dict(
     preset="toy",
     out_dir=None,
     teacher=None,
-    students=None,           # extra rows: "name=path,name=path" of student_ema.pt files
+    students=None,           # extra rows: "name=path,name=path" of student_ema.pt files; "name=p1;p2;p3" evaluates
+                             # each (rows "name #k") and adds mean ± std over them (seeds) to results.md and groups.json
     num_samples=0,           # samples per model (0 = preset default) (toy 2000; paper 30k for FID, 10k for P/R, 5k for DreamSim)
     batch_per_device=None,
     grid_rows=10,
@@ -93,7 +97,11 @@ def model_table(cfg, teacher, device):
              "stage 2": os.path.join(cfg["out_dir"], "gan", "student_ema.pt")}
     for item in filter(None, (cfg["students"] or "").split(",")):
         name, _, path = item.rpartition("=")  # names may contain "=", paths rarely do
-        paths[name.strip()] = path.strip()
+        runs = [p.strip() for p in path.split(";") if p.strip()]
+        if len(runs) == 1:
+            paths[name.strip()] = runs[0]
+        for k, p in enumerate(runs if len(runs) > 1 else [], 1):  # several seeds of one row: "name #k"
+            paths[f"{name.strip()} #{k}"] = p
     for name, path in paths.items():
         if not os.path.isfile(path):
             C.print0(f"note: no {name} student at '{path}'; skipping that row")
@@ -119,19 +127,22 @@ def evaluate_toy(cfg, teacher, device, rank, world):
     real, real_y = C.toy_dataset(n, "test")
     feats = lambda x: torch.cat([clf.features(x[i:i + 500].to(device)).cpu() for i in range(0, len(x), 500)])
     with torch.no_grad():
-        f_real = feats(real)
+        f_real, f_teacher = feats(real), feats(outs["teacher"].clamp(-1, 1))
         rows = {}
         for name, x in outs.items():
             x = x.clamp(-1, 1)
             f = feats(x)
             p, r = C.precision_recall(f_real, f)
+            # fidelity to the teacher, same z: MSE in pixels, and (the DreamSim idea) cosine distance in features
             rows[name] = dict(fid_toy=C.fid_from_features(f_real, f), precision=p, recall=r,
                               class_acc=C.classify(clf, x.to(device)).cpu().eq(labels).float().mean().item(),
                               diversity=C.diversity(f, labels), fidelity_mse=C.fidelity(x, outs["teacher"].clamp(-1, 1)),
+                              fidelity_feat=C.fidelity(f, f_teacher, lambda a, b: 1 - F.cosine_similarity(a, b, dim=1)),
                               sec_per_img=secs[name], nfe=nfe[name])
         rows["real data"] = dict(fid_toy=C.fid_from_features(f_real, feats(C.toy_dataset(n, "val")[0])), precision=None,
                                  recall=None, class_acc=C.classify(clf, real.to(device)).cpu().eq(real_y).float().mean().item(),
-                                 diversity=C.diversity(f_real, real_y), fidelity_mse=None, sec_per_img=None, nfe=None)
+                                 diversity=C.diversity(f_real, real_y), fidelity_mse=None, fidelity_feat=None,
+                                 sec_per_img=None, nfe=None)
     write_grids(outs, teacher, eval_dir, labels, cfg, models, device)
     return rows
 
@@ -232,6 +243,23 @@ def guidance_sweep(cfg, teacher, device, n=500):
         rows.append(torch.stack([out[name][i] for i in picks for name in out]))
     C.save_image_grid(torch.cat(rows).clamp(-1, 1), os.path.join(eval_dir, "guidance.png"), ncol=len(rows[0]), scale=4)
     return table
+
+
+def seed_groups(rows):
+    """Rows 'name #1', 'name #2', ... (one --students entry with several
+    checkpoints, e.g. seeds) -> {name: {metric: {mean, std, n}}}; std is the
+    sample standard deviation over the checkpoints."""
+    groups = {}
+    for name, r in rows.items():
+        m = re.fullmatch(r"(.*) #\d+", name)
+        if m:
+            groups.setdefault(m[1], []).append(r)
+    out = {}
+    for g, rs in groups.items():
+        cols = [c for c in rs[0] if all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rs)]
+        out[g] = {c: dict(mean=float(np.mean([r[c] for r in rs])), std=float(np.std([r[c] for r in rs], ddof=1)) if len(rs) > 1
+                          else 0.0, n=len(rs)) for c in cols}
+    return out
 
 
 def markdown_table(rows):
@@ -401,6 +429,12 @@ def main(argv=None):
     if rank == 0:
         eval_dir = os.path.join(cfg["out_dir"], "eval")
         table = markdown_table(rows)
+        groups = seed_groups(rows)
+        if groups:
+            C.atomic_write_json(groups, os.path.join(eval_dir, "groups.json"))
+            table += "\nmean ± std over each row's checkpoints (groups.json):\n\n" + markdown_table(
+                {g: {c: f"{v['mean']:.4g} ± {v['std']:.2g}" for c, v in m.items()} | {"n": next(iter(m.values()))["n"]}
+                 for g, m in groups.items()})
         C.atomic_write_json(rows, os.path.join(eval_dir, "metrics.json"))
         C.atomic_write_text(table, os.path.join(eval_dir, "results.md"))
         print(table + f"wrote {eval_dir}/metrics.json, results.md, compare.png, diversity.png")

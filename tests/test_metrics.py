@@ -50,3 +50,12 @@ def test_diversity_and_fidelity():
     assert math.isclose(C.diversity(x, groups), 5.0)  # group 1 has one sample: skipped
     a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
     assert C.fidelity(a, b) == 1.0 and C.fidelity(a, a) == 0.0
+
+
+def test_seed_groups_mean_and_sample_std():
+    import importlib
+    groups = importlib.import_module("05_evaluate").seed_groups(
+        {"teacher": dict(fid=0.1), "a #1": dict(fid=1.0, recall=None, nfe=1), "a #2": dict(fid=3.0, recall=None, nfe=1),
+         "b": dict(fid=5.0)})
+    assert set(groups) == {"a"} and set(groups["a"]) == {"fid", "nfe"}  # None columns are left out
+    assert groups["a"]["fid"] == dict(mean=2.0, std=math.sqrt(2.0), n=2)
