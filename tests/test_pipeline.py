@@ -84,6 +84,25 @@ def test_stage1_bad_input(toy_run, tmp_path):
     assert "different setup" in msg and "teacher: found 'someone_else" in msg
 
 
+def test_stage2_resume_is_exact_and_seeded(toy_run):
+    """4 straight steps == 2 steps + kill + resume to 4 (G, EMA and D, which has
+    randomly initialised readout heads: --seed must fix them)."""
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
+    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 8, "--r1_every", 2, "--ckpt_every", 100,
+            "--grid_every", 100, "--log_every", 1]
+    run_script("04_gan_finetune.py", *args, "--run_name", "gan_straight")
+    run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--max_steps_this_run", 2)
+    run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--resume")
+    a, b = weights(toy_run / "gan_straight" / "ckpt_latest.pt"), weights(toy_run / "gan_resumed" / "ckpt_latest.pt")
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema", "D"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    la = [json.loads(l) for l in open(toy_run / "gan_straight" / "metrics.jsonl")]
+    lb = [json.loads(l) for l in open(toy_run / "gan_resumed" / "metrics.jsonl")]
+    assert [(l["loss_d"], l["r1"]) for l in la] == [(l["loss_d"], l["r1"]) for l in lb] and len(la) == 4
+
+
 def test_stage2_and_eval(toy_run):
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
     p = run_script("04_gan_finetune.py", "--out_dir", toy_run, "--steps", 34, "--batch", 8, "--batch_per_device", 8,
@@ -101,12 +120,18 @@ def test_stage2_and_eval(toy_run):
                    "--resume", "--ckpt_every", 100)
     assert "resumed" in p.stdout and "at step 34" in p.stdout
     # 05 on all stages
+    s2 = toy_run / "gan" / "student_ema.pt"
     p = run_script("05_evaluate.py", "--out_dir", toy_run, "--num_samples", 60, "--batch_per_device", 30,
-                   "--diversity_seeds", 4)
+                   "--diversity_seeds", 4, "--students", f"s2 twice={s2};{s2}")
     m = json.load(open(toy_run / "eval" / "metrics.json"))
+    g = json.load(open(toy_run / "eval" / "groups.json"))["s2 twice"]  # one row over 2 checkpoints: mean ± std
+    assert m["s2 twice #1"]["fid_toy"] == m["s2 twice #2"]["fid_toy"] and g["fid_toy"]["n"] == 2
+    assert g["fid_toy"]["mean"] == pytest.approx(m["stage 2"]["fid_toy"], rel=1e-9) and g["fid_toy"]["std"] < 1e-9
+    assert "mean ± std" in p.stdout
     assert {"teacher", "stage 1", "stage 2", "real data"} <= set(m)
     assert m["teacher"]["nfe"] == 35 and m["stage 2"]["nfe"] == 1
     assert m["teacher"]["fidelity_mse"] == 0 and m["stage 1"]["fidelity_mse"] > 0
+    assert abs(m["teacher"]["fidelity_feat"]) < 1e-5 and m["stage 1"]["fidelity_feat"] > 1e-4
     for f in ("results.md", "compare.png", "diversity.png"):
         assert (toy_run / "eval" / f).exists()
     assert "| teacher |" in p.stdout
