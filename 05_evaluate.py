@@ -47,7 +47,8 @@ DEFAULTS = dict(
     coco=None,               # sd15/sdxl: COCO2014 root with val2014/ and annotations/captions_val2014.json
     dtype="float32",
     seed=0,
-    classifier=None,         # toy: the feature classifier (default <out_dir>/eval/toy_classifier.pt, trained once);
+    classifier_seed=0,       # toy: seed of that classifier; rerun with others to see how much FID-toy depends on it
+    classifier=None,         # toy: the feature classifier (default <out_dir>/eval/toy_classifier[_s<seed>].pt, trained once);
                              #      share one path across evaluations so that their FID-toy numbers are comparable
     eval_w=None,             # guidance sweep, e.g. "1,2,3": fidelity of each student to the teacher at each w
     speed=False,             # time one-step student vs teacher solver (and E-LatentLPIPS vs LPIPS) and exit
@@ -114,9 +115,15 @@ def model_table(cfg, teacher, device):
     return models, nfe
 
 
+def toy_classifier(cfg, eval_dir, device):
+    seed = cfg["classifier_seed"]
+    path = cfg["classifier"] or os.path.join(eval_dir, "toy_classifier.pt" if seed == 0 else f"toy_classifier_s{seed}.pt")
+    return C.train_toy_classifier(path, seed=seed, log=C.print0).to(device)
+
+
 def evaluate_toy(cfg, teacher, device, rank, world):
     eval_dir = os.path.join(cfg["out_dir"], "eval")
-    clf = C.train_toy_classifier(cfg["classifier"] or os.path.join(eval_dir, "toy_classifier.pt"), log=C.print0).to(device)
+    clf = toy_classifier(cfg, eval_dir, device)
     models, nfe = model_table(cfg, teacher, device)
     n = cfg["num_samples"]
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
@@ -228,7 +235,7 @@ def guidance_sweep(cfg, teacher, device, n=500):
     at each guidance scale w, for every student; grid rows w, columns alternate
     teacher | student for a few classes (guidance.png)."""
     eval_dir = os.path.join(cfg["out_dir"], "eval")
-    clf = C.train_toy_classifier(cfg["classifier"] or os.path.join(eval_dir, "toy_classifier.pt"), log=C.print0).to(device)
+    clf = toy_classifier(cfg, eval_dir, device)
     models, _ = model_table(cfg, teacher, device)
     seeds = list(range(EVAL_SEED0 + 20_000_000, EVAL_SEED0 + 20_000_000 + n))
     z, labels = teacher.noise_and_condition(seeds)
