@@ -59,3 +59,13 @@ def test_seed_groups_mean_and_sample_std():
          "b": dict(fid=5.0)})
     assert set(groups) == {"a"} and set(groups["a"]) == {"fid", "nfe"}  # None columns are left out
     assert groups["a"]["fid"] == dict(mean=2.0, std=math.sqrt(2.0), n=2)
+
+
+def test_toy_eval_classifier_is_fixed_by_its_seed(tmp_path):
+    """FID-toy features come from this classifier: the same seed must give the same
+    network (its initialisation included), another seed another network."""
+    nets = [C.train_toy_classifier(str(tmp_path / f"c{i}.pt"), steps=2, seed=s, log=lambda *a: None)
+            for i, s in enumerate((0, 0, 1))]
+    a, b, c = (n.state_dict() for n in nets)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
