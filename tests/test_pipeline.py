@@ -103,6 +103,23 @@ def test_stage2_resume_is_exact_and_seeded(toy_run):
     assert [(l["loss_d"], l["r1"]) for l in la] == [(l["loss_d"], l["r1"]) for l in lb] and len(la) == 4
 
 
+def test_stage2_ddp_equals_single_process(toy_run):
+    """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes. D's
+    gradients are all-reduced by hand, so both ranks must also start from the same D
+    (its readout heads are random). R1 is off: it takes one sample per device."""
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
+    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 4, "--r1_gamma", 0, "--log_every", 1,
+            "--ckpt_every", 100, "--grid_every", 100]
+    run_script("04_gan_finetune.py", *args, "--run_name", "gan_one")
+    run_script("04_gan_finetune.py", *args, "--run_name", "gan_two", torchrun=2)
+    la = [json.loads(l) for l in open(toy_run / "gan_one" / "metrics.jsonl")]
+    lb = [json.loads(l) for l in open(toy_run / "gan_two" / "metrics.jsonl")]
+    print("1 process:", [l["loss_d"] for l in la], "\n2 processes:", [l["loss_d"] for l in lb])
+    assert len(la) == len(lb) == 4
+    for key in ("loss_d", "loss_g", "logit_real", "logit_fake"):
+        assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(la, lb)) < 1e-3, key
+
+
 def test_stage2_and_eval(toy_run):
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
     p = run_script("04_gan_finetune.py", "--out_dir", toy_run, "--steps", 34, "--batch", 8, "--batch_per_device", 8,
