@@ -37,8 +37,7 @@ DEFAULTS = dict(
     preset="toy",
     out_dir=None,
     teacher=None,
-    students=None,           # extra rows: "name=path,name=path" of student_ema.pt files; "name=p1;p2;p3" evaluates
-                             # each (rows "name #k") and adds mean ± std over them (seeds) to results.md and groups.json
+    students=None,           # extra rows "name=path,..." of student_ema.pt files; "name=p1;p2;p3": seeds, + mean ± std
     num_samples=0,           # samples per model (0 = preset default) (toy 2000; paper 30k for FID, 10k for P/R, 5k for DreamSim)
     batch_per_device=None,
     grid_rows=10,
@@ -98,11 +97,8 @@ def model_table(cfg, teacher, device):
              "stage 2": os.path.join(cfg["out_dir"], "gan", "student_ema.pt")}
     for item in filter(None, (cfg["students"] or "").split(",")):
         name, _, path = item.rpartition("=")  # names may contain "=", paths rarely do
-        runs = [p.strip() for p in path.split(";") if p.strip()]
-        if len(runs) == 1:
-            paths[name.strip()] = runs[0]
-        for k, p in enumerate(runs if len(runs) > 1 else [], 1):  # several seeds of one row: "name #k"
-            paths[f"{name.strip()} #{k}"] = p
+        runs = [p.strip() for p in path.split(";") if p.strip()]  # several (seeds) of one row: "name #k"
+        paths.update({name.strip(): runs[0]} if len(runs) == 1 else {f"{name.strip()} #{k}": p for k, p in enumerate(runs, 1)})
     for name, path in paths.items():
         if not os.path.isfile(path):
             C.print0(f"note: no {name} student at '{path}'; skipping that row")
@@ -134,7 +130,8 @@ def evaluate_toy(cfg, teacher, device, rank, world):
     real, real_y = C.toy_dataset(n, "test")
     feats = lambda x: torch.cat([clf.features(x[i:i + 500].to(device)).cpu() for i in range(0, len(x), 500)])
     with torch.no_grad():
-        f_real, f_teacher = feats(real), feats(outs["teacher"].clamp(-1, 1))
+        x_teacher = outs["teacher"].clamp(-1, 1)
+        f_real, f_teacher = feats(real), feats(x_teacher)
         rows = {}
         for name, x in outs.items():
             x = x.clamp(-1, 1)
@@ -143,7 +140,7 @@ def evaluate_toy(cfg, teacher, device, rank, world):
             # fidelity to the teacher, same z: MSE in pixels, and (the DreamSim idea) cosine distance in features
             rows[name] = dict(fid_toy=C.fid_from_features(f_real, f), precision=p, recall=r,
                               class_acc=C.classify(clf, x.to(device)).cpu().eq(labels).float().mean().item(),
-                              diversity=C.diversity(f, labels), fidelity_mse=C.fidelity(x, outs["teacher"].clamp(-1, 1)),
+                              diversity=C.diversity(f, labels), fidelity_mse=C.fidelity(x, x_teacher),
                               fidelity_feat=C.fidelity(f, f_teacher, lambda a, b: 1 - F.cosine_similarity(a, b, dim=1)),
                               sec_per_img=secs[name], nfe=nfe[name])
         rows["real data"] = dict(fid_toy=C.fid_from_features(f_real, feats(C.toy_dataset(n, "val")[0])), precision=None,
@@ -264,8 +261,8 @@ def seed_groups(rows):
     out = {}
     for g, rs in groups.items():
         cols = [c for c in rs[0] if all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rs)]
-        out[g] = {c: dict(mean=float(np.mean([r[c] for r in rs])), std=float(np.std([r[c] for r in rs], ddof=1)) if len(rs) > 1
-                          else 0.0, n=len(rs)) for c in cols}
+        out[g] = {c: dict(mean=float(np.mean([r[c] for r in rs])), std=float(np.std([r[c] for r in rs], ddof=min(1, len(rs) - 1))),
+                          n=len(rs)) for c in cols}
     return out
 
 
