@@ -126,7 +126,7 @@ def main(argv=None):
         C.fail(f"--num_pairs must be positive, got {cfg['num_pairs']}")
     if cfg["batch_per_device"] <= 0 or cfg["shard_size"] <= 0:
         C.fail("--batch_per_device and --shard_size must be positive")
-    rank, _, world, device = C.setup_distributed()
+    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["train_teacher"]:
         if cfg["preset"] != "toy":
             C.fail("--train_teacher trains the toy teacher only")

@@ -328,7 +328,7 @@ def load_bapps(cfg, split, device):
 def main(argv=None):
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
     cfg = C.resolve_config(parser.parse_args(argv))
-    rank, _, world, device = C.setup_distributed()
+    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:
         C.print0(json.dumps(C.benchmark_lpips_speed(device), indent=2))
         return C.cleanup()

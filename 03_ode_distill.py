@@ -55,6 +55,8 @@ DEFAULTS = dict(
     ckpt_every=None,
     resume=False,            # continue from <run>/ckpt_latest.pt
     max_steps_this_run=0,    # stop after this many steps (0 = run to --steps); for time-limited jobs
+    grad_ckpt=False,         # gradient checkpointing of G (memory for compute)
+    benchmark_steps=0,       # sizing mode: N steps on random pairs (e.g. with --teacher random), report memory and img/s, exit
 )
 
 STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
@@ -75,7 +77,11 @@ def build_loss(cfg, teacher, device):
     lpips, decode, pixel = None, None, None
     if "latent" in cfg["loss"]:
         path = cfg["lpips_ckpt"] or os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt")
-        lpips = C.load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
+        if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
+            C.print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
+            lpips = C.LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
+        else:
+            lpips = C.load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
     if cfg["loss"] == "lpips":
         pixel = C.load_pixel_lpips(cfg["pixel_lpips"], device)
         decode = teacher.to_images if teacher.family == "ldm" else None
@@ -87,27 +93,30 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = C.resolve_config(args)
     cfg.update({k: v for k, v in STAGE1[cfg["preset"]].items() if getattr(args, k, None) is None})
-    rank, _, world, device = C.setup_distributed()
+    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     loss_fn = build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
+    if cfg["grad_ckpt"]:
+        C.enable_grad_ckpt(G.net)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt = C.make_optimizer(cfg["optimizer"], C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]),
                            cfg["lr"], tuple(float(b) for b in cfg["betas"].split(",")))
-    step = 0
-    if cfg["resume"] and os.path.isfile(ckpt_path):
+    step, bench = 0, cfg["benchmark_steps"] > 0
+    if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, "checkpoint")
         G.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
-    model = torch.nn.parallel.DistributedDataParallel(G) if world > 1 else G
-    log = C.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), step)
-    if rank == 0:
+    model = torch.nn.parallel.DistributedDataParallel(G, gradient_as_bucket_view=True) if world > 1 else G  # no 2nd copy of the grads
+    log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
+    if rank == 0 and not bench:
         C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
         w_ho = C.mid_guidance(cfg)
         z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
+    teacher.release_unet()
 
     def save(step):
         if rank == 0:
@@ -123,8 +132,10 @@ def main(argv=None):
                               scale=max(1, 64 // imgs.shape[-1]))
 
     end = cfg["steps"] if not cfg["max_steps_this_run"] else min(cfg["steps"], step + cfg["max_steps_this_run"])
-    bar = tqdm(range(step, end), initial=step, total=cfg["steps"], desc="stage 1", disable=rank != 0)
-    t0, seen = time.time(), 0
+    end = cfg["benchmark_steps"] if bench else end
+    bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 1", disable=rank != 0)
+    t0, seen, timer = time.time(), 0, C.StepTimer(device)
+    timer.tick()
     for step in bar:
         lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"])
         for g in opt.param_groups:
@@ -147,15 +158,20 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
+        timer.tick()
         if step % cfg["log_every"] == 0 or step == cfg["steps"] - 1:
             rate = seen / (time.time() - t0)
             log.write(step=step, loss=total, img_s=rate, lr=lr)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")
+        if bench:
+            continue
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end:
             save(step + 1)
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
             grid(step + 1)
-    if rank == 0 and end == cfg["steps"]:
+    if bench:
+        timer.report(cfg, world, dict(G=G), ("preset", "batch_per_device", "dtype", "grad_ckpt", "loss", "lpips_augment"))
+    elif rank == 0 and end == cfg["steps"]:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
         fid = (x_st - x_ho).pow(2).mean().item()

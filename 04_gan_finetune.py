@@ -65,6 +65,8 @@ DEFAULTS = dict(
     resume=False,
     max_steps_this_run=0,
     export=None,             # sd15/sdxl: write the stage-2 student as a diffusers folder (unet/ + scheduler/) and exit
+    grad_ckpt=False,         # gradient checkpointing of G and D (memory for compute)
+    benchmark_steps=0,       # sizing mode: N steps on random pairs, G from the teacher (e.g. --teacher random); report, exit
 )
 
 # toy: 300 steps are too few for D to learn at SD1.5's d_lr 1e-4 -> 1e-5 and lambda 0.25
@@ -113,28 +115,33 @@ def main(argv=None):
     if cfg["preset"] not in STAGE2:
         C.fail(f"the paper's {cfg['preset']} setting has no GAN stage (Table A1); use toy, sd15 or sdxl")
     cfg.update({k: v for k, v in STAGE2[cfg["preset"]].items() if getattr(args, k, None) is None})
-    rank, _, world, device = C.setup_distributed()
+    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["export"]:
         return export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False) if cfg["family"] == "ldm" else
                                 C.load_teacher(cfg, device), device) if rank == 0 else None
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     stage1 = importlib.import_module("03_ode_distill")
-    s1 = C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student")
-    if s1.get("teacher") != teacher.teacher_id:
+    bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
+    s1 = None if bench else C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student")
+    if s1 and s1.get("teacher") != teacher.teacher_id:
         C.fail(f"stage-1 student was distilled from '{s1.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
-    cfg["loss"] = args.loss or s1["config"]["loss"]
-    cfg["lpips_augment"] = args.lpips_augment or s1["config"]["lpips_augment"]
+    cfg["loss"] = args.loss or (s1["config"]["loss"] if s1 else cfg["loss"])
+    cfg["lpips_augment"] = args.lpips_augment or (s1["config"]["lpips_augment"] if s1 else cfg["lpips_augment"])
     loss_fn = stage1.build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
-    G.load_state_dict(s1["ema"])
+    if s1:
+        G.load_state_dict(s1["ema"])
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     D = C.Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_sigma"], cfg["d_timestep"], cfg["noise_aug"]).to(device)
+    if cfg["grad_ckpt"]:
+        C.enable_grad_ckpt(G.net)
+        C.enable_grad_ckpt(D.unet)
     betas = tuple(float(b) for b in cfg["betas"].split(","))
     d_betas = tuple(float(b) for b in cfg["d_betas"].split(","))
     opt_g = C.make_optimizer("adam", C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]), cfg["lr"], betas)
     opt_d = C.make_optimizer("adam", C.param_groups(D, cfg["weight_decay"], cfg["attn_weight_decay"]), cfg["d_lr"], d_betas)
     step = 0
-    if cfg["resume"] and os.path.isfile(ckpt_path):
+    if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, "checkpoint")
         for obj, key in ((G, "model"), (ema, "ema"), (D, "D"), (opt_g, "opt"), (opt_d, "opt_d")):
             obj.load_state_dict(ck[key])
@@ -142,13 +149,14 @@ def main(argv=None):
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
     C.print0(f"D: {len(D.heads)} readout heads, z_cond={cfg['z_cond']}, multiscale={cfg['multiscale']}, "
              f"R1 gamma={cfg['r1_gamma']} every {cfg['r1_every']}, mix-and-match={cfg['mix_match']}, noise_aug={cfg['noise_aug']}")
-    log = C.MetricsLog(os.path.join(run_dir, "metrics.jsonl"), step)
-    if rank == 0:
+    log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
+    if rank == 0 and not bench:
         C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
         w_ho = C.mid_guidance(cfg)
         z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
         with torch.no_grad():
             x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
+    teacher.release_unet()
 
     def save(step):
         if rank == 0:
@@ -164,8 +172,10 @@ def main(argv=None):
                               scale=max(1, 64 // imgs.shape[-1]))
 
     end = cfg["steps"] if not cfg["max_steps_this_run"] else min(cfg["steps"], step + cfg["max_steps_this_run"])
-    bar = tqdm(range(step, end), initial=step, total=cfg["steps"], desc="stage 2", disable=rank != 0)
-    t0, seen, d_wins = time.time(), 0, 0
+    end = cfg["benchmark_steps"] if bench else end
+    bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 2", disable=rank != 0)
+    t0, seen, d_wins, timer = time.time(), 0, 0, C.StepTimer(device)
+    timer.tick()
     for step in bar:
         lr, d_lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"]), C.lr_at(step, cfg["steps"], cfg["d_lr"], cfg["d_lr_end"])
         for g in opt_g.param_groups:
@@ -188,9 +198,7 @@ def main(argv=None):
                 loss_d = C.gan_loss_d(lr_real, lr_fake)
             (loss_d / accum).backward()
             if do_r1 and m == 0:  # single-sample R1, lazy: scaled by the interval
-                r1 = C.r1_penalty(D, x_real[:1], z[:1], C.cond_slice(cond, 1))
-                (0.5 * cfg["r1_gamma"] * cfg["r1_every"] * r1).backward()
-                stats[5] += r1.detach()
+                stats[5] += C.r1_penalty(D, x_real[:1], z[:1], C.cond_slice(cond, 1), weight=0.5 * cfg["r1_gamma"] * cfg["r1_every"])
             # G step (Eq. 6): regression + non-saturating GAN loss; D frozen
             C.requires_grad(D, False)
             with C.autocast(device, cfg["dtype"]):
@@ -210,6 +218,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
+        timer.tick()
         d_wins = d_wins + 1 if stats[3] - stats[4] > 8 else 0
         if d_wins == 50:
             C.print0(f"warning: step {step}: D separates real and fake by {stats[3] - stats[4]:.1f} logits for 50 steps "
@@ -219,11 +228,16 @@ def main(argv=None):
             log.write(step=step, loss_g=stats[0], loss_reg=stats[1], loss_d=stats[2], logit_real=stats[3], logit_fake=stats[4],
                       r1=stats[5] if do_r1 else None, img_s=rate, lr=lr, d_lr=d_lr)
             bar.set_postfix(reg=f"{stats[1]:.4f}", d=f"{stats[2]:.3f}", real=f"{stats[3]:.2f}", fake=f"{stats[4]:.2f}")
+        if bench:
+            continue
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end:
             save(step + 1)
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
             grid(step + 1)
-    if rank == 0 and end == cfg["steps"]:
+    if bench:
+        timer.report(cfg, world, dict(G=G, D=D), ("preset", "batch_per_device", "dtype", "grad_ckpt", "loss", "lpips_augment",
+                                                  "z_cond", "multiscale", "r1_gamma", "r1_every", "mix_match", "noise_aug"))
+    elif rank == 0 and end == cfg["steps"]:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
         C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=2),

@@ -364,7 +364,8 @@ def load_feature_nets(cfg, device):
     nets = {}
     try:
         feats = _need("cleanfid.features", "clean-fid", "FID")
-        model = feats.build_feature_extractor("clean", device)
+        # no DataParallel (clean-fid's default): under torchrun each rank extracts its own shard on its own GPU
+        model = feats.build_feature_extractor("clean", device, use_dataparallel=False)
         nets["inception"] = lambda x: model((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5)
     except SystemExit:
         tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", "FID (clean-fid or torch-fidelity)")
@@ -411,7 +412,7 @@ def main(argv=None):
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
     cfg = C.resolve_config(parser.parse_args(argv))
     cfg["num_samples"] = cfg["num_samples"] or (2000 if cfg["preset"] == "toy" else 30_000)
-    rank, _, world, device = C.setup_distributed()
+    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:
         res = benchmark_speed(cfg, device)
         if rank == 0:

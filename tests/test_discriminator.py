@@ -1,4 +1,5 @@
 """Issue 6: the conditional diffusion discriminator, R1 and mix-and-match."""
+import copy
 import types
 
 import torch
@@ -9,7 +10,17 @@ import common as C
 def toy_teacher(seed=0):
     torch.manual_seed(seed)
     net = C.build_toy_teacher().eval()
-    return types.SimpleNamespace(family="edm", net=net, num_classes=10)
+    return types.SimpleNamespace(family="edm", net=net, num_classes=10, trainable_copy=lambda: copy.deepcopy(net).float())
+
+
+def test_built_where_the_teacher_is():
+    """Issue 12: D's construction assumes no device. Its dry run (readout channels)
+    and every part it adds live on the teacher's device. The meta device stands in
+    for a GPU here; the old code dry-ran on CPU tensors and failed exactly as on CUDA."""
+    t = toy_teacher()
+    t.net.to("meta")
+    D = C.Discriminator(t, z_cond=True, multiscale=True)
+    assert {p.device.type for p in D.parameters()} == {"meta"} and len(D.heads) == 3 * len(D.unet.up_blocks)
 
 
 def capture(unet):

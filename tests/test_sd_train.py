@@ -130,25 +130,13 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     """05's full SD path (FID, CLIP, P/R, DreamDiv, DreamSim-5k, grids) with stand-in
     feature networks injected in place of the pretrained ones: no download."""
     import numpy as np
-    from PIL import Image
+    from standin_eval import make_coco, stand_in_nets
     make_pairs("sd15", tiny_sd15, prompt_file, tmp_path)
     base = ["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, *STEPS, "--batch", 4, "--batch_per_device", 4,
             "--loss", "mse"]
     run_script("03_ode_distill.py", *base, "--steps", 2, "--grid_every", 100)
-    coco = tmp_path / "coco"
-    (coco / "val2014").mkdir(parents=True)
-    (coco / "annotations").mkdir()
-    images, anns = [], []
-    for i in range(6):
-        Image.fromarray(np.random.RandomState(i).randint(0, 255, (24, 32, 3)).astype(np.uint8)).save(coco / "val2014" / f"{i}.jpg")
-        images.append(dict(id=i, file_name=f"{i}.jpg"))
-        anns.append(dict(image_id=i, caption=f"a photo number {i}"))
-    json.dump(dict(images=images, annotations=anns), open(coco / "annotations" / "captions_val2014.json", "w"))
-    torch.manual_seed(0)
-    proj = torch.randn(3 * 8 * 8, 16)
-    feat = lambda x: torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="area").flatten(1) @ proj
-    stand_in = dict(inception=feat, clip=lambda x, p: torch.full((len(x),), 0.25),
-                    dreamsim=lambda a, b: (feat(a) - feat(b)).norm(dim=1) / 100)
+    coco = make_coco(str(tmp_path / "coco"))
+    stand_in = stand_in_nets()
     ev = importlib.import_module("05_evaluate")
     monkeypatch.setattr(ev, "load_feature_nets", lambda cfg, device: stand_in)
     ev.main(["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
@@ -176,3 +164,41 @@ def test_bf16_frozen_encoders_outside_autocast(tiny_sd15):
     x = G(z, cond)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     assert torch.isfinite(C.r1_penalty(D, x.detach(), z, cond))
+
+
+def test_bf16_teacher_trainable_copies_are_full_precision(tiny_sd15):
+    """Issue 14.3: with --dtype bfloat16 the frozen teacher is bf16, but G and D are
+    initialised from the fp32 checkpoint: G at step 0 equals the fp32 teacher's
+    x0-prediction to fp32 precision (the old bf16-rounded copy was ~1e-2 off)."""
+    base = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, num_pairs=1)
+    t32 = C.LDMTeacher(dict(base, dtype="float32"), torch.device("cpu"), load_vae=False)
+    t16 = C.LDMTeacher(dict(base, dtype="bfloat16"), torch.device("cpu"), load_vae=False)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = t32.encode_prompts(["a red cube", "the fox"])
+    with torch.no_grad():
+        ref = C.x0_from_model_output(t32.unet(z, t32.T, **cond).sample, z, t32.alphas_cumprod[t32.T])
+        x = C.Student(t16, t16.cfg).eval()(z, cond)
+    assert (x - ref).abs().max().item() < 1e-5, (x - ref).abs().max().item()
+    D32, D16 = C.Discriminator(t32), C.Discriminator(t16)
+    assert all(torch.equal(a, b) for a, b in zip(D32.unet.state_dict().values(), D16.unet.state_dict().values()))
+
+
+def test_float16_training_is_refused(tiny_sd15, tmp_path):
+    """Issue 12: fp16 autocast without a GradScaler underflows; refused naming bfloat16."""
+    p = run_script("03_ode_distill.py", "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, *STEPS,
+                   "--dtype", "float16", "--benchmark_steps", 1, check=False)
+    assert p.returncode != 0 and "bfloat16" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("script", ["03_ode_distill.py", "04_gan_finetune.py"])
+def test_sizing_mode_reports_on_a_tiny_config(script, tiny_sd15, tmp_path):
+    """Issue 13: --benchmark_steps runs the real training step on random pairs (no
+    pairs, no stage-1 checkpoint, random LatentLPIPS) and reports memory and img/s."""
+    extra = ["--r1_gamma", 0.01, "--r1_every", 2] if script.startswith("04") else []
+    p = run_script(script, "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, *STEPS, "--batch", 4,
+                   "--batch_per_device", 2, "--lpips_width", 0.125, "--benchmark_steps", 4, "--grad_ckpt", *extra)
+    rep = json.loads(p.stdout.split("benchmark: ")[-1].splitlines()[0])
+    assert rep["peak_gb"] > 0 and rep["step_s"] > 0 and rep["steps_timed"] == 2 and rep["grad_ckpt"] is True
+    assert rep["img_s_total"] == pytest.approx(4 / rep["step_s"], rel=0.01) and rep["batch_per_device"] == 2
+    assert rep["params_m"]["G"] > 0 and (script.startswith("03") or rep["params_m"]["D"] > 0)
+    assert not (tmp_path / ("distill" if script.startswith("03") else "gan")).exists()  # nothing written

@@ -7,28 +7,10 @@ import os
 import torch
 
 
-def _tiny_clip_tokenizer(folder):
-    """A CLIP BPE tokenizer built offline: single characters plus a few merges."""
-    from transformers import CLIPTokenizer
-    os.makedirs(folder, exist_ok=True)
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["t h", "th e</w>", "a n", "o n</w>", "i n", "e r</w>"]
-    for m in merges:
-        vocab[m.replace(" ", "")] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
-    assert len(tok) == len(vocab), "tiny tokenizer did not build"
-    return tok
+def _tiny_clip_tokenizer(folder=None):
+    """The synthetic CLIP tokenizer at its smallest vocabulary (92 tokens)."""
+    import common as C
+    return C.synthetic_clip_tokenizer(92)
 
 
 def _text_encoder(tok, with_projection=False, hidden=32, seed=0):
