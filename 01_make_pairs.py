@@ -99,7 +99,7 @@ def benchmark_pairs(cfg, device, batches=2):
     B = cfg["batch_per_device"]
     cls = StableDiffusionXLPipeline if teacher.kind == "sdxl" else StableDiffusionPipeline
     kw = dict(torch_dtype=teacher.dtype) if teacher.dtype != torch.float32 else {}
-    pipe = cls.from_pretrained(C.resolve_pretrained(cfg["teacher"]), **kw).to(device)
+    pipe = cls.from_pretrained(teacher.path, **kw).to(device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     seeds = list(range(B))

@@ -1576,8 +1576,9 @@ def param_groups(model, weight_decay, attn_weight_decay):
 def make_optimizer(name, groups, lr, betas):
     if name == "radam":
         return torch.optim.RAdam(groups, lr=lr, betas=betas, decoupled_weight_decay=True)
-    if name == "adam":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if name == "adam":  # fused on CUDA: one kernel, and no foreach temporaries the size of the weights
+        cuda = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if cuda else None)
     fail(f"unknown optimizer '{name}' (adam | radam)")
 
 
