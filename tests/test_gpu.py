@@ -15,6 +15,7 @@ from conftest import run_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # compare in true fp32 in this process
 SD = ["--resolution", 16, "--num_steps", 2]
 
 
@@ -39,7 +40,7 @@ def test_discriminator_and_student_on_cuda(tiny_sdxl):
         x = G(z.cuda(), c.cuda())
         ref = t.net(z.cuda() * 80.0, torch.full((4,), 80.0, device=CUDA), c.cuda())
         logits = D(x, z.cuda(), c.cuda())
-    assert torch.equal(x, ref) and all(l.is_cuda and torch.isfinite(l).all() for l in logits)
+    assert (x - ref).abs().max().item() < 1e-5 and all(l.is_cuda and torch.isfinite(l).all() for l in logits)
     cfg = dict(C.get_preset("sdxl"), preset="sdxl", teacher=tiny_sdxl, resolution=16, num_steps=50, dtype="float32",
                num_pairs=1, out_dir="unused")
     for dtype in ("float32", "bfloat16"):  # a bf16 teacher: G still starts from the fp32 weights
@@ -124,9 +125,9 @@ def test_tiny_sd_bf16_to_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_f
 def test_torchrun_nccl_stage1_and_stage2(tmp_path):
     run_script("01_make_pairs.py", "--out_dir", tmp_path, "--num_pairs", 64, "--shard_size", 64)
     run_script("02_train_latent_lpips.py", "--out_dir", tmp_path, "--cls_steps", 20, "--num_triplets", 100, "--cal_steps", 10)
-    for script, steps in (("03_ode_distill.py", 6), ("04_gan_finetune.py", 4)):
-        p = run_script(script, "--out_dir", tmp_path, "--steps", steps, "--batch", 16, "--batch_per_device", 8,
-                       "--r1_every", 2, "--log_every", 1, "--grid_every", 100, "--ckpt_every", 100, torchrun=1)
+    for script, steps, extra in (("03_ode_distill.py", 6, []), ("04_gan_finetune.py", 4, ["--r1_every", 2])):
+        p = run_script(script, "--out_dir", tmp_path, "--steps", steps, "--batch", 16, "--batch_per_device", 8, *extra,
+                       "--log_every", 1, "--grid_every", 100, "--ckpt_every", 100, torchrun=1)
         assert "backend nccl" in p.stdout, p.stdout[-500:]
     s1, s2 = logs(tmp_path / "distill" / "metrics.jsonl"), logs(tmp_path / "gan" / "metrics.jsonl")
     assert len(s1) == 6 and finite(*[l["loss"] for l in s1])
