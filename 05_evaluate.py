@@ -99,16 +99,39 @@ def model_table(cfg, teacher, device):
         name, _, path = item.rpartition("=")  # names may contain "=", paths rarely do
         runs = [p.strip() for p in path.split(";") if p.strip()]  # several (seeds) of one row: "name #k"
         paths.update({name.strip(): runs[0]} if len(runs) == 1 else {f"{name.strip()} #{k}": p for k, p in enumerate(runs, 1)})
+    found = {}
     for name, path in paths.items():
         if not os.path.isfile(path):
             C.print0(f"note: no {name} student at '{path}'; skipping that row")
             continue
         G = load_student(path, teacher, cfg, device)
+        if not G.w_cond:
+            found[name] = G.cfg["guidance"]
         # a guidance-conditioned student takes w; a fixed-w student ignores it
         models[name] = (lambda G: lambda z, c, w=None: G(z, C.student_cond(teacher, c, device),
                                                          (w if w is not None else cfg["guidance"]) if G.w_cond else None))(G)
         nfe[name] = 1
+    teacher_guidance_from_students(cfg, found)
+    nfe["teacher"] = teacher.nfe
     return models, nfe
+
+
+def teacher_guidance_from_students(cfg, found):
+    """The teacher row is solved at the guidance the students were distilled at
+    (their checkpoints), not at the preset's: an SD-CFG-8 student is compared with
+    a CFG-8 teacher. A contradicting --guidance, or students of different
+    guidance in one evaluation, is refused."""
+    values = sorted(set(found.values()))
+    if len(values) > 1:
+        C.fail(f"these students were distilled at different guidance scales ({found}); evaluate each group on its own")
+    if not values:
+        return
+    g = values[0]
+    if cfg["guidance_flag"] is not None and cfg["guidance_flag"] != g:
+        C.fail(f"--guidance {cfg['guidance_flag']} contradicts the students' checkpoints (guidance {g}); drop the flag")
+    if g != cfg["guidance"]:
+        C.print0(f"teacher guidance {g}: taken from the students' checkpoints (the preset says {cfg['guidance']})")
+    cfg["guidance"] = g
 
 
 def toy_classifier(cfg, eval_dir, device):
@@ -410,7 +433,9 @@ def load_coco(root, n, seed):
 
 def main(argv=None):
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
-    cfg = C.resolve_config(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    cfg = C.resolve_config(args)
+    cfg["guidance_flag"] = args.guidance  # given explicitly, or None (then the students' checkpoints decide)
     cfg["num_samples"] = cfg["num_samples"] or (2000 if cfg["preset"] == "toy" else 30_000)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:

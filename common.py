@@ -1512,10 +1512,8 @@ class Student(nn.Module):
         if self.family == "edm":
             self.net = teacher.trainable_copy().train().requires_grad_(True)
             self.sigma_max = cfg["sigma_max"]
-            if teacher.kind == "toy" and cfg.get("dropout"):
-                for m in self.net.modules():
-                    if isinstance(m, nn.Dropout):
-                        m.p = cfg["dropout"]
+            if cfg.get("dropout") is not None:  # Table A1: CIFAR10 trains with dropout 0.1
+                set_dropout(self.net, cfg["dropout"])
             self.num_classes = teacher.num_classes
         else:
             self.net = teacher.trainable_copy().train().requires_grad_(True)  # Eq. 8 at fp32, not bf16-rounded
@@ -1551,6 +1549,20 @@ class Student(nn.Module):
         extra = dict(timestep_cond=self._w_emb.to(dt)) if self.w_cond else {}
         out = self.net(z.to(dt), self.T, **cast_cond(cond, dt), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
         return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T, self.prediction_type)
+
+
+def set_dropout(net, rate):
+    """Set the dropout rate everywhere: torch Dropout layers (the toy U-Net) and the
+    float `dropout` attribute of the official NVlabs EDM blocks, which otherwise
+    keep the rate stored in the pickle (0.13 for CIFAR10). Prints the rate in effect."""
+    n = 0
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p, n = rate, n + 1
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout, n = rate, n + 1
+    print0(f"student dropout: {rate} in {n} layers")
+    return n
 
 
 def _w_condition_hook(module, args):

@@ -177,3 +177,25 @@ def test_stage1_pixel_lpips_and_guidance_student(toy_run, tmp_path):
     with torch.no_grad():
         for w in (1.0, 2.0, torch.tensor([1.0, 1.5, 2.5, 3.0])):
             assert torch.equal(G(z, c, w), base(z, c))
+
+
+def test_05_takes_the_teachers_guidance_from_the_students(tmp_path):
+    """Issue 14.6: a student distilled at w = 2 is compared with the teacher at w = 2
+    (70 NFE), not at the preset's w = 1; a contradicting --guidance is refused."""
+    import importlib
+    ev = importlib.import_module("05_evaluate")
+    cfg = dict(C.get_preset("toy"), preset="toy", out_dir=str(tmp_path), guidance_flag=None, cfg_range=None)
+    teacher = C.EDMTeacher(cfg, torch.device("cpu"))
+    G = C.Student(teacher, cfg)
+    path = tmp_path / "w2.pt"
+    torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=2.0), teacher=teacher.teacher_id, stage=1), path)
+    cfg1 = dict(cfg, students=f"w2={path}")
+    models, nfe = ev.model_table(cfg1, C.EDMTeacher(cfg1, torch.device("cpu")), torch.device("cpu"))
+    assert cfg1["guidance"] == 2.0 and nfe["teacher"] == 70 and nfe["w2"] == 1
+    cfg2 = dict(cfg, students=f"w2={path}", guidance_flag=1.5)
+    with pytest.raises(SystemExit, match="--guidance 1.5 contradicts .*guidance 2.0"):
+        ev.model_table(cfg2, C.EDMTeacher(cfg2, torch.device("cpu")), torch.device("cpu"))
+    torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=3.0), teacher=teacher.teacher_id, stage=1), tmp_path / "w3.pt")
+    cfg3 = dict(cfg, students=f"w2={path},w3={tmp_path / 'w3.pt'}")
+    with pytest.raises(SystemExit, match="different guidance scales"):
+        ev.model_table(cfg3, C.EDMTeacher(cfg3, torch.device("cpu")), torch.device("cpu"))

@@ -202,3 +202,23 @@ def test_sizing_mode_reports_on_a_tiny_config(script, tiny_sd15, tmp_path):
     assert rep["img_s_total"] == pytest.approx(4 / rep["step_s"], rel=0.01) and rep["batch_per_device"] == 2
     assert rep["params_m"]["G"] > 0 and (script.startswith("03") or rep["params_m"]["D"] > 0)
     assert not (tmp_path / ("distill" if script.startswith("03") else "gan")).exists()  # nothing written
+
+
+def test_dropout_reaches_official_edm_blocks():
+    """Issue 14.9: NVlabs EDM blocks keep a float `dropout` (0.13 in the released
+    CIFAR10 configs); --dropout 0.1 (Table A1) must replace it, as it does the toy's
+    nn.Dropout layers."""
+    import copy
+    import types
+
+    class Block(torch.nn.Module):  # the NVlabs UNetBlock's dropout: a float used in forward
+        def __init__(self):
+            super().__init__()
+            self.dropout, self.conv = 0.13, torch.nn.Conv2d(3, 3, 1)
+
+    net = torch.nn.Sequential(Block(), Block(), torch.nn.Dropout(0.13))
+    t = types.SimpleNamespace(family="edm", kind="edm-pickle", num_classes=10, net=net,
+                              trainable_copy=lambda: copy.deepcopy(net))
+    G = C.Student(t, dict(sigma_max=80.0, dropout=0.1))
+    assert [m.dropout for m in G.net[:2]] == [0.1, 0.1] and G.net[2].p == 0.1
+    assert net[0].dropout == 0.13  # the teacher keeps its own
