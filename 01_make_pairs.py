@@ -128,7 +128,7 @@ def main(argv=None):
         C.fail("--batch_per_device and --shard_size must be positive")
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["train_teacher"]:
-        if cfg["preset"] != "toy":
+        if cfg["arch"] != "toy":
             C.fail("--train_teacher trains the toy teacher only")
         return train_toy_teacher(cfg, device) if rank == 0 else None
 

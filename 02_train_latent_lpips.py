@@ -60,8 +60,8 @@ DEFAULTS = dict(
 # --- phase 1: the classifier -----------------------------------------------------
 def phase1_data(cfg, device):
     """(x_train, y_train, x_val, y_val) in the model's space."""
-    if cfg["preset"] in ("toy", "cifar10"):
-        if cfg["preset"] == "cifar10" and cfg["images"] is None:
+    if cfg["family"] == "edm":
+        if cfg["arch"] == "cifar10" and cfg["images"] is None:
             C.fail("cifar10: pass --images with an ImageFolder tree of CIFAR10/ImageNet images for phase 1")
         if cfg["images"] is None:
             x, y = C.toy_images(range(0, 24_000))

@@ -70,6 +70,7 @@ STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
     "sdxl": dict(steps=20_000, batch=1024, batch_per_device=2, optimizer="adam", lr=1e-4, lr_end=1e-5, weight_decay=1e-2,
                  attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000, ckpt_every=2000),
 }
+STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
 
 
 def build_loss(cfg, teacher, device):
@@ -88,11 +89,18 @@ def build_loss(cfg, teacher, device):
     return C.RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel).to(device)
 
 
-def main(argv=None):
+def get_config(argv=None):
+    """Preset, then this stage's Table A1 row, then the flags given."""
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS, STAGE1)
     args = parser.parse_args(argv)
     cfg = C.resolve_config(args)
-    cfg.update({k: v for k, v in STAGE1[cfg["preset"]].items() if getattr(args, k, None) is None})
+    table = STAGE1.get(cfg["preset"]) or STAGE1[cfg["arch"]]  # a user's own preset takes its architecture's table
+    cfg.update({k: v for k, v in table.items() if getattr(args, k, None) is None})
+    return cfg
+
+
+def main(argv=None):
+    cfg = get_config(argv)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     loss_fn = build_loss(cfg, teacher, device)

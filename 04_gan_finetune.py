@@ -83,6 +83,7 @@ STAGE2 = {
                  r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
+STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
 
 
 def export_diffusers(cfg, teacher, device):
@@ -108,13 +109,20 @@ def export_diffusers(cfg, teacher, device):
     print(f"exported to {cfg['export']}: unet/, scheduler/ (LCMScheduler); call the pipeline with {call}")
 
 
-def main(argv=None):
+def get_config(argv=None):
+    """Preset, then this stage's Table A1 row, then the flags given. Returns (cfg, args)."""
     parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS, STAGE2)
     args = parser.parse_args(argv)
     cfg = C.resolve_config(args)
-    if cfg["preset"] not in STAGE2:
-        C.fail(f"the paper's {cfg['preset']} setting has no GAN stage (Table A1); use toy, sd15 or sdxl")
-    cfg.update({k: v for k, v in STAGE2[cfg["preset"]].items() if getattr(args, k, None) is None})
+    if cfg["arch"] not in STAGE2:
+        C.fail(f"the paper's {cfg['arch']} setting has no GAN stage (Table A1); use a toy, sd15 or sdxl preset")
+    table = STAGE2.get(cfg["preset"]) or STAGE2[cfg["arch"]]  # a user's own preset takes its architecture's table
+    cfg.update({k: v for k, v in table.items() if getattr(args, k, None) is None})
+    return cfg, args
+
+
+def main(argv=None):
+    cfg, args = get_config(argv)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["export"]:
         return export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False) if cfg["family"] == "ldm" else

@@ -436,7 +436,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = C.resolve_config(args)
     cfg["guidance_flag"] = args.guidance  # given explicitly, or None (then the students' checkpoints decide)
-    cfg["num_samples"] = cfg["num_samples"] or (2000 if cfg["preset"] == "toy" else 30_000)
+    cfg["num_samples"] = cfg["num_samples"] or (2000 if cfg["arch"] == "toy" else 30_000)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:
         res = benchmark_speed(cfg, device)
@@ -446,7 +446,7 @@ def main(argv=None):
         return C.cleanup()
     teacher = C.load_teacher(cfg, device)
     if cfg["family"] == "edm":
-        if cfg["preset"] != "toy":
+        if cfg["arch"] != "toy":
             C.fail("CIFAR10 FID needs Inception features: use the official EDM fid.py on the students' samples")
         rows = evaluate_toy(cfg, teacher, device, rank, world)
         if cfg["eval_w"] and rank == 0:

@@ -222,3 +222,19 @@ def test_dropout_reaches_official_edm_blocks():
     G = C.Student(t, dict(sigma_max=80.0, dropout=0.1))
     assert [m.dropout for m in G.net[:2]] == [0.1, 0.1] and G.net[2].p == 0.1
     assert net[0].dropout == 0.13  # the teacher keeps its own
+
+
+def test_sd15_cfg8_and_a_users_own_preset(tiny_sd15, monkeypatch):
+    """Issue 14.5: SD-CFG-8 is a preset with Table A1's own values, and presets are
+    checked by family/arch, not by name: a user's new preset works in every stage."""
+    s1, s2 = importlib.import_module("03_ode_distill"), importlib.import_module("04_gan_finetune")
+    c1, (c2, _) = s1.get_config(["--preset", "sd15_cfg8"]), s2.get_config(["--preset", "sd15_cfg8"])
+    assert (c1["guidance"], c1["loss"], c1["lpips_augment"], c1["num_pairs"]) == (8.0, "elatent", "bgc+cutout", 12_000_000)
+    assert (c1["batch"], c1["steps"], c2["batch"], c2["steps"], c2["lambda_gan"]) == (2048, 50_000, 1024, 10_000, 0.25)
+    assert s1.get_config(["--preset", "sd15"])["loss"] == "elatent+latent"
+    monkeypatch.setitem(C.PRESETS, "my_sd", dict(C.PRESETS["sd15"], guidance=5.0))
+    c2, _ = s2.get_config(["--preset", "my_sd"])
+    assert c2["guidance"] == 5.0 and c2["batch"] == 256 and c2["r1_gamma"] == 0.01
+    cfg = dict(C.get_preset("my_sd"), preset="my_sd", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
+               num_pairs=1, out_dir="unused")
+    assert C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False).kind == "sd15"
