@@ -53,7 +53,8 @@ DEFAULTS = dict(
     log_every=10,
     grid_every=None,
     ckpt_every=None,
-    resume=False,            # continue from <run>/ckpt_latest.pt
+    resume=False,            # continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)
+    allow_config_change=False,  # --resume anyway when a RESUME_KEYS setting changed (deliberately)
     max_steps_this_run=0,    # stop after this many steps (0 = run to --steps); for time-limited jobs
     grad_ckpt=False,         # gradient checkpointing of G (memory for compute)
     benchmark_steps=0,       # sizing mode: N steps on random pairs (e.g. with --teacher random), report memory and img/s, exit
@@ -70,6 +71,9 @@ STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
     "sdxl": dict(steps=20_000, batch=1024, batch_per_device=2, optimizer="adam", lr=1e-4, lr_end=1e-5, weight_decay=1e-2,
                  attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000, ckpt_every=2000),
 }
+# settings a --resume must not change silently (batch_per_device may: same global batch)
+RESUME_KEYS = ("batch", "steps", "loss", "lpips_augment", "optimizer", "lr", "lr_end", "betas", "weight_decay",
+               "attn_weight_decay", "dropout", "ema_start", "ema_beta", "seed", "pairs_id", "teacher", "dtype")
 STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
 
 
@@ -113,6 +117,7 @@ def main(argv=None):
     step, bench = 0, cfg["benchmark_steps"] > 0
     if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, "checkpoint")
+        C.check_resume(ck["config"], cfg, RESUME_KEYS)
         G.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -126,10 +131,12 @@ def main(argv=None):
         z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
     teacher.release_unet()
 
-    def save(step):
+    def save(step):  # the resumable state, and the EMA student that 04 and 05 read (also from a run stopped early)
         if rank == 0:
             C.atomic_torch_save(dict(model=G.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                                      config=cfg), ckpt_path)
+            C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=1, step=step),
+                                os.path.join(run_dir, "student_ema.pt"))
 
     def grid(step):
         if rank == 0:
@@ -183,8 +190,6 @@ def main(argv=None):
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
         fid = (x_st - x_ho).pow(2).mean().item()
-        C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=1),
-                            os.path.join(run_dir, "student_ema.pt"))
         print(f"held-out fidelity (MSE student vs teacher, same z): {fid:.5f}; wrote {run_dir}/student_ema.pt")
     C.cleanup()
 

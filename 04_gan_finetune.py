@@ -62,7 +62,8 @@ DEFAULTS = dict(
     dtype="float32",
     seed=0,
     log_every=10, grid_every=None, ckpt_every=None,
-    resume=False,
+    resume=False,            # continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)
+    allow_config_change=False,  # --resume anyway when a RESUME_KEYS setting changed (deliberately)
     max_steps_this_run=0,
     export=None,             # sd15/sdxl: write the stage-2 student as a diffusers folder (unet/ + scheduler/) and exit
     grad_ckpt=False,         # gradient checkpointing of G and D (memory for compute)
@@ -83,6 +84,11 @@ STAGE2 = {
                  r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
+# settings a --resume must not change silently (batch_per_device may: same global batch)
+RESUME_KEYS = ("batch", "steps", "loss", "lpips_augment", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
+               "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
+               "mix_match", "noise_aug", "d_sigma", "d_timestep", "ema_start", "ema_beta", "seed", "pairs_id", "teacher",
+               "init", "dtype")
 STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
 
 
@@ -151,6 +157,7 @@ def main(argv=None):
     step = 0
     if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, "checkpoint")
+        C.check_resume(ck["config"], cfg, RESUME_KEYS)
         for obj, key in ((G, "model"), (ema, "ema"), (D, "D"), (opt_g, "opt"), (opt_d, "opt_d")):
             obj.load_state_dict(ck[key])
         step = ck["step"]
@@ -162,14 +169,20 @@ def main(argv=None):
         C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
         w_ho = C.mid_guidance(cfg)
         z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
+        G1 = G if step == 0 else copy.deepcopy(G)  # after a resume, G is no longer the stage-1 student
+        if step:
+            G1.load_state_dict(s1["ema"])
         with torch.no_grad():
-            x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
+            x_s1 = G1(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()  # the grid's "stage 1" row
+        del G1
     teacher.release_unet()
 
-    def save(step):
+    def save(step):  # the resumable state, and the EMA student that 05 reads (also from a run stopped early)
         if rank == 0:
             C.atomic_torch_save(dict(model=G.state_dict(), ema=ema.state_dict(), D=D.state_dict(), opt=opt_g.state_dict(),
                                      opt_d=opt_d.state_dict(), step=step, config=cfg), ckpt_path)
+            C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=2, step=step),
+                                os.path.join(run_dir, "student_ema.pt"))
 
     def grid(step):  # rows: teacher | stage 1 | stage 2 (same z)
         if rank == 0:
@@ -248,8 +261,6 @@ def main(argv=None):
     elif rank == 0 and end == cfg["steps"]:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
-        C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=2),
-                            os.path.join(run_dir, "student_ema.pt"))
         print(f"held-out fidelity (MSE student vs teacher, same z): stage 1 {(x_s1.cpu() - x_ho).pow(2).mean():.5f}, "
               f"stage 2 {(x_st - x_ho).pow(2).mean():.5f}; wrote {run_dir}/student_ema.pt")
     C.cleanup()

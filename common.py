@@ -1437,7 +1437,20 @@ def training_setup(cfg, world, device):
         return accum, run_dir, None, teacher, RandomPairs(teacher, cfg)
     data = PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
     cfg["cfg_range"], cfg["guidance"] = data.m.get("cfg_range"), data.m["guidance"]  # the student learns the pairs' teacher
+    cfg["pairs_id"] = {k: data.m.get(k) for k in ("teacher", "solver", "guidance", "cfg_range", "num_pairs", "seed", "prompts")}
     return accum, run_dir, os.path.join(run_dir, "ckpt_latest.pt"), teacher, data
+
+
+def check_resume(saved, cfg, keys):
+    """--resume continues the same run: a setting that changes the run (batch, loss,
+    learning rates, pairs, seed, ...) is refused, naming each field, unless
+    --allow_config_change says the change is deliberate."""
+    changed = [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
+    if changed and not cfg["allow_config_change"]:
+        fail("--resume would continue with changed settings (" + "; ".join(changed) +
+             "); start a new --run_name, or pass --allow_config_change if the change is deliberate")
+    if changed:
+        print0("warning: resuming with changed settings: " + "; ".join(changed))
 
 
 class RandomPairs:

@@ -30,7 +30,12 @@ def test_stage1_resume_is_exact(toy_run):
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "straight", "--steps", 6, *S1)
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--max_steps_this_run", 3, *S1)
     mid = weights(toy_run / "resumed" / "ckpt_latest.pt")
-    assert mid["step"] == 3 and not (toy_run / "resumed" / "student_ema.pt").exists()
+    # issue 14.7: a run stopped early still leaves an EMA student for 04/05, written with the checkpoint
+    assert mid["step"] == 3 and weights(toy_run / "resumed" / "student_ema.pt")["step"] == 3
+    p = run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--resume", *S1,
+                   "--lr", 1e-3, "--seed", 1, check=False)  # issue 14.7: a changed run is refused, naming the fields
+    msg = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "lr: checkpoint 0.0002, now 0.001" in msg and "seed: checkpoint 0, now 1" in msg, msg
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--resume", *S1)
     a, b = weights(toy_run / "straight" / "ckpt_latest.pt"), weights(toy_run / "resumed" / "ckpt_latest.pt")
     assert a["step"] == b["step"] == 6
@@ -90,9 +95,15 @@ def test_stage2_resume_is_exact_and_seeded(toy_run):
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
     args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 8, "--r1_every", 2, "--ckpt_every", 100,
             "--grid_every", 100, "--log_every", 1]
-    run_script("04_gan_finetune.py", *args, "--run_name", "gan_straight")
+    straight = run_script("04_gan_finetune.py", *args, "--run_name", "gan_straight").stdout
     run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--max_steps_this_run", 2)
-    run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--resume")
+    assert weights(toy_run / "gan_resumed" / "student_ema.pt")["step"] == 2  # issue 14.7: written with the checkpoint
+    p = run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--resume", "--mix_match", 0.5, check=False)
+    assert p.returncode != 0 and "mix_match: checkpoint 0.25, now 0.5" in p.stderr
+    resumed = run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--resume").stdout
+    # issue 14.7: the grid's and the fidelity line's "stage 1" is the stage-1 student, also after a resume
+    fid = lambda out: next(l for l in out.splitlines() if l.startswith("held-out fidelity"))
+    assert fid(straight) == fid(resumed).replace("gan_resumed", "gan_straight")
     a, b = weights(toy_run / "gan_straight" / "ckpt_latest.pt"), weights(toy_run / "gan_resumed" / "ckpt_latest.pt")
     assert a["step"] == b["step"] == 4
     for part in ("model", "ema", "D"):
