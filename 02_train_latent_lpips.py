@@ -51,6 +51,7 @@ DEFAULTS = dict(
     bapps=None,              # phase 2: BAPPS root holding 2afc/{train,val}/<subset>/{ref,p0,p1,judge}
     num_triplets=6000,       # phase 2 (toy): synthetic triplets, 20% held out
     cal_steps=2000,          # phase 2 steps (cheap: the heads are linear in cached per-layer distances)
+    calibrate_only=False,    # phase 2 alone, on the phase-1 classifier saved in <out_dir>/lpips/classifier.pt
     reconstruct=False,       # run the Fig. 5 / A1 reconstruction experiment and exit
     recon_steps=400,
     speed=False,             # run the Fig. 4 speed/memory benchmark (SD1.5 shapes) and exit
@@ -300,6 +301,18 @@ def first_cached_latent(cfg, device):
 def load_bapps(cfg, split, device):
     """BAPPS 2AFC: root/2afc/<split>/<subset>/{ref,p0,p1}/*.png and judge/*.npy,
     brought into the model's space (VAE-encoded for sd15/sdxl; resized for toy)."""
+    refs, p0s, p1s, judges = bapps_files(cfg, split)
+    if cfg["family"] == "ldm":
+        vae, scaling = load_ldm_vae(cfg, device)
+        conv = lambda paths: encode_images(vae, scaling, torch.stack([C.load_image(p, 64) for p in paths]), device)
+    else:
+        conv = lambda paths: torch.stack([C.load_image(p, cfg["resolution"]) for p in paths])
+    return conv(refs), conv(p0s), conv(p1s), torch.tensor(judges)
+
+
+def bapps_files(cfg, split):
+    """The triplets' files and judgments of one BAPPS split; checks the layout (cheap:
+    called before phase 1, so a wrong --bapps stops the run before hours of training)."""
     root = os.path.join(cfg["bapps"], "2afc", split)
     if not os.path.isdir(root):
         C.fail(f"BAPPS folder '{root}' does not exist (expected <bapps>/2afc/{{train,val}}/<subset>/...)")
@@ -317,12 +330,10 @@ def load_bapps(cfg, split, device):
             p0s.append(os.path.join(root, sub, "p0", nm + ".png"))
             p1s.append(os.path.join(root, sub, "p1", nm + ".png"))
             judges.append(float(np.load(os.path.join(root, sub, "judge", nm + ".npy")).reshape(-1)[0]))
-    if cfg["family"] == "ldm":
-        vae, scaling = load_ldm_vae(cfg, device)
-        conv = lambda paths: encode_images(vae, scaling, torch.stack([C.load_image(p, 64) for p in paths]), device)
-    else:
-        conv = lambda paths: torch.stack([C.load_image(p, cfg["resolution"]) for p in paths])
-    return conv(refs), conv(p0s), conv(p1s), torch.tensor(judges)
+    missing = [p for p in refs + p0s + p1s if not os.path.isfile(p)]
+    if missing or not judges:
+        C.fail(f"BAPPS split '{root}' is incomplete: " + (f"'{missing[0]}' is missing" if missing else "no judge/*.npy files"))
+    return refs, p0s, p1s, judges
 
 
 def main(argv=None):
@@ -348,21 +359,37 @@ def main(argv=None):
             print(json.dumps(res), f"\nwrote {png}")
         return C.cleanup()
 
+    # every input of both phases is checked before phase 1 starts
+    if cfg["family"] == "ldm" and not cfg["bapps"]:
+        C.fail("phase 2 for sd15/sdxl needs 2AFC judgments: pass --bapps DIR (the BAPPS 2afc layout)")
+    if cfg["bapps"]:
+        bapps_files(cfg, "train"), bapps_files(cfg, "val")
+    cls_path = os.path.join(lp_dir, "classifier.pt")
     t0 = time.time()
-    x, y, xv, yv = phase1_data(cfg, device)
-    C.print0(f"phase 1: {len(x)} train / {len(xv)} held-out samples of shape {tuple(x.shape[1:])}, {int(y.max()) + 1} classes")
-    net, acc = train_classifier(cfg, x, y, xv, yv, device, rank, world)
-    C.print0(f"phase 1: held-out top-1 {acc:.4f}")
+    if cfg["calibrate_only"]:  # phase 1 was run before: its classifier is saved on its own
+        ck = C.load_checkpoint(cls_path, "phase-1 classifier (run 02 once without --calibrate_only)")
+        net, acc, ncls, in_ch = None, ck["top1"], ck["num_classes"], ck["in_ch"]
+        C.print0(f"phase 2 only: classifier '{cls_path}' (held-out top-1 {acc:.4f})")
+    else:
+        x, y, xv, yv = phase1_data(cfg, device)
+        C.print0(f"phase 1: {len(x)} train / {len(xv)} held-out samples of shape {tuple(x.shape[1:])}, {int(y.max()) + 1} classes")
+        net, acc = train_classifier(cfg, x, y, xv, yv, device, rank, world)
+        C.print0(f"phase 1: held-out top-1 {acc:.4f}")
+        ncls, in_ch = int(y.max()) + 1, x.shape[1]
+        if rank == 0:
+            C.atomic_torch_save(dict(state_dict=net.state_dict(), top1=acc, num_classes=ncls, in_ch=in_ch,
+                                     width=cfg["lpips_width"], pools_removed=cfg["lpips_pools_removed"]), cls_path)
     metrics = dict(top1=acc, phase1_seconds=round(time.time() - t0, 1))
     if rank == 0:
-        lp = C.LatentLPIPS(x.shape[1], cfg["lpips_width"], cfg["lpips_pools_removed"], int(y.max()) + 1)
-        lp.net.load_state_dict(net.state_dict())
+        lp = C.LatentLPIPS(in_ch, cfg["lpips_width"], cfg["lpips_pools_removed"], ncls)
+        try:
+            lp.net.load_state_dict(net.state_dict() if net is not None else ck["state_dict"])
+        except RuntimeError as e:
+            C.fail(f"'{cls_path}' does not match --lpips_width/--lpips_pools_removed ({str(e).splitlines()[0]})")
         lp = lp.to(device)
         t1 = time.time()
         if cfg["bapps"]:
             train, val = load_bapps(cfg, "train", device), load_bapps(cfg, "val", device)
-        elif cfg["family"] == "ldm":
-            C.fail("phase 2 for sd15/sdxl needs 2AFC judgments: pass --bapps DIR (the BAPPS 2afc layout)")
         else:
             n = cfg["num_triplets"]
             train, val = toy_triplets(n - n // 5, cfg["seed"] + 1), toy_triplets(n // 5, cfg["seed"] + 2)

@@ -147,6 +147,12 @@ def test_02_toy_smoke(tmp_path):
     lp = C.load_latent_lpips(str(tmp_path / "lpips" / "latent_lpips.pt"), in_ch=3)
     assert all((l.weight >= 0).all() for l in lp.lins)
     assert "phase 1: held-out top-1" in p.stdout
+    # issue 14.8: phase 1's classifier is saved on its own; phase 2 reruns without phase 1
+    assert (tmp_path / "lpips" / "classifier.pt").is_file()
+    p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path, "--num_triplets", 300, "--cal_steps", 10,
+                   "--calibrate_only")
+    assert "phase 2 only" in p.stdout and "phase 1:" not in p.stdout
+    assert torch.load(tmp_path / "lpips" / "latent_lpips.pt", weights_only=True)["metrics"]["top1"] == m["top1"]
 
 
 def _image_tree(root, classes=2, per_class=4, size=24):
@@ -188,3 +194,8 @@ def test_02_sd_path(tiny_sd15, tmp_path):
     mtime = cache.stat().st_mtime_ns
     p = run_script("02_train_latent_lpips.py", *args, check=False)  # no --bapps for an SD space
     assert p.returncode != 0 and "needs 2AFC judgments" in p.stderr and cache.stat().st_mtime_ns == mtime
+    # issue 14.8: a wrong --bapps stops the run before phase 1 trains (hours at SD scale)
+    (tmp_path / "run" / "lpips" / "classifier.pt").unlink()
+    p = run_script("02_train_latent_lpips.py", *args, "--bapps", tmp_path / "nope", check=False)
+    assert p.returncode != 0 and "BAPPS folder" in p.stderr and "phase 1:" not in p.stdout
+    assert not (tmp_path / "run" / "lpips" / "classifier.pt").exists()
