@@ -71,8 +71,9 @@ STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
     "sdxl": dict(steps=20_000, batch=1024, batch_per_device=2, optimizer="adam", lr=1e-4, lr_end=1e-5, weight_decay=1e-2,
                  attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000, ckpt_every=2000),
 }
-# settings a --resume must not change silently (batch_per_device may: same global batch)
-RESUME_KEYS = ("batch", "steps", "loss", "lpips_augment", "optimizer", "lr", "lr_end", "betas", "weight_decay",
+# settings a --resume must not change silently (batch_per_device may: same global batch;
+# --steps may, to extend a run)
+RESUME_KEYS = ("batch", "loss", "lpips_augment", "optimizer", "lr", "lr_end", "betas", "weight_decay",
                "attn_weight_decay", "dropout", "ema_start", "ema_beta", "seed", "pairs_id", "teacher", "dtype")
 STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
 

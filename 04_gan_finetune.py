@@ -84,8 +84,9 @@ STAGE2 = {
                  r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
-# settings a --resume must not change silently (batch_per_device may: same global batch)
-RESUME_KEYS = ("batch", "steps", "loss", "lpips_augment", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
+# settings a --resume must not change silently (batch_per_device may: same global batch;
+# --steps may, to extend a run)
+RESUME_KEYS = ("batch", "loss", "lpips_augment", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
                "mix_match", "noise_aug", "d_sigma", "d_timestep", "ema_start", "ema_beta", "seed", "pairs_id", "teacher",
                "init", "dtype")
@@ -205,6 +206,7 @@ def main(argv=None):
             g["lr"] = d_lr
         do_r1 = cfg["r1_gamma"] > 0 and step % cfg["r1_every"] == 0
         stats = torch.zeros(6, device=device)  # loss_g, loss_reg, loss_d, logit_real, logit_fake, r1
+        mixed = torch.zeros(3, device=device)  # mix-and-match fakes of each kind in this step (all ranks)
         for m, (chunk, idx) in enumerate(C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum)):
             torch.manual_seed(cfg["seed"] * 1_000_003 + step * 4099 + chunk)
             b = data.get(idx)
@@ -214,7 +216,14 @@ def main(argv=None):
                 x_fake = G(z, cond, w)
                 # D step (Eq. 5): real vs fake, with mix-and-match fakes
                 C.requires_grad(D, True)
-                xf, zf, cf, _ = C.mix_and_match(x_fake.detach(), x_real, z, cond, cfg["mix_match"])
+                xf, zf, cf = x_fake.detach(), z, cond
+                plan = C.mix_and_match_plan(cfg["seed"], step, [chunk * len(idx) + k for k in range(len(idx))], idx,
+                                            cfg["mix_match"], len(data))
+                if plan:  # partners: real pairs drawn from the data set (their own z and c)
+                    p = data.get([j for _, _, j in plan])
+                    pc = C.student_cond(teacher, p["cond"], device)
+                    xf, zf, cf = C.mix_and_match(xf, z, cond, plan, p["x"].to(device), p["z"].to(device), pc)
+                    mixed += torch.tensor([sum(kind == k for _, kind, _ in plan) for k in C.MIX_KINDS], device=device)
                 lr_real, lr_fake = D(x_real, z, cond), D(xf, zf, cf)
                 loss_d = C.gan_loss_d(lr_real, lr_fake)
             (loss_d / accum).backward()
@@ -229,6 +238,7 @@ def main(argv=None):
             stats[:5] += torch.stack([loss_g.detach(), loss_reg.detach(), loss_d.detach(), C.d_score(lr_real).mean().detach(),
                                       C.d_score(lr_fake).mean().detach()]) / accum
         stats = C.all_reduce_mean(stats).tolist()
+        mixed = (C.all_reduce_mean(mixed) * world).round().int().tolist()
         for name, v in zip(("loss_g", "loss_d", "r1"), (stats[0], stats[2], stats[5])):
             C.finite_or_stop(v, step, ckpt_path, name)
         for model, opt in ((D, opt_d), (G, opt_g)):
@@ -247,7 +257,7 @@ def main(argv=None):
         if step % cfg["log_every"] == 0 or do_r1 or step == cfg["steps"] - 1:
             rate = seen / (time.time() - t0)
             log.write(step=step, loss_g=stats[0], loss_reg=stats[1], loss_d=stats[2], logit_real=stats[3], logit_fake=stats[4],
-                      r1=stats[5] if do_r1 else None, img_s=rate, lr=lr, d_lr=d_lr)
+                      r1=stats[5] if do_r1 else None, mixed=dict(zip(C.MIX_KINDS, mixed)), img_s=rate, lr=lr, d_lr=d_lr)
             bar.set_postfix(reg=f"{stats[1]:.4f}", d=f"{stats[2]:.3f}", real=f"{stats[3]:.2f}", fake=f"{stats[4]:.2f}")
         if bench:
             continue

@@ -1877,31 +1877,50 @@ def r1_penalty(D, x, z, cond, weight=None):
     return r1.detach()
 
 
-def mix_and_match(x_fake, x_real, z, cond, frac, generator=None):
-    """Mix-and-match (§3.3): a fraction of the fake inputs becomes a real latent
-    of another sample j with wrong conditions, labelled fake. Kinds cycle through
-    (x_j, z_i, c_i) unrelated latent, (x_j, z_j, c_i) wrong c, (x_j, z_i, c_j)
-    wrong z. Returns the new (x, z, cond) and the list of (i, j, kind)."""
-    B = len(x_fake)
-    n = int(round(frac * B))
-    if n == 0 or B < 2:
-        return x_fake, z, cond, []
-    idx = torch.randperm(B, generator=generator)[:n].tolist()
-    shift = torch.randint(1, B, (n,), generator=generator).tolist()
+MIX_KINDS = ("unrelated", "wrong_c", "wrong_z")
+
+
+def mix_and_match_plan(seed, step, positions, own, frac, n):
+    """Mix-and-match (§3.3), decided per sample: sample k of a micro-batch, at
+    `positions[k]` in the step's global batch, is replaced with probability `frac`,
+    by one of the three kinds with equal odds, with partner j = another pair of the
+    data set (index != own[k]). Every draw depends on (seed, step, position) alone,
+    so the fraction and the kinds hold over the global batch for any micro-batch
+    size, 1 included, and a resumed run replays them. Returns [(k, kind, j)]."""
+    plan = []
+    for k, (pos, i) in enumerate(zip(positions, own)):
+        g = torch.Generator().manual_seed(_mix64((seed * 1_000_003 + step) * 65_537 + pos))  # decorrelate nearby seeds
+        if torch.rand(1, generator=g).item() >= frac:
+            continue
+        kind = MIX_KINDS[int(torch.randint(3, (1,), generator=g))]
+        j = (i + 1 + int(torch.randint(n - 1, (1,), generator=g))) % n  # uniform over the other n - 1 pairs
+        plan.append((k, kind, j))
+    return plan
+
+
+def _mix64(x):
+    """splitmix64: consecutive integers -> well-spread 64-bit generator seeds."""
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return (x ^ (x >> 31)) >> 1  # 63 bits: torch seeds are signed
+
+
+def mix_and_match(x_fake, z, cond, plan, x_p, z_p, cond_p):
+    """Apply a plan: fake k becomes the real latent x_j of its partner (row r of
+    x_p, z_p, cond_p), with (z_k, c_k) unrelated, (z_j, c_k) wrong c, or (z_k, c_j)
+    wrong z. All go into D's fake batch (labelled fake). Returns new (x, z, cond)."""
     x, zz = x_fake.clone(), z.clone()
-    cond_is_tensor = torch.is_tensor(cond)
-    cc = cond.clone() if cond_is_tensor else {k: (v.clone() if torch.is_tensor(v) else {kk: vv.clone() for kk, vv in v.items()})
-                                              for k, v in cond.items()}
-    done = []
-    for k, (i, s) in enumerate(zip(idx, shift)):
-        j, kind = (i + s) % B, k % 3
-        x[i] = x_real[j]
-        if kind == 1:
-            zz[i] = z[j]
-        if kind == 2:
-            _set_cond(cc, cond, i, j)
-        done.append((i, j, ("unrelated", "wrong_c", "wrong_z")[kind]))
-    return x, zz, cc, done
+    cc = cond.clone() if torch.is_tensor(cond) else {k: (v.clone() if torch.is_tensor(v) else {kk: vv.clone() for kk, vv in v.items()})
+                                                     for k, v in cond.items()}
+    for r, (k, kind, _) in enumerate(plan):
+        x[k] = x_p[r]
+        if kind == "wrong_c":
+            zz[k] = z_p[r]
+        if kind == "wrong_z":
+            _set_cond(cc, cond_p, k, r)
+    return x, zz, cc
 
 
 def _set_cond(dst, src, i, j):

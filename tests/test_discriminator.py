@@ -109,18 +109,40 @@ def test_mix_and_match():
     B = 16
     x_fake, x_real = torch.randn(B, 3, 4, 4), torch.randn(B, 3, 4, 4)
     z, c = torch.randn(B, 3, 4, 4), torch.arange(B)
-    x, zz, cc, done = C.mix_and_match(x_fake, x_real, z, c, 0.25, torch.Generator().manual_seed(0))
-    assert len(done) == 4 and len({i for i, _, _ in done}) == 4
-    assert {k for _, _, k in done} == {"unrelated", "wrong_c", "wrong_z"}
-    replaced = {i for i, _, _ in done}
-    for i, j, kind in done:
-        assert j != i and torch.equal(x[i], x_real[j])           # a real latent of another sample
-        assert torch.equal(zz[i], z[j] if kind == "wrong_c" else z[i])
-        assert cc[i] == (c[j] if kind == "wrong_z" else c[i])
+    plan = C.mix_and_match_plan(0, 0, range(B), range(B), 0.5, B)
+    assert plan and {kind for _, kind, _ in plan} == set(C.MIX_KINDS)
+    x_p, z_p, c_p = (t[[j for _, _, j in plan]] for t in (x_real, z, c))  # partners' real pairs
+    x, zz, cc = C.mix_and_match(x_fake, z, c, plan, x_p, z_p, c_p)
+    replaced = {k for k, _, _ in plan}
+    for k, kind, j in plan:
+        assert j != k and torch.equal(x[k], x_real[j])           # a real latent of another sample
+        assert torch.equal(zz[k], z[j] if kind == "wrong_c" else z[k])
+        assert cc[k] == (c[j] if kind == "wrong_z" else c[k])
     for i in set(range(B)) - replaced:
         assert torch.equal(x[i], x_fake[i]) and torch.equal(zz[i], z[i]) and cc[i] == c[i]
     # these inputs go into D's fake batch: all labelled fake by gan_loss_d
-    assert C.mix_and_match(x_fake, x_real, z, c, 0.0)[3] == []
+    assert C.mix_and_match_plan(0, 0, range(B), range(B), 0.0, B) == []
+
+
+def test_mix_and_match_holds_over_the_global_batch():
+    """Issue 14.1: the fraction and all three kinds hold over a global batch of 256
+    at micro-batch 1, 4 and 16 (the old per-micro-batch rule replaced nothing at 1
+    and only 'unrelated' at 4). The plan is the same whatever the split."""
+    n, frac, counts = 256, 0.25, {}
+    for mb in (1, 4, 16):
+        plans = [C.mix_and_match_plan(0, 7, range(s, s + mb), range(s, s + mb), frac, 10_000) for s in range(0, n, mb)]
+        kinds = [kind for p in plans for _, kind, _ in p]
+        counts[mb] = {k: kinds.count(k) for k in C.MIX_KINDS}
+    print("mix-and-match counts over 256 samples:", counts)
+    assert counts[1] == counts[4] == counts[16]
+    total = sum(counts[1].values())
+    assert abs(total - frac * n) < 3 * (n * frac * (1 - frac)) ** 0.5   # binomial, within 3 sigma of 64
+    assert all(abs(v - total / 3) < 3 * (total * 2 / 9) ** 0.5 for v in counts[1].values())
+    # over many steps the fraction and the 1/3 shares converge
+    many = [kind for step in range(40) for _, kind, _ in C.mix_and_match_plan(0, step, range(n), range(n), frac, 10_000)]
+    sd_frac, sd_share = (frac * (1 - frac) / (40 * n)) ** 0.5, (2 / 9 / len(many)) ** 0.5
+    assert abs(len(many) / (40 * n) - frac) < 3 * sd_frac
+    assert all(abs(many.count(k) / len(many) - 1 / 3) < 3 * sd_share for k in C.MIX_KINDS)
 
 
 def test_gan_losses():
