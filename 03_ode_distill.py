@@ -90,7 +90,7 @@ def build_loss(cfg, teacher, device):
             lpips = C.load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
     if cfg["loss"] == "lpips":
         pixel = C.load_pixel_lpips(cfg["pixel_lpips"], device)
-        decode = teacher.to_images if teacher.family == "ldm" else None
+        decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
     return C.RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel).to(device)
 
 

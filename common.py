@@ -931,12 +931,19 @@ class LDMTeacher:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    @torch.no_grad()
-    def to_images(self, x):
+    def decode(self, x):
+        """Latents -> pixels, differentiable and unclamped: the decoder inside the
+        Table 1 LPIPS baseline (--loss lpips), whose gradient must reach G. The frozen
+        VAE runs in its own dtype: the run's --dtype (bf16 in Table A1), or float32
+        for a VAE that asks for it (SDXL's force_upcast)."""
         if self.vae is None:
             fail("decoding latents needs the teacher's VAE")
-        img = self.vae.decode((x / self.scaling_factor).to(self.vae.dtype)).sample
-        return img.float().clamp(-1, 1)
+        return self.vae.decode((x / self.scaling_factor).to(self.vae.dtype)).sample.float()
+
+    @torch.no_grad()
+    def to_images(self, x):
+        """Latents -> images in [-1, 1] for grids and metrics (no gradient)."""
+        return self.decode(x).clamp(-1, 1)
 
 
 def cat_cond(a, b):

@@ -238,3 +238,17 @@ def test_sd15_cfg8_and_a_users_own_preset(tiny_sd15, monkeypatch):
     cfg = dict(C.get_preset("my_sd"), preset="my_sd", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
                num_pairs=1, out_dir="unused")
     assert C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False).kind == "sd15"
+
+
+def test_lpips_loss_has_a_gradient_through_the_decoder(tiny_sd15):
+    """Issue 14.2: --loss lpips decodes G's latents with gradient and without
+    clamping (the old decoder ran under no_grad and clamped: no gradient reached G)."""
+    s1 = importlib.import_module("03_ode_distill")
+    cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
+               num_pairs=1, out_dir="unused", loss="lpips", pixel_lpips="random", lpips_augment=None, benchmark_steps=0)
+    teacher = C.LDMTeacher(cfg, torch.device("cpu"))
+    loss_fn = s1.build_loss(cfg, teacher, torch.device("cpu"))
+    x = (torch.randn(2, 4, 8, 8) * 20).requires_grad_(True)  # large latents decode outside [-1, 1]
+    loss_fn(x, torch.randn(2, 4, 8, 8)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert teacher.decode(x.detach()).abs().max() > 1  # unclamped inside the loss
