@@ -34,7 +34,8 @@ DEFAULTS = dict(
     lpips_ckpt=None,         # default <out_dir>/lpips/latent_lpips.pt (or an official tuned checkpoint)
     pixel_lpips="imagenet",  # --loss lpips: 'imagenet' (the `lpips` package, VGG16) or 'random' (offline tests)
     loss=None,               # elatent | elatent+latent | latent | lpips | mse | huber
-    lpips_augment=None,      # E-LatentLPIPS augmentations, e.g. bg+cutout, bgc+cutout
+    lpips_augment=None,      # E-LatentLPIPS augmentations: b, g, c, o (cutout), e.g. bgco; or bg+cutout, bgc+cutout
+    lpips_l1=False,          # + mean |G - x| (the official E-LatentLPIPS add_l1_loss; not in the paper)
     steps=None,              # training iterations
     batch=None,              # global batch
     batch_per_device=None,   # micro-batch per process; accumulation = batch / (batch_per_device x world)
@@ -73,7 +74,7 @@ STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
 }
 # settings a --resume must not change silently (batch_per_device may: same global batch;
 # --steps may, to extend a run)
-RESUME_KEYS = ("batch", "loss", "lpips_augment", "optimizer", "lr", "lr_end", "betas", "weight_decay",
+RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "optimizer", "lr", "lr_end", "betas", "weight_decay",
                "attn_weight_decay", "dropout", "ema_start", "ema_beta", "seed", "pairs_id", "teacher", "dtype")
 STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
 
@@ -91,7 +92,7 @@ def build_loss(cfg, teacher, device):
     if cfg["loss"] == "lpips":
         pixel = C.load_pixel_lpips(cfg["pixel_lpips"], device)
         decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
-    return C.RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel).to(device)
+    return C.RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg["lpips_l1"]).to(device)
 
 
 def get_config(argv=None):

@@ -41,6 +41,7 @@ DEFAULTS = dict(
     pixel_lpips="imagenet",
     loss=None,               # the regression term (stage 1's loss)
     lpips_augment=None,
+    lpips_l1=False,          # + mean |G - x| in the regression term (the official add_l1_loss; not in the paper)
     lambda_gan=None,         # Table A1: 0.25 (SD1.5), 1.0 (SDXL)
     z_cond=True,             # "+ z conditional D"
     multiscale=True,         # "+ Multi-scale training": multi-scale inputs, 3 readouts per decoder scale
@@ -86,7 +87,7 @@ STAGE2 = {
 }
 # settings a --resume must not change silently (batch_per_device may: same global batch;
 # --steps may, to extend a run)
-RESUME_KEYS = ("batch", "loss", "lpips_augment", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
+RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
                "mix_match", "noise_aug", "d_sigma", "d_timestep", "ema_start", "ema_beta", "seed", "pairs_id", "teacher",
                "init", "dtype")

@@ -1140,57 +1140,92 @@ def map_official_lpips(sd):
 
 class Augment(nn.Module):
     """T in Eq. 3: one random differentiable augmentation per call, applied
-    identically to both inputs. Spec letters as in Table A1:
-      b  blit: x-flip, 90-degree rotation, integer translation
-      g  geometric: isotropic + anisotropic scale, rotation, fractional translation (kornia)
-      c  colour: brightness, saturation, contrast (any channel count)
-      +cutout  a random square of half the size is zeroed
-    e.g. 'bg+cutout' (SD-CFG-3) or 'bgc+cutout' (SD-CFG-8, SDXL)."""
+    identically to both inputs. The distributions are the official E-LatentLPIPS
+    ones (its port of StyleGAN2-ADA's augmentation, every transform on); sizes are
+    the latent's height H and width W:
+      b  blit: x-flip (p 1/2), rotation by k*90 degrees, integer translation
+         round(U(-0.125, 0.125) * size), reflect padding
+      g  geometric: isotropic scale 2^N(0, 0.2), rotation U(-pi, pi), anisotropic
+         scale (s, 1/s) with s = 2^N(0, 0.2), another rotation U(-pi, pi), fractional
+         translation N(0, 0.125) * size; reflect padding (kornia's warp)
+      c  colour: brightness + U(-0.5, 0.5), saturation x U(0, 2), contrast x U(0.5, 1.5)
+         (any channel count)
+      o  cutout: a square of half the size, centred uniformly, is zeroed
+    Spelled as the official presets (b, g, c, o, bg, bgc, bgco) or as the paper
+    writes them ('bg+cutout', 'bgc+cutout')."""
 
     def __init__(self, spec="bgc+cutout"):
         super().__init__()
         letters, _, extra = spec.partition("+")
-        bad = set(letters) - set("bgc")
-        if bad or extra not in ("", "cutout"):
-            fail(f"unknown augment '{spec}': use the letters b, g, c and optionally '+cutout' (e.g. bgc+cutout)")
-        self.spec, self.b, self.g, self.c, self.cutout = spec, "b" in letters, "g" in letters, "c" in letters, extra == "cutout"
-        if self.g:
-            import kornia.augmentation as K
-            self.affine = K.RandomAffine(degrees=180, translate=(0.125, 0.125), scale=(0.8, 1.25, 0.8, 1.25),
-                                         p=1.0, padding_mode="reflection")
+        if extra not in ("", "cutout") or set(letters) - set("bgco") or not letters:
+            fail(f"unknown augment '{spec}': use the letters b, g, c, o (o = cutout), e.g. bgco, or bg+cutout / bgc+cutout")
+        letters += "o" if extra else ""
+        self.spec, self.b, self.g, self.c, self.cutout = spec, "b" in letters, "g" in letters, "c" in letters, "o" in letters
 
-    def forward(self, x0, x1):
-        B, C, H, W = x0.shape
-        dev = x0.device
+    def draw(self, B, H, W, device):
+        """One draw of every parameter, per sample (what forward applies to both inputs)."""
+        u = lambda *shape: torch.rand(B, *shape, device=device)
+        n = lambda *shape: torch.randn(B, *shape, device=device)
+        size = torch.tensor([H, W], device=device, dtype=torch.float32)
+        p = {}
+        if self.b:
+            p.update(flip=u() < 0.5, rot90=torch.randint(4, (B,), device=device),
+                     shift=((u(2) * 2 - 1) * 0.125 * size).round().long())
+        if self.g:
+            p.update(scale=torch.exp2(n() * 0.2), rot1=(u() * 2 - 1) * math.pi, aniso=torch.exp2(n() * 0.2),
+                     rot2=(u() * 2 - 1) * math.pi, frac=n(2) * 0.125 * size)
+        if self.c:
+            p.update(bright=u(1, 1, 1) - 0.5, sat=u(1, 1, 1) * 2, con=u(1, 1, 1) + 0.5)
+        if self.cutout:
+            p.update(centre=u(2))
+        return p
+
+    def forward(self, x0, x1, params=None):
+        B, _, H, W = x0.shape
+        p = self.draw(B, H, W, x0.device) if params is None else params
         xs = [x0.float(), x1.float()]
         if self.b:
-            flip = torch.rand(B, device=dev) < 0.5
-            k = torch.randint(4, (B,), device=dev)
-            shift = (torch.rand(B, 2) * 0.25 - 0.125) * torch.tensor([H, W])
-            shift = shift.round().long()
-            xs = [_blit(x, flip, k, shift) for x in xs]
+            xs = [_blit(x, p["flip"], p["rot90"], p["shift"]) for x in xs]
         if self.g:
-            params = self.affine.forward_parameters(xs[0].shape)  # one draw, replayed on both
-            xs = [self.affine(x, params=params) for x in xs]
+            from kornia.geometry.transform import warp_affine
+            m = _geometric_matrix(p, H, W)
+            xs = [warp_affine(x, m, (H, W), padding_mode="reflection", align_corners=False) for x in xs]
         if self.c:
-            bright = torch.randn(B, 1, 1, 1, device=dev) * 0.2
-            sat = torch.exp2(torch.randn(B, 1, 1, 1, device=dev))
-            con = torch.exp2(torch.randn(B, 1, 1, 1, device=dev) * 0.5)
-            xs = [_colour(x, bright, sat, con) for x in xs]
+            xs = [_colour(x, p["bright"], p["sat"], p["con"]) for x in xs]
         if self.cutout:
-            cy, cx = torch.rand(B, 1, 1, device=dev), torch.rand(B, 1, 1, device=dev)
-            gy = (torch.arange(H, device=dev).float() + 0.5)[None, :, None] / H
-            gx = (torch.arange(W, device=dev).float() + 0.5)[None, None, :] / W
+            gy = (torch.arange(H, device=x0.device).float() + 0.5)[None, :, None] / H
+            gx = (torch.arange(W, device=x0.device).float() + 0.5)[None, None, :] / W
+            cy, cx = p["centre"][:, 0, None, None], p["centre"][:, 1, None, None]
             keep = (((gy - cy).abs() >= 0.25) | ((gx - cx).abs() >= 0.25)).float()[:, None]
             xs = [x * keep for x in xs]
         return xs
 
 
 def _blit(x, flip, k, shift):
+    """x-flip, k*90-degree rotation, then an integer translation with reflect padding."""
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if x.shape[2] == x.shape[3]:
         x = torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k)])
-    return torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), (1, 2)) for xi, s in zip(x, shift)])
+    H, W = x.shape[-2:]
+    m = max(1, int(shift.abs().max()))
+    xp = F.pad(x, (m, m, m, m), mode="reflect")
+    return torch.stack([xi[:, m - int(s[0]): m - int(s[0]) + H, m - int(s[1]): m - int(s[1]) + W] for xi, s in zip(xp, shift)])
+
+
+def _geometric_matrix(p, H, W):
+    """ADA's geometric chain as one 2x3 pixel-space matrix per sample, about the
+    image centre: translate(frac) . rotate(rot2) . scale(aniso, 1/aniso) .
+    rotate(rot1) . scale(iso)."""
+    B = len(p["scale"])
+
+    def rot(t):
+        c, s = t.cos(), t.sin()
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    diag = lambda a, b: torch.diag_embed(torch.stack([a, b], -1))
+    A = rot(p["rot2"]) @ diag(p["aniso"], 1 / p["aniso"]) @ rot(p["rot1"]) @ diag(p["scale"], p["scale"])
+    centre = torch.tensor([(W - 1) / 2, (H - 1) / 2], device=A.device).expand(B, 2)
+    t = centre - (A @ centre[..., None])[..., 0] + p["frac"].flip(-1)  # frac is (y, x); the matrix acts on (x, y)
+    return torch.cat([A, t[..., None]], -1)
 
 
 def _colour(x, bright, sat, con):
@@ -1213,8 +1248,9 @@ class RegressionLoss(nn.Module):
       elatent+latent E-LatentLPIPS* (Table A1): the sum of both
       lpips          decode to pixels, then pixel LPIPS (the Table 1 baseline)"""
 
-    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None):
+    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None, l1=False):
         super().__init__()
+        self.l1 = l1  # the official package's add_l1_loss: + mean |a - b| (on by default there, not in the paper)
         if mode not in LOSSES:
             fail(f"unknown --loss '{mode}'; choose one of {', '.join(LOSSES)}")
         if "latent" in mode and lpips is None:
@@ -1240,6 +1276,8 @@ class RegressionLoss(nn.Module):
             d = self.lpips(ta, tb)
         if self.mode in ("latent", "elatent+latent"):
             d = d + self.lpips(a, b)
+        if self.l1:
+            d = d + (a - b).abs().mean((1, 2, 3))
         return d
 
 

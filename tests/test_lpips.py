@@ -199,3 +199,42 @@ def test_02_sd_path(tiny_sd15, tmp_path):
     p = run_script("02_train_latent_lpips.py", *args, "--bapps", tmp_path / "nope", check=False)
     assert p.returncode != 0 and "BAPPS folder" in p.stderr and "phase 1:" not in p.stdout
     assert not (tmp_path / "run" / "lpips" / "classifier.pt").exists()
+
+
+def test_augmentation_distributions_match_the_official_formulas():
+    """Issue 14.4: each parameter's moments over many draws against the official
+    E-LatentLPIPS (StyleGAN2-ADA port) formulas, at a 64x64 latent."""
+    import math
+    torch.manual_seed(0)
+    n, H = 200_000, 64
+    p = C.Augment("bgco").draw(n, H, H, torch.device("cpu"))
+    close = lambda t, mean, std, tol=0.02: abs(t.float().mean().item() - mean) < tol * max(std, 1) and \
+        abs(t.float().std().item() - std) < tol * std
+    u_std = lambda a, b: (b - a) / math.sqrt(12)
+    assert close(p["flip"], 0.5, 0.5) and set(p["rot90"].unique().tolist()) == {0, 1, 2, 3}
+    s = p["shift"].float()  # integer translation: round(U(-0.125, 0.125) * 64), within +-8 px
+    assert s.abs().max() == 8 and torch.equal(s, s.round()) and close(s, 0, u_std(-8, 8), 0.03)
+    assert close(torch.log2(p["scale"]), 0, 0.2) and close(torch.log2(p["aniso"]), 0, 0.2)   # 2^N(0, 0.2)
+    for r in ("rot1", "rot2"):                                                                 # U(-pi, pi), twice
+        assert close(p[r], 0, u_std(-math.pi, math.pi)) and p[r].abs().max() <= math.pi
+    assert close(p["frac"] / H, 0, 0.125)                                                      # N(0, 0.125) * size
+    assert close(p["bright"], 0, u_std(-0.5, 0.5)) and p["bright"].abs().max() <= 0.5           # + U(-0.5, 0.5)
+    assert close(p["sat"], 1, u_std(0, 2)) and p["sat"].min() >= 0 and p["sat"].max() <= 2     # x U(0, 2)
+    assert close(p["con"], 1, u_std(0.5, 1.5)) and p["con"].min() >= 0.5                       # x U(0.5, 1.5)
+    assert close(p["centre"], 0.5, u_std(0, 1))
+    # both spellings select the same transforms
+    for a, b in (("bgco", "bgc+cutout"), ("bgo", "bg+cutout")):
+        assert vars(C.Augment(a)) | {"spec": 0} == vars(C.Augment(b)) | {"spec": 0}
+
+
+def test_blit_translation_reflects_instead_of_wrapping():
+    """Issue 14.4: blit's integer translation pads by reflection (the old torch.roll wrapped around)."""
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    out = C._blit(x, torch.tensor([False]), torch.tensor([0]), torch.tensor([[0, 1]]))
+    assert torch.equal(out[0, 0, :, 1:], x[0, 0, :, :3]) and torch.equal(out[0, 0, :, 0], x[0, 0, :, 1])
+
+
+def test_official_l1_term_is_off_by_default(lp):
+    a, b = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    base, with_l1 = C.RegressionLoss("latent", lp), C.RegressionLoss("latent", lp, l1=True)
+    assert torch.allclose(with_l1(a, b) - base(a, b), (a - b).abs().mean((1, 2, 3)))

@@ -245,7 +245,7 @@ def test_lpips_loss_has_a_gradient_through_the_decoder(tiny_sd15):
     clamping (the old decoder ran under no_grad and clamped: no gradient reached G)."""
     s1 = importlib.import_module("03_ode_distill")
     cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
-               num_pairs=1, out_dir="unused", loss="lpips", pixel_lpips="random", lpips_augment=None, benchmark_steps=0)
+               num_pairs=1, out_dir="unused", loss="lpips", pixel_lpips="random", lpips_augment=None, benchmark_steps=0, lpips_l1=False)
     teacher = C.LDMTeacher(cfg, torch.device("cpu"))
     loss_fn = s1.build_loss(cfg, teacher, torch.device("cpu"))
     x = (torch.randn(2, 4, 8, 8) * 20).requires_grad_(True)  # large latents decode outside [-1, 1]
