@@ -790,7 +790,7 @@ class LDMTeacher:
         self.path = path
         found = detect_ldm_kind(path)
         if found != self.kind:
-            fail(f"teacher '{src}' is an {found.upper()} model but --preset {cfg['preset']} is a {self.kind} preset; use --preset {found}")
+            fail(f"teacher '{src}' is an {found.upper()} model but --preset is {cfg['preset']} (a {self.kind} preset); use --preset {found}")
         for comp in LDM_COMPONENTS[self.kind]:
             if comp == "vae" and not load_vae:
                 continue

@@ -10,6 +10,7 @@ import common as C
 from conftest import run_script
 
 
+@pytest.mark.slow  # ~1 min on a slow 2-core machine; checks the shipped asset, which changes rarely
 def test_toy_teacher_is_class_correct_and_diverse(tmp_path):
     torch.set_num_threads(2)
     clf = C.train_toy_classifier(str(tmp_path / "clf.pt"), log=print)

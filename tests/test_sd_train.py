@@ -53,8 +53,10 @@ def test_sd_stage1_and_stage2(kind, tiny_sd15, tiny_sdxl, prompt_file, lpips4, t
     assert len(log) == 4 and [l["step"] for l in log if l["r1"] is not None] == [0, 2]
     for l in log:
         assert all(torch.isfinite(torch.tensor(l[k])) for k in ("loss_g", "loss_d", "logit_real", "logit_fake"))
-    p = run_script("04_gan_finetune.py", *base, "--steps", 5, "--resume", "--r1_gamma", 0.01, "--grid_every", 100)
+    p = run_script("04_gan_finetune.py", *base, "--steps", 5, "--resume", "--r1_gamma", 0.01, "--grid_every", 100,
+                   "--allow_config_change")  # r1_every and mix_match differ from the first run: deliberate here
     assert "at step 4" in p.stdout and (tmp_path / "gan" / "student_ema.pt").exists()
+    assert "resuming with changed settings: r1_every: checkpoint 2, now 16" in p.stdout
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
