@@ -695,14 +695,18 @@ def random_teacher(kind, out_dir, device):
     encoders) with seeded random weights, written once as a diffusers folder under
     <out_dir>/random_teacher so that every stage loads it like a downloaded model.
     For sizing memory and speed only: its pairs and students mean nothing."""
+    folder = os.path.join(out_dir, "random_teacher")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        if is_main():
+            _build_random_teacher(kind, folder, device)
+        barrier()  # the other ranks load it once rank 0 has written it
+    return folder
+
+
+def _build_random_teacher(kind, folder, device):
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    folder = os.path.join(out_dir, "random_teacher")
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
-        return folder
-    if not is_main():
-        fail(f"'{folder}' is incomplete: build the random teacher with one process first")
     arch = SD_ARCH[kind]
     print0(f"building a random-weight {kind} teacher at real size in '{folder}' (once)")
     torch.manual_seed(0)
@@ -1933,6 +1937,8 @@ def mix_and_match_plan(seed, step, positions, own, frac, n):
     so the fraction and the kinds hold over the global batch for any micro-batch
     size, 1 included, and a resumed run replays them. Returns [(k, kind, j)]."""
     plan = []
+    if n < 2 or frac <= 0:  # no other pair to borrow from
+        return plan
     for k, (pos, i) in enumerate(zip(positions, own)):
         g = torch.Generator().manual_seed(_mix64((seed * 1_000_003 + step) * 65_537 + pos))  # decorrelate nearby seeds
         if torch.rand(1, generator=g).item() >= frac:
