@@ -298,10 +298,11 @@ def first_cached_latent(cfg, device):
     return C.load_shard(path)["x"][:1].float().to(device), lambda z: vae.decode(z / scaling).sample.clamp(-1, 1)
 
 
-def load_bapps(cfg, split, device):
+def load_bapps(cfg, split, device, files=None):
     """BAPPS 2AFC: root/2afc/<split>/<subset>/{ref,p0,p1}/*.png and judge/*.npy,
-    brought into the model's space (VAE-encoded for sd15/sdxl; resized for toy)."""
-    refs, p0s, p1s, judges = bapps_files(cfg, split)
+    brought into the model's space (VAE-encoded for sd15/sdxl; resized for toy).
+    `files`: that split's `bapps_files`, when the up-front check has read them."""
+    refs, p0s, p1s, judges = files or bapps_files(cfg, split)
     if cfg["family"] == "ldm":
         vae, scaling = load_ldm_vae(cfg, device)
         conv = lambda paths: encode_images(vae, scaling, torch.stack([C.load_image(p, 64) for p in paths]), device)
@@ -362,8 +363,7 @@ def main(argv=None):
     # every input of both phases is checked before phase 1 starts
     if cfg["family"] == "ldm" and not cfg["bapps"]:
         C.fail("phase 2 for sd15/sdxl needs 2AFC judgments: pass --bapps DIR (the BAPPS 2afc layout)")
-    if cfg["bapps"]:
-        bapps_files(cfg, "train"), bapps_files(cfg, "val")
+    bapps = {split: bapps_files(cfg, split) for split in ("train", "val")} if cfg["bapps"] else None
     cls_path = os.path.join(lp_dir, "classifier.pt")
     t0 = time.time()
     if cfg["calibrate_only"]:  # phase 1 was run before: its classifier is saved on its own
@@ -389,7 +389,7 @@ def main(argv=None):
         lp = lp.to(device)
         t1 = time.time()
         if cfg["bapps"]:
-            train, val = load_bapps(cfg, "train", device), load_bapps(cfg, "val", device)
+            train, val = (load_bapps(cfg, split, device, bapps[split]) for split in ("train", "val"))
         else:
             n = cfg["num_triplets"]
             train, val = toy_triplets(n - n // 5, cfg["seed"] + 1), toy_triplets(n // 5, cfg["seed"] + 2)

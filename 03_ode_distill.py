@@ -152,7 +152,8 @@ def main(argv=None):
     end = cfg["benchmark_steps"] if bench else end
     bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 1", disable=rank != 0)
     t0, seen, timer = time.time(), 0, C.StepTimer(device)
-    timer.tick()
+    if bench:
+        timer.tick()
     for step in bar:
         lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"])
         for g in opt.param_groups:
@@ -175,7 +176,8 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
-        timer.tick()
+        if bench:  # the sizing timer synchronises the GPU: not in real runs
+            timer.tick()
         if step % cfg["log_every"] == 0 or step == cfg["steps"] - 1:
             rate = seen / (time.time() - t0)
             log.write(step=step, loss=total, img_s=rate, lr=lr)

@@ -198,7 +198,8 @@ def main(argv=None):
     end = cfg["benchmark_steps"] if bench else end
     bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 2", disable=rank != 0)
     t0, seen, d_wins, timer = time.time(), 0, 0, C.StepTimer(device)
-    timer.tick()
+    if bench:
+        timer.tick()
     for step in bar:
         lr, d_lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"]), C.lr_at(step, cfg["steps"], cfg["d_lr"], cfg["d_lr_end"])
         for g in opt_g.param_groups:
@@ -250,7 +251,8 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
-        timer.tick()
+        if bench:  # the sizing timer synchronises the GPU: not in real runs
+            timer.tick()
         d_wins = d_wins + 1 if stats[3] - stats[4] > 8 else 0
         if d_wins == 50:
             C.print0(f"warning: step {step}: D separates real and fake by {stats[3] - stats[4]:.1f} logits for 50 steps "

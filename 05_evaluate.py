@@ -297,13 +297,6 @@ def markdown_table(rows):
     return "\n".join(lines) + "\n"
 
 
-def sd15_unet_config():
-    """SD1.5's U-Net architecture (random weights: for benchmarking only)."""
-    return dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
-
-
 @torch.no_grad()
 def benchmark_speed(cfg, device):
     """Fig. 3: one-step student vs the teacher's full solver on the same device.
@@ -311,7 +304,7 @@ def benchmark_speed(cfg, device):
     (U-Net 860M, CLIP ViT-L text encoder), for benchmarking only. Reports time
     per image, the achieved ratio, and that ratio over the ideal ratio from
     per-call U-Net times (1.0 = no overhead), plus the Fig. 4 loss benchmark."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     steps = cfg.get("speed_steps") or cfg["num_steps"]
     if cfg["family"] != "ldm":
@@ -323,14 +316,13 @@ def benchmark_speed(cfg, device):
     else:
         torch.manual_seed(0)
         dtype = getattr(torch, cfg["dtype"])
-        unet = UNet2DConditionModel(**sd15_unet_config()).to(device, dtype).eval()
-        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                          num_hidden_layers=12, max_position_embeddings=77)).to(device, dtype).eval()
+        arch = C.SD_ARCH["sd15"]
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **arch["unet"]).to(device, dtype).eval()
+        te = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **arch["text"][0])).to(device, dtype).eval()
         ids = torch.zeros(1, 77, dtype=torch.long, device=device)
         encode = uncond = lambda n: dict(encoder_hidden_states=te(ids.repeat(n, 1))[0])
         latent = (4, 64, 64)
-        sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                              clip_sample=False, set_alpha_to_one=False)
+        sched = C.sd_ddim_scheduler()
         sched.set_timesteps(steps)
     dt = next(unet.parameters()).dtype
     z = torch.randn(1, *latent, device=device)

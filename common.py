@@ -674,6 +674,13 @@ SD_ARCH = {
 }
 
 
+def sd_ddim_scheduler():
+    """SD1.5's (and SDXL's) noise schedule as a DDIMScheduler, for random-weight models."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+
+
 def synthetic_clip_tokenizer(vocab_size=49408):
     """A CLIP BPE tokenizer that needs no download: single characters plus a few
     merges, padded with unused tokens to `vocab_size`. It tokenises any text; the
@@ -704,8 +711,7 @@ def random_teacher(kind, out_dir, device):
 
 
 def _build_random_teacher(kind, folder, device):
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     arch = SD_ARCH[kind]
     print0(f"building a random-weight {kind} teacher at real size in '{folder}' (once)")
@@ -718,8 +724,7 @@ def _build_random_teacher(kind, folder, device):
         te = [(CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(
             vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, **t)).half() for i, t in enumerate(arch["text"])]
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    sched = sd_ddim_scheduler()
     if kind == "sdxl":
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te[0], text_encoder_2=te[1], tokenizer=tok, tokenizer_2=tok,
                                          unet=unet, scheduler=sched)

@@ -31,9 +31,8 @@ def _vae(seed=0, scaling_factor=0.18215, force_upcast=True):
 
 
 def _scheduler():
-    from diffusers import DDIMScheduler
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    import common as C
+    return C.sd_ddim_scheduler()
 
 
 def make_tiny_sd15(folder, seed=0, channels=(32, 64)):
