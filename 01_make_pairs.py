@@ -20,7 +20,6 @@ Retrain the toy teacher (writes assets/toy_teacher.safetensors, ~15 min CPU):
 Throughput vs diffusers' pipeline (same teacher, prompts, z, steps, guidance):
                         python 01_make_pairs.py --preset sd15 --teacher DIR --prompts p.txt --benchmark
 """
-import argparse
 import copy
 import json
 import os
@@ -31,27 +30,61 @@ from tqdm import tqdm
 
 import common as C
 
-DEFAULTS = dict(
-    preset="toy",            # toy | cifar10 | sd15 | sdxl
-    out_dir=None,            # default runs/<preset>; pairs go to <out_dir>/pairs
-    teacher=None,            # toy: .safetensors; cifar10: NVlabs .pkl; sd15/sdxl: diffusers folder or hub id
-    num_pairs=None,          # number of (z, c, x) pairs
-    seed=0,                  # pair i has seed `seed + i`
-    batch_per_device=None,   # teacher batch per process
-    shard_size=None,         # pairs per shard file
-    num_steps=None,          # ODE steps (18 Heun / 50 DDIM)
-    guidance=None,           # classifier-free guidance scale (1 = none)
-    cfg_range=None,          # "LOW,HIGH": draw a guidance scale per pair (guidance-conditioned student)
-    pair_dtype=None,         # storage dtype of x: float32 | float16 | bfloat16
-    dtype="float32",         # dtype of the frozen teacher (sd15/sdxl: bfloat16 or float16 on GPU)
-    prompts=None,            # sd15/sdxl: a .txt/.jsonl file or a folder of them, one prompt per line
-    cycle_prompts=False,     # allow fewer prompts than pairs (prompt i % len); refused otherwise
-    grid=8,                  # pairs shown in pairs.png
-    train_teacher=False,     # toy only: train the toy teacher and write it to --teacher
-    teacher_steps=4000,      # toy teacher: training steps
-    teacher_batch=128,       # toy teacher: batch size
-    benchmark=False,         # sd15/sdxl: time our pair generation against diffusers' pipeline (same latents) and exit
-)
+RANGE = C.checked_type(str, lambda s: 0 <= C.two_floats(s)[0] <= C.two_floats(s)[1], "'LOW,HIGH' with 0 <= LOW <= HIGH", "abc")
+FLAGS = {
+    "run": C.RUN_FLAGS[:2] + [("seed", 0, C.INT_NONNEG, "pair i has seed `seed + i`")] + C.RUN_FLAGS[3:] + [
+        ("dtype", "float32", C.DTYPES, "dtype of the frozen teacher (sd15/sdxl on GPUs: bfloat16 or float16)"),
+        ("benchmark", False, None, "sd15/sdxl: time our pair generation against diffusers' pipeline (same latents), exit"),
+    ],
+    "teacher ODE (§3.1, App. A)": [
+        ("teacher", None, None, "toy: .safetensors; cifar10: NVlabs .pkl; sd15/sdxl: diffusers folder or hub id"),
+        ("num_steps", None, C.INT_POS, "ODE steps (EDM Heun 18 = 35 NFE; DDIM 50)"),
+        ("resolution", None, C.INT_POS, "image size in pixels (sd15 512, sdxl 1024; latents are 1/8 of it)"),
+        ("guidance", None, C.NONNEG, "classifier-free guidance scale w (1 = none)"),
+        ("cfg_range", None, RANGE, "'LOW,HIGH': a guidance scale per pair, for a guidance-conditioned student (beyond the paper)"),
+        ("prompts", None, None, "sd15/sdxl: a .txt/.jsonl file or a folder of them, one prompt per line"),
+        ("cycle_prompts", False, None, "allow fewer prompts than pairs (pair i takes prompt i mod n); refused otherwise"),
+    ],
+    "pairs on disk": [
+        ("num_pairs", None, C.INT_POS, "number of (z, c, x) pairs (Table A1: 3M SD-CFG-3, 12M SD-CFG-8)"),
+        ("shard_size", None, C.INT_POS, "pairs per shard file"),
+        ("batch_per_device", None, C.INT_POS, "teacher batch per process"),
+        ("pair_dtype", None, C.DTYPES, "storage dtype of x"),
+        ("grid", 8, C.INT_POS, "pairs shown in pairs.png"),
+    ],
+    "toy teacher": [
+        ("train_teacher", False, None, "train the toy teacher and write it to --teacher"),
+        ("teacher_steps", 4000, C.INT_POS, "its training steps"),
+        ("teacher_batch", 128, C.INT_POS, "its batch size"),
+    ],
+}
+
+
+def edm_loss(D, y, labels, p_mean=-1.2, p_std=1.2, sigma_data=0.5, generator=None):
+    """EDM training loss: lambda(sigma) * ||D(y + sigma n; sigma) - y||^2."""
+    rnd = torch.randn(len(y), 1, 1, 1, generator=generator)
+    sigma = (rnd * p_std + p_mean).exp()
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    n = torch.randn(y.shape, generator=generator) * sigma
+    return (weight * (D(y + n, sigma, labels) - y) ** 2).mean()
+
+
+def pair_guidance(seeds, cfg_range):
+    """The guidance-conditioned student (beyond the paper, §5 'Limitations'): each
+    pair's scale w ~ U(LOW, HIGH), drawn from a generator seeded by the pair's seed."""
+    lo, hi = (float(v) for v in cfg_range.split(","))
+    return torch.tensor([lo + (hi - lo) * torch.rand(1, generator=torch.Generator().manual_seed(int(s) + (1 << 40))).item()
+                         for s in seeds])
+
+
+def write_shard(path, x, seeds, labels=None, prompts=None, w=None):
+    tensors = {"x": x, "seed": torch.as_tensor(seeds, dtype=torch.int64)}
+    if labels is not None:
+        tensors["label"] = labels.to(torch.int64)
+    if w is not None:
+        tensors["w"] = w.float()
+    meta = {"prompts": json.dumps(prompts)} if prompts is not None else None
+    C.atomic_save_safetensors(tensors, path, metadata=meta)
 
 
 def train_toy_teacher(cfg, device):
@@ -71,7 +104,7 @@ def train_toy_teacher(cfg, device):
         labels = torch.where(torch.rand(B, generator=g) < 0.1, torch.full_like(labels, 10), labels)
         for pg in opt.param_groups:  # warmup, then cosine decay to 5%
             pg["lr"] = 2e-3 * min(1, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * 3.14159)).item()))
-        loss = C.edm_loss(D, y.to(device), labels.to(device), generator=g)
+        loss = edm_loss(D, y.to(device), labels.to(device), generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(D.parameters(), 1.0)
@@ -119,29 +152,38 @@ def benchmark_pairs(cfg, device, batches=2):
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def main(argv=None):
-    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
-    cfg = C.resolve_config(parser.parse_args(argv))
-    if cfg["num_pairs"] <= 0:
-        C.fail(f"--num_pairs must be positive, got {cfg['num_pairs']}")
-    if cfg["batch_per_device"] <= 0 or cfg["shard_size"] <= 0:
-        C.fail("--batch_per_device and --shard_size must be positive")
-    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
+def validate(cfg):
+    """Every file this script reads, before any work (the flags' types checked the values)."""
     if cfg["train_teacher"]:
         if cfg["arch"] != "toy":
             C.fail("--train_teacher trains the toy teacher only")
+        return
+    if cfg["family"] == "ldm":
+        C.load_prompts(cfg["prompts"])  # missing, empty or malformed prompt files stop here
+    elif cfg["teacher"] and not os.path.exists(cfg["teacher"]) and cfg["family"] == "edm":
+        C.fail(f"--teacher not found at '{cfg['teacher']}'")
+    if cfg["benchmark"] and cfg["family"] != "ldm":
+        C.fail("--benchmark compares against diffusers' pipelines: use --preset sd15 or sdxl")
+    mpath = os.path.join(cfg["out_dir"], "pairs", "manifest.json")
+    if os.path.isfile(mpath):  # resuming: an unreadable manifest stops here
+        C.read_manifest(os.path.dirname(mpath))
+
+
+def main(argv=None):
+    cfg, _ = C.parse_config(__doc__, FLAGS, argv)
+    validate(cfg)
+    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
+    if cfg["train_teacher"]:
         return train_toy_teacher(cfg, device) if rank == 0 else None
 
     if cfg["benchmark"]:
-        if cfg["family"] != "ldm":
-            C.fail("--benchmark compares against diffusers' pipelines: use --preset sd15 or sdxl")
         print(json.dumps(benchmark_pairs(cfg, device), indent=2))
         return C.cleanup()
     teacher = C.load_teacher(cfg, device)
     pairs_dir = os.path.join(cfg["out_dir"], "pairs")
     N, S = cfg["num_pairs"], cfg["shard_size"]
     manifest = dict(
-        preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id, solver=teacher.solver_name(),
+        preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id, solver=teacher.solver_name(), num_steps=cfg["num_steps"],
         nfe=teacher.nfe, guidance=cfg["guidance"], cfg_range=cfg["cfg_range"], z_shape=list(teacher.z_shape),
         x_shape=list(teacher.z_shape), pair_dtype=cfg["pair_dtype"], num_pairs=N, shard_size=S, seed=cfg["seed"],
         prompts=getattr(teacher, "prompts_id", None), num_classes=cfg["num_classes"], complete=False,
@@ -167,13 +209,13 @@ def main(argv=None):
     for k in tqdm(todo, desc="shards", disable=rank != 0):
         idx = list(range(k * S, min((k + 1) * S, N)))
         seeds = [cfg["seed"] + i for i in idx]
-        w = C.pair_guidance(seeds, cfg["cfg_range"]) if cfg["cfg_range"] else None
+        w = pair_guidance(seeds, cfg["cfg_range"]) if cfg["cfg_range"] else None
         xs, B = [], cfg["batch_per_device"]
         for b in range(0, len(idx), B):
             z, cond = teacher.noise_and_condition(seeds[b:b + B], idx[b:b + B])
             xs.append(teacher.solve(z, cond, guidance=None if w is None else w[b:b + B]).to(dtype).cpu())
         _, cond = teacher.noise_and_condition(seeds, idx)
-        C.write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, w=w, **teacher.shard_fields(cond))
+        write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, w=w, **teacher.shard_fields(cond))
         made += len(idx)
     dt = time.time() - t0
     if made:

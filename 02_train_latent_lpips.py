@@ -23,8 +23,8 @@ SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 02_train_latent_lpips.py --pres
 Reconstruction:      python 02_train_latent_lpips.py --reconstruct
 Speed (Fig. 4):      python 02_train_latent_lpips.py --speed
 """
-import argparse
 import json
+import math
 import os
 import time
 
@@ -36,26 +36,35 @@ from tqdm import tqdm
 
 import common as C
 
-DEFAULTS = dict(
-    preset="toy",
-    out_dir=None,
-    teacher=None,            # sd15/sdxl: the diffusers folder whose VAE defines the latent space
-    dtype="float32",
-    seed=0,
-    images=None,             # sd15/sdxl phase 1: ImageFolder root (class subfolders of images)
-    image_size=256,          # sd15/sdxl phase 1: images are resized/cropped to this before encoding
-    val_frac=0.05,           # held-out fraction for phase-1 top-1
-    cls_steps=None,          # phase 1 steps
-    cls_batch=None,          # phase 1 global batch
-    cls_lr=None,
-    bapps=None,              # phase 2: BAPPS root holding 2afc/{train,val}/<subset>/{ref,p0,p1,judge}
-    num_triplets=6000,       # phase 2 (toy): synthetic triplets, 20% held out
-    cal_steps=2000,          # phase 2 steps (cheap: the heads are linear in cached per-layer distances)
-    calibrate_only=False,    # phase 2 alone, on the phase-1 classifier saved in <out_dir>/lpips/classifier.pt
-    reconstruct=False,       # run the Fig. 5 / A1 reconstruction experiment and exit
-    recon_steps=400,
-    speed=False,             # run the Fig. 4 speed/memory benchmark (SD1.5 shapes) and exit
-)
+FLAGS = {
+    "run": C.RUN_FLAGS + [
+        ("teacher", None, None, "sd15/sdxl: the diffusers folder (or hub id) whose VAE defines the latent space"),
+    ],
+    "F, the network (App. B)": [
+        ("lpips_width", None, C.POS, "channel width of VGG16-bn (1.0 = the paper's; toy 0.25)"),
+        ("lpips_pools_removed", None, C.INT_NONNEG, "how many of the first max-pools are removed (paper: 3)"),
+    ],
+    "phase 1: classifier (Table A2)": [
+        ("images", None, None, "sd15/sdxl/cifar10: an ImageFolder root (class subfolders of images)"),
+        ("image_size", 256, C.INT_POS, "images are resized and centre-cropped to this before encoding"),
+        ("val_frac", 0.05, C.FRACTION, "held-out fraction for the top-1 accuracy"),
+        ("cls_steps", None, C.INT_POS, "training steps"),
+        ("cls_batch", None, C.INT_POS, "global batch"),
+        ("cls_lr", None, C.POS, "learning rate (one-cycle)"),
+    ],
+    "phase 2: 2AFC calibration (Table A3)": [
+        ("bapps", None, None, "BAPPS root holding 2afc/{train,val}/<subset>/{ref,p0,p1,judge} (required for sd15/sdxl)"),
+        ("num_triplets", 6000, C.INT_POS, "toy: synthetic triplets (20%% held out)"),
+        ("cal_steps", 2000, C.INT_POS, "calibration steps (cheap: the heads are linear in cached distances)"),
+        ("calibrate_only", False, None, "phase 2 alone, on the phase-1 classifier saved in <out_dir>/lpips/classifier.pt"),
+    ],
+    "experiments (exit when done)": [
+        ("reconstruct", False, None, "Fig. 5 / A1: reconstruct one image under MSE, LatentLPIPS and E-LatentLPIPS"),
+        ("recon_steps", 400, C.INT_POS, "its optimisation steps"),
+        ("lpips_augment", None, None, "its E-LatentLPIPS augmentation (letters b, g, c, o, or bg+cutout)"),
+        ("speed", False, None, "Fig. 4: time and memory of E-LatentLPIPS vs decode + pixel LPIPS (SD1.5 shapes)"),
+    ],
+}
 
 
 # --- phase 1: the classifier -----------------------------------------------------
@@ -206,15 +215,117 @@ def reconstruct(cfg, lp, device, target, decode=None):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            curves[mode].append(min(C.psnr(x.detach(), target), 60.0))  # capped: MSE reaches the target exactly
+            curves[mode].append(min(psnr(x.detach(), target), 60.0))  # capped: MSE reaches the target exactly
         finals[mode] = x.detach()
     imgs = [target] + [finals[m] for m in ("mse", "latent", "elatent")]
     if decode is not None:
         imgs = [decode(i) for i in imgs]
     out = os.path.join(cfg["out_dir"], "lpips", "reconstruction.png")
-    C.save_curves_and_images(curves, torch.cat(imgs), out, "PSNR to target (dB) vs step",
+    save_curves_and_images(curves, torch.cat(imgs), out, "PSNR to target (dB) vs step",
                              labels=["target", "MSE", "LatentLPIPS", "E-LatentLPIPS"])
     return {f"psnr_{m}": round(c[-1], 2) for m, c in curves.items()}, out
+
+
+def psnr(a, b, peak=2.0):
+    """PSNR in dB for signals whose range is `peak` (2 for [-1, 1] images)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return 10 * math.log10(peak ** 2 / max(mse, 1e-12))
+
+
+def save_curves_and_images(curves, images, path, title, labels=None, size=(420, 260)):
+    """A PNG with line curves (dict name -> list of values) above a row of images,
+    drawn with PIL only (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+    W, H = size
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    canvas = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(canvas)
+    vals = [v for c in curves.values() for v in c]
+    lo, hi = min(vals), max(vals)
+    hi = hi if hi > lo else lo + 1
+    L, R, T, B = 40, W - 10, 20, H - 25
+    d.rectangle([L, T, R, B], outline="black")
+    d.text((L, 4), title, fill="black")
+    d.text((2, T), f"{hi:.1f}", fill="black")
+    d.text((2, B - 10), f"{lo:.1f}", fill="black")
+    for i, (name, c) in enumerate(curves.items()):
+        pts = [(L + (R - L) * k / max(1, len(c) - 1), B - (B - T) * (v - lo) / (hi - lo)) for k, v in enumerate(c)]
+        d.line(pts, fill=colours[i % 5], width=2)
+        d.text((L + 8 + 110 * i, B + 6), f"{name}: {c[-1]:.1f}", fill=colours[i % 5])
+    imgs = C.to_uint8(images)
+    n, h, w, _ = imgs.shape
+    scale = max(1, 96 // w)
+    strip = Image.new("RGB", (max(W, n * (w * scale + 4)), h * scale + 18), "white")
+    ds = ImageDraw.Draw(strip)
+    for i in range(n):
+        strip.paste(Image.fromarray(imgs[i]).resize((w * scale, h * scale), Image.NEAREST), (i * (w * scale + 4), 0))
+        if labels:
+            ds.text((i * (w * scale + 4), h * scale + 3), labels[i], fill="black")
+    out = Image.new("RGB", (max(W, strip.width), H + strip.height), "white")
+    out.paste(canvas, (0, 0))
+    out.paste(strip, (0, H))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = C._tmp_name(path) + ".png"
+    out.save(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+
+
+# --- Fig. 4: speed and memory of E-LatentLPIPS vs decode + LPIPS ---------------------
+def sd15_vae_decoder_config():
+    """SD1.5's VAE architecture (random weights: for benchmarking only)."""
+    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+
+
+def _peak_mem(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS (bytes, Linux)
+
+
+def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout"):
+    """Fig. 4: one forward+backward at batch 1 on SD1.5 shapes, random weights.
+      pixel:  latent 4x64x64 -> SD1.5 VAE decoder -> 3x512x512 -> VGG16-bn LPIPS
+      latent: latent 4x64x64 -> E-LatentLPIPS (our VGG16-bn, 4 channels, 3 pools removed)
+    Time is the median of `repeats` after a warm-up. Memory is the peak allocated
+    on CUDA; on CPU it is the growth of the process' peak RSS (latent path runs first)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    with torch.enable_grad():  # callers may run under no_grad; this benchmark times backward passes
+        return _lpips_speed(device, repeats, augment, AutoencoderKL)
+
+
+def _lpips_speed(device, repeats, augment, AutoencoderKL):
+    target, x0 = torch.randn(1, 4, 64, 64, device=device), torch.randn(1, 4, 64, 64, device=device)
+    latent = C.RegressionLoss("elatent", C.LatentLPIPS(4, 1.0, 3).to(device), augment)
+    pixel_lpips = C.LatentLPIPS(3, 1.0, 0).to(device)
+    vae = AutoencoderKL(**sd15_vae_decoder_config()).to(device).eval().requires_grad_(False)
+    pixel = C.RegressionLoss("lpips", decode=lambda z: vae.decode(z / 0.18215).sample, pixel_lpips=pixel_lpips)
+    res = {}
+    for name, fn in (("e_latent_lpips", latent), ("pixel_lpips", pixel)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        base = _peak_mem(device) if device.type != "cuda" else torch.cuda.memory_allocated(device)
+        times = []
+        for i in range(repeats + 1):
+            x = x0.clone().requires_grad_(True)
+            t = time.perf_counter()
+            fn(x, target).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t)
+        res[name] = dict(ms=round(1000 * sorted(times)[len(times) // 2], 1), mem_gb=round((_peak_mem(device) - base) / 2 ** 30, 3))
+    res["time_ratio"] = round(res["pixel_lpips"]["ms"] / res["e_latent_lpips"]["ms"], 2)
+    res["mem_ratio"] = round(res["pixel_lpips"]["mem_gb"] / max(res["e_latent_lpips"]["mem_gb"], 1e-3), 2)
+    res["device"] = str(device)
+    return res
 
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -337,12 +448,32 @@ def bapps_files(cfg, split):
     return refs, p0s, p1s, judges
 
 
+def validate(cfg):
+    """Every file this run will read, before any work (the flags' types checked the
+    values). Returns the BAPPS file lists (read once here)."""
+    lp_dir = os.path.join(cfg["out_dir"], "lpips")
+    if cfg["speed"]:
+        return None
+    if cfg["reconstruct"]:
+        if not os.path.isfile(os.path.join(lp_dir, "latent_lpips.pt")):
+            C.fail(f"--reconstruct needs '{lp_dir}/latent_lpips.pt': run 02_train_latent_lpips.py first")
+        return None
+    if cfg["calibrate_only"] and not os.path.isfile(os.path.join(lp_dir, "classifier.pt")):
+        C.fail(f"--calibrate_only needs the phase-1 classifier '{lp_dir}/classifier.pt' (run 02 once without it)")
+    needs_images = cfg["arch"] != "toy" and not cfg["calibrate_only"]
+    if needs_images and not os.path.isfile(os.path.join(lp_dir, "latents", "manifest.json")):
+        image_folder(cfg["images"])  # a missing or empty --images stops here
+    if cfg["family"] == "ldm" and not cfg["bapps"]:
+        C.fail("phase 2 for sd15/sdxl needs 2AFC judgments: pass --bapps DIR (the BAPPS 2afc layout)")
+    return {split: bapps_files(cfg, split) for split in ("train", "val")} if cfg["bapps"] else None
+
+
 def main(argv=None):
-    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
-    cfg = C.resolve_config(parser.parse_args(argv))
+    cfg, _ = C.parse_config(__doc__, FLAGS, argv)
+    bapps = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:
-        C.print0(json.dumps(C.benchmark_lpips_speed(device), indent=2))
+        C.print0(json.dumps(benchmark_lpips_speed(device), indent=2))
         return C.cleanup()
     lp_dir = os.path.join(cfg["out_dir"], "lpips")
     ckpt = os.path.join(lp_dir, "latent_lpips.pt")
@@ -360,10 +491,6 @@ def main(argv=None):
             print(json.dumps(res), f"\nwrote {png}")
         return C.cleanup()
 
-    # every input of both phases is checked before phase 1 starts
-    if cfg["family"] == "ldm" and not cfg["bapps"]:
-        C.fail("phase 2 for sd15/sdxl needs 2AFC judgments: pass --bapps DIR (the BAPPS 2afc layout)")
-    bapps = {split: bapps_files(cfg, split) for split in ("train", "val")} if cfg["bapps"] else None
     cls_path = os.path.join(lp_dir, "classifier.pt")
     t0 = time.time()
     if cfg["calibrate_only"]:  # phase 1 was run before: its classifier is saved on its own

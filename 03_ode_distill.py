@@ -15,7 +15,6 @@ CIFAR10 (1 GPU):     python 03_ode_distill.py --preset cifar10 --teacher edm-cif
 SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 03_ode_distill.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth --dtype bfloat16
 Table 1 ablation:    python 03_ode_distill.py --loss mse --out_dir runs/toy --run_name distill_mse
 """
-import argparse
 import copy
 import os
 import time
@@ -25,43 +24,52 @@ from tqdm import tqdm
 
 import common as C
 
-DEFAULTS = dict(
-    preset="toy",
-    out_dir=None,
-    run_name="distill",      # output subfolder of out_dir
-    pairs=None,              # default <out_dir>/pairs
-    teacher=None,
-    lpips_ckpt=None,         # default <out_dir>/lpips/latent_lpips.pt (or an official tuned checkpoint)
-    pixel_lpips="imagenet",  # --loss lpips: 'imagenet' (the `lpips` package, VGG16) or 'random' (offline tests)
-    loss=None,               # elatent | elatent+latent | latent | lpips | mse | huber
-    lpips_augment=None,      # E-LatentLPIPS augmentations: b, g, c, o (cutout), e.g. bgco; or bg+cutout, bgc+cutout
-    lpips_l1=False,          # + mean |G - x| (the official E-LatentLPIPS add_l1_loss; not in the paper)
-    steps=None,              # training iterations
-    batch=None,              # global batch
-    batch_per_device=None,   # micro-batch per process; accumulation = batch / (batch_per_device x world)
-    optimizer=None,          # adam | radam
-    lr=None,
-    lr_end=None,             # cosine decay target
-    betas="0.9,0.999",
-    weight_decay=None,
-    attn_weight_decay=None,  # weight decay on attention parameters
-    dropout=None,
-    ema_start=None,          # EMA tracks the model exactly before this step
-    ema_beta=None,
-    grad_clip=0.0,           # 0 = off
-    dtype="float32",         # autocast dtype (bfloat16 on GPU)
-    seed=0,
-    log_every=10,
-    grid_every=None,
-    ckpt_every=None,
-    resume=False,            # continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)
-    allow_config_change=False,  # --resume anyway when a RESUME_KEYS setting changed (deliberately)
-    max_steps_this_run=0,    # stop after this many steps (0 = run to --steps); for time-limited jobs
-    grad_ckpt=False,         # gradient checkpointing of G (memory for compute)
-    benchmark_steps=0,       # sizing mode: N steps on random pairs (e.g. with --teacher random), report memory and img/s, exit
-)
+FLAGS = {
+    "run": C.RUN_FLAGS + [
+        ("run_name", "distill", None, "output subfolder of out_dir"),
+        ("dtype", "float32", C.DTYPES[:2], "autocast dtype (Table A1: bfloat16 on GPUs)"),
+        ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)"),
+        ("allow_config_change", False, None, "--resume even though a RESUME_KEYS setting changed (deliberately)"),
+        ("max_steps_this_run", 0, C.INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
+    ],
+    "inputs": [
+        ("teacher", None, None, "the teacher the pairs came from (App. A); its steps and guidance come from the pairs"),
+        ("resolution", None, C.INT_POS, "image size in pixels (sd15 512, sdxl 1024)"),
+        ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
+        ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one)"),
+        ("pixel_lpips", "imagenet", ("imagenet", "random"), "--loss lpips: the `lpips` package's VGG, or random (tests)"),
+    ],
+    "loss (Eq. 1-4, Table 1)": [
+        ("loss", None, C.LOSSES, "d in Eq. 1 (Table A1: elatent; SD-CFG-3 elatent+latent; CIFAR10 lpips)"),
+        ("lpips_augment", None, None, "E-LatentLPIPS augmentation T (Eq. 3): letters b, g, c, o (cutout), or bg+cutout"),
+        ("lpips_l1", False, None, "+ mean |G - x| (the official E-LatentLPIPS add_l1_loss; not in the paper)"),
+    ],
+    "optimisation (Table A1)": [
+        ("steps", None, C.INT_POS, "training iterations"),
+        ("batch", None, C.INT_POS, "global batch"),
+        ("batch_per_device", None, C.INT_POS, "micro-batch per process; accumulation = batch / (this x processes)"),
+        ("optimizer", None, ("adam", "radam"), "Adam(W), or RAdam (CIFAR10)"),
+        ("lr", None, C.POS, "learning rate (cosine decay to --lr_end)"),
+        ("lr_end", None, C.NONNEG, "final learning rate"),
+        ("betas", "0.9,0.999", C.BETAS, "Adam betas"),
+        ("weight_decay", None, C.NONNEG, "weight decay"),
+        ("attn_weight_decay", None, C.NONNEG, "weight decay of attention parameters"),
+        ("dropout", None, C.FRACTION, "dropout of G (Table A1: 0.1 for CIFAR10)"),
+        ("ema_start", None, C.INT_NONNEG, "the EMA equals G before this step"),
+        ("ema_beta", None, C.FRACTION, "EMA decay"),
+        ("grad_clip", 0.0, C.NONNEG, "gradient norm clip (0 = off)"),
+        ("grad_ckpt", False, None, "gradient checkpointing of G (memory for compute)"),
+    ],
+    "logging": [
+        ("log_every", 10, C.INT_POS, "metrics.jsonl every this many steps"),
+        ("grid_every", None, C.INT_POS, "grid PNG every this many steps"),
+        ("ckpt_every", None, C.INT_POS, "checkpoint every this many steps"),
+        ("benchmark_steps", 0, C.INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
+        ("lpips_width", None, C.POS, "sizing mode without a LatentLPIPS file: the width of its random F (1.0 = the paper's)"),
+    ],
+}
 
-STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
+STAGE1 = {  # Table A1's stage-1 row per preset (toy: scaled to 2 CPU cores)
     "toy": dict(steps=1000, batch=64, batch_per_device=64, optimizer="adam", lr=2e-4, lr_end=2e-5, weight_decay=0.0,
                 attn_weight_decay=0.0, dropout=0.0, ema_start=300, ema_beta=0.995, grid_every=250, ckpt_every=250),
     "cifar10": dict(steps=150_000, batch=512, batch_per_device=512, optimizer="radam", lr=4e-4, lr_end=4e-4,
@@ -72,44 +80,34 @@ STAGE1 = {  # Table A1 defaults per preset (toy: scaled to 2 CPU cores)
     "sdxl": dict(steps=20_000, batch=1024, batch_per_device=2, optimizer="adam", lr=1e-4, lr_end=1e-5, weight_decay=1e-2,
                  attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000, ckpt_every=2000),
 }
-# settings a --resume must not change silently (batch_per_device may: same global batch;
-# --steps may, to extend a run)
+STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
+# settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "optimizer", "lr", "lr_end", "betas", "weight_decay",
                "attn_weight_decay", "dropout", "ema_start", "ema_beta", "seed", "pairs_id", "teacher", "dtype")
-STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
-
-
-def build_loss(cfg, teacher, device):
-    """The regression loss d of Eq. 1, with its networks frozen."""
-    lpips, decode, pixel = None, None, None
-    if "latent" in cfg["loss"]:
-        path = cfg["lpips_ckpt"] or os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt")
-        if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
-            C.print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
-            lpips = C.LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
-        else:
-            lpips = C.load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
-    if cfg["loss"] == "lpips":
-        pixel = C.load_pixel_lpips(cfg["pixel_lpips"], device)
-        decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
-    return C.RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg["lpips_l1"]).to(device)
 
 
 def get_config(argv=None):
-    """Preset, then this stage's Table A1 row, then the flags given."""
-    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS, STAGE1)
-    args = parser.parse_args(argv)
-    cfg = C.resolve_config(args)
-    table = STAGE1.get(cfg["preset"]) or STAGE1[cfg["arch"]]  # a user's own preset takes its architecture's table
-    cfg.update({k: v for k, v in table.items() if getattr(args, k, None) is None})
-    return cfg
+    """The preset with this stage's Table A1 row, then the flags."""
+    return C.parse_config(__doc__, FLAGS, argv, STAGE1)[0]
+
+
+def validate(cfg):
+    """What a flag's type cannot check alone, and every file this stage reads, before any work."""
+    if cfg["batch"] % cfg["batch_per_device"]:
+        C.fail(f"--batch {cfg['batch']} is not divisible by --batch_per_device {cfg['batch_per_device']}")
+    if cfg["benchmark_steps"]:
+        return
+    if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
+        C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
+    C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
 
 
 def main(argv=None):
     cfg = get_config(argv)
+    validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
-    loss_fn = build_loss(cfg, teacher, device)
+    loss_fn = C.build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)

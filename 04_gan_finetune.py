@@ -19,61 +19,80 @@ SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 04_gan_finetune.py --preset sd1
 Table 2 row:         python 04_gan_finetune.py --no-multiscale --mix_match 0 --run_name gan_no_ms
 Export (diffusers):  python 04_gan_finetune.py --preset sd15 --export runs/sd15/export   (see README for the pipeline call)
 """
-import argparse
 import copy
-import importlib
 import os
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import common as C
 
-DEFAULTS = dict(
-    preset="toy",
-    out_dir=None,
-    run_name="gan",
-    init=None,               # stage-1 student (default <out_dir>/distill/student_ema.pt)
-    pairs=None,
-    teacher=None,
-    lpips_ckpt=None,
-    pixel_lpips="imagenet",
-    loss=None,               # the regression term (stage 1's loss)
-    lpips_augment=None,
-    lpips_l1=False,          # + mean |G - x| in the regression term (the official add_l1_loss; not in the paper)
-    lambda_gan=None,         # Table A1: 0.25 (SD1.5), 1.0 (SDXL)
-    z_cond=True,             # "+ z conditional D"
-    multiscale=True,         # "+ Multi-scale training": multi-scale inputs, 3 readouts per decoder scale
-    r1_gamma=None,           # "+ Single-sample R1" strength (0 = off)
-    r1_every=16,             # lazy R1 interval (D steps)
-    mix_match=None,          # "+ Mix-and-match": fraction of fakes replaced by mismatched reals
-    noise_aug=None,          # noise augmentation before D at a random t (SDXL)
-    d_sigma=0.5,             # toy/EDM: D's fixed noise level
-    d_timestep=0,            # SD: D's fixed timestep
-    steps=None,
-    batch=None,
-    batch_per_device=None,
-    lr=None, lr_end=None, d_lr=None, d_lr_end=None,
-    betas="0.9,0.999",
-    d_betas=None,            # Table A1: 0.9,0.999 (SD1.5); 0.0,0.99 (SDXL)
-    weight_decay=None, attn_weight_decay=None,
-    ema_start=None, ema_beta=None,
-    grad_clip=0.0,
-    dtype="float32",
-    seed=0,
-    log_every=10, grid_every=None, ckpt_every=None,
-    resume=False,            # continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)
-    allow_config_change=False,  # --resume anyway when a RESUME_KEYS setting changed (deliberately)
-    max_steps_this_run=0,
-    export=None,             # sd15/sdxl: write the stage-2 student as a diffusers folder (unet/ + scheduler/) and exit
-    grad_ckpt=False,         # gradient checkpointing of G and D (memory for compute)
-    benchmark_steps=0,       # sizing mode: N steps on random pairs, G from the teacher (e.g. --teacher random); report, exit
-)
+FLAGS = {
+    "run": C.RUN_FLAGS + [
+        ("run_name", "gan", None, "output subfolder of out_dir"),
+        ("dtype", "float32", C.DTYPES[:2], "autocast dtype (Table A1: bfloat16 on GPUs)"),
+        ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)"),
+        ("allow_config_change", False, None, "--resume even though a RESUME_KEYS setting changed (deliberately)"),
+        ("max_steps_this_run", 0, C.INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
+        ("export", None, None, "sd15/sdxl: write the stage-2 student as a diffusers folder (unet/ + scheduler/) and exit"),
+    ],
+    "inputs": [
+        ("teacher", None, None, "the teacher the pairs came from (App. A); its steps and guidance come from the pairs"),
+        ("resolution", None, C.INT_POS, "image size in pixels (sd15 512, sdxl 1024)"),
+        ("init", None, None, "stage-1 student (default <out_dir>/distill/student_ema.pt)"),
+        ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
+        ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one)"),
+        ("pixel_lpips", "imagenet", ("imagenet", "random"), "--loss lpips: the `lpips` package's VGG, or random (tests)"),
+    ],
+    "generator loss (Eq. 6)": [
+        ("loss", None, C.LOSSES, "the regression term (default: the stage-1 student's loss)"),
+        ("lpips_augment", None, None, "E-LatentLPIPS augmentation (default: the stage-1 student's)"),
+        ("lpips_l1", False, None, "+ mean |G - x| (the official E-LatentLPIPS add_l1_loss; not in the paper)"),
+        ("lambda_gan", None, C.NONNEG, "lambda_GAN (Table A1: 0.25 SD1.5, 1.0 SDXL)"),
+    ],
+    "discriminator (§3.3, Table 2, Fig. 7)": [
+        ("z_cond", True, None, "'+ z conditional D': D sees z through a zero-init conv"),
+        ("multiscale", True, None, "'+ multi-scale': inputs at every encoder scale, 3 readouts per decoder scale"),
+        ("r1_gamma", None, C.NONNEG, "'+ single-sample R1' strength (0 = off)"),
+        ("r1_every", 16, C.INT_POS, "lazy R1: every this many D steps"),
+        ("mix_match", None, C.FRACTION, "'+ mix-and-match': fraction of fakes replaced by mismatched real pairs"),
+        ("noise_aug", None, bool, "diffuse D's input to a random t first (SDXL, Table A1)"),
+        ("d_sigma", 0.5, C.POS, "toy/EDM: D's noise level"),
+        ("d_timestep", 0, C.INT_NONNEG, "SD: D's timestep"),
+    ],
+    "optimisation (Table A1)": [
+        ("steps", None, C.INT_POS, "training iterations"),
+        ("batch", None, C.INT_POS, "global batch"),
+        ("batch_per_device", None, C.INT_POS, "micro-batch per process; accumulation = batch / (this x processes)"),
+        ("lr", None, C.POS, "G learning rate (cosine decay to --lr_end)"),
+        ("lr_end", None, C.NONNEG, "G final learning rate"),
+        ("d_lr", None, C.POS, "D learning rate (cosine decay to --d_lr_end)"),
+        ("d_lr_end", None, C.NONNEG, "D final learning rate"),
+        ("betas", "0.9,0.999", C.BETAS, "G Adam betas"),
+        ("d_betas", None, C.BETAS, "D Adam betas (0.9,0.999 SD1.5; 0.0,0.99 SDXL)"),
+        ("weight_decay", None, C.NONNEG, "weight decay"),
+        ("attn_weight_decay", None, C.NONNEG, "weight decay of attention parameters"),
+        ("ema_start", None, C.INT_NONNEG, "the EMA equals G before this step"),
+        ("ema_beta", None, C.FRACTION, "EMA decay"),
+        ("grad_clip", 0.0, C.NONNEG, "gradient norm clip (0 = off)"),
+        ("grad_ckpt", False, None, "gradient checkpointing of G and D (memory for compute)"),
+    ],
+    "logging": [
+        ("log_every", 10, C.INT_POS, "metrics.jsonl every this many steps"),
+        ("grid_every", None, C.INT_POS, "grid PNG every this many steps"),
+        ("ckpt_every", None, C.INT_POS, "checkpoint every this many steps"),
+        ("benchmark_steps", 0, C.INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
+        ("lpips_width", None, C.POS, "sizing mode without a LatentLPIPS file: the width of its random F (1.0 = the paper's)"),
+    ],
+}
 
-# toy: 300 steps are too few for D to learn at SD1.5's d_lr 1e-4 -> 1e-5 and lambda 0.25
-# (its real/fake logits parted by < 0.5 and FID-toy moved within noise); a constant
-# d_lr 2e-4 and lambda 1.0 (SDXL's) give D enough signal in the toy budget (README, Table 2).
+# Table A1's stage-2 row per preset (toy: scaled to 2 CPU cores). Toy: 300 steps are
+# too few for D to learn at SD1.5's d_lr 1e-4 -> 1e-5 and lambda 0.25 (its logits
+# parted by < 0.5 and FID-toy moved within noise); a constant d_lr 2e-4 and lambda
+# 1.0 (SDXL's) give D enough signal in the toy budget (README, Table 2).
 STAGE2 = {
     "toy": dict(steps=300, batch=64, batch_per_device=64, lr=5e-5, lr_end=1e-5, d_lr=2e-4, d_lr_end=2e-4, lambda_gan=1.0,
                 r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.0,0.99", weight_decay=0.0, attn_weight_decay=0.0,
@@ -85,13 +104,246 @@ STAGE2 = {
                  r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
-# settings a --resume must not change silently (batch_per_device may: same global batch;
-# --steps may, to extend a run)
+STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
+# settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
                "mix_match", "noise_aug", "d_sigma", "d_timestep", "ema_start", "ema_beta", "seed", "pairs_id", "teacher",
                "init", "dtype")
-STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
+
+
+# ----------------------------------------------------------------------------
+# The conditional diffusion discriminator (§3.3, Fig. 7): a trainable copy of the
+# teacher U-Net in its noise-prediction parameterisation (App. A), for the toy
+# teacher's UNet2DModel and SD's UNet2DConditionModel alike, plus
+#   z-conditioning   D's input is x + zero_conv(z)                      ("+ z conditional D")
+#   multi-scale in   x resized to each encoder scale enters that down
+#                    block through a zero-init conv                       ("+ multi-scale")
+#   multi-scale out  3 readouts per decoder scale: the features from
+#                    below, the skip features, and the block's output
+# D.features walks the U-Net's blocks itself, so each of these is a line there.
+
+def zero_conv(cin, cout):
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class Discriminator(nn.Module):
+    def __init__(self, teacher, z_cond=True, multiscale=True, d_sigma=0.5, d_timestep=0, noise_aug=False):
+        super().__init__()
+        self.family = teacher.family
+        net = teacher.trainable_copy()  # float32, from the teacher's full-precision weights, on its device
+        self.unet = (net.unet if self.family == "edm" else net).train().requires_grad_(True)
+        dev = next(self.unet.parameters()).device  # nothing below assumes a device: D is built where the teacher is
+        if self.family == "edm":
+            self.sigma_data, self.d_sigma = teacher.net.sigma_data, d_sigma
+        else:
+            self.d_timestep = d_timestep
+            self.register_buffer("alphas_cumprod", teacher.alphas_cumprod.to(dev, copy=True))
+        self.noise_aug, self.multiscale = noise_aug, multiscale
+        ch, widths = self.unet.config.in_channels, self.unet.config.block_out_channels
+        self.z_conv = zero_conv(ch, ch).to(dev) if z_cond else None
+        self.ms_in = nn.ModuleList(zero_conv(ch, c) for c in widths[:-1]).to(dev) if multiscale else None  # down blocks 1..
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in self._readout_channels()).to(dev)
+
+    def _readout_channels(self):
+        """Channels of each readout, from one dry run on a tiny input made on the
+        U-Net's own device and dtype (the teacher may already be on a GPU)."""
+        p, cfg = next(self.unet.parameters()), self.unet.config
+        zeros = lambda *s, dtype=p.dtype: torch.zeros(*s, device=p.device, dtype=dtype)
+        r = 2 ** len(self.unet.down_blocks)
+        cond = zeros(1, dtype=torch.long) if self.family == "edm" else dict(encoder_hidden_states=zeros(1, 1, cfg.cross_attention_dim))
+        if self.family == "ldm" and cfg.addition_embed_type == "text_time":  # SDXL's pooled text and size conditioning
+            n = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            cond["added_cond_kwargs"] = dict(text_embeds=zeros(1, n), time_ids=zeros(1, 6))
+        with torch.no_grad():
+            return [f.shape[1] for f in self.features(zeros(1, cfg.in_channels, r, r), zeros(1, cfg.in_channels, r, r), cond)]
+
+    def features(self, x, z, cond, t=None):
+        """Fig. 7: the U-Net run on D's input, block by block. Returns the readout
+        features in decoder order: per up block [from below, skips, after the
+        block], or only the last block's output without multi-scale."""
+        u, h = self.unet, x + self.z_conv(z) if self.z_conv is not None else x  # z enters with x
+        if self.family == "edm":  # UNet2DModel at noise level sigma, EDM's c_in and c_noise
+            sigma = torch.full((len(x),), self.d_sigma, device=x.device) if t is None else t
+            h = 1 / (self.sigma_data ** 2 + sigma.view(-1, 1, 1, 1) ** 2).sqrt() * h
+            emb = u.time_embedding(u.time_proj(sigma.log() / 4).to(u.dtype)) + u.class_embedding(cond).to(u.dtype)
+            text = {}
+        else:  # UNet2DConditionModel at timestep t, text (and SDXL's added) conditioning
+            t = torch.full((len(x),), self.d_timestep, device=x.device, dtype=torch.long) if t is None else t
+            cond = C.cast_cond(cond, u.dtype)
+            emb = u.time_embedding(u.get_time_embed(sample=h, timestep=t))
+            aug = u.get_aug_embed(emb=emb, encoder_hidden_states=cond["encoder_hidden_states"],
+                                  added_cond_kwargs=cond.get("added_cond_kwargs", {}))
+            emb = emb + aug if aug is not None else emb
+            emb = u.time_embed_act(emb) if u.time_embed_act is not None else emb
+            text = dict(encoder_hidden_states=cond["encoder_hidden_states"])
+        kw = lambda block: text if getattr(block, "has_cross_attention", False) else {}
+        h = u.conv_in(h)
+        skips = (h,)
+        for i, block in enumerate(u.down_blocks):
+            if self.multiscale and i > 0:  # multi-scale input: x at this block's scale
+                xi = F.interpolate(x, size=h.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+                h = h + self.ms_in[i - 1](xi.to(h.dtype))
+            h, res = block(hidden_states=h, temb=emb, **kw(block))
+            skips += res
+        h = u.mid_block(h, emb, **kw(u.mid_block))
+        feats = []
+        for i, block in enumerate(u.up_blocks):
+            skip, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+            if self.multiscale:  # readouts 1 and 2 of this scale: the features from below, and the skips
+                feats += [h, torch.cat([F.interpolate(s, size=h.shape[-2:]) if s.shape[-2:] != h.shape[-2:] else s
+                                        for s in skip], 1)]
+            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip, **kw(block))
+            if self.multiscale or i == len(u.up_blocks) - 1:  # readout 3: after the block
+                feats.append(h)
+        return feats
+
+    def forward(self, x, z, cond, noise=None):
+        """Logit maps, one per readout. With noise augmentation (SDXL preset), x
+        is diffused to a random t (given noise ~ N(0, I)) before D."""
+        t = None
+        if self.noise_aug:
+            noise = torch.randn_like(x) if noise is None else noise
+            if self.family == "edm":
+                t = (torch.randn(len(x), device=x.device) * 1.2 - 1.2).exp()
+                x = x + t.view(-1, 1, 1, 1) * noise
+            else:
+                t = torch.randint(0, len(self.alphas_cumprod), (len(x),), device=x.device)
+                a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
+                x = a.sqrt() * x + (1 - a).sqrt() * noise
+        return [head(f.to(head.weight.dtype)) for head, f in zip(self.heads, self.features(x, z, cond, t))]
+
+
+def d_score(logits):
+    """D(x) as one number per sample: the mean over readouts and positions."""
+    return torch.stack([l.mean((1, 2, 3)) for l in logits]).mean(0)
+
+
+def gan_loss_d(logits_real, logits_fake):
+    """Eq. 5 for D with softplus: -log D(real) - log(1 - D(fake)), averaged over
+    every readout and position."""
+    real = torch.stack([F.softplus(-l).mean() for l in logits_real]).mean()
+    fake = torch.stack([F.softplus(l).mean() for l in logits_fake]).mean()
+    return real + fake
+
+
+def gan_loss_g(logits_fake):
+    """Eq. 6, non-saturating: -log D(G(z, c))."""
+    return torch.stack([F.softplus(-l).mean() for l in logits_fake]).mean()
+
+
+def r1_penalty(D, x, z, cond, weight=None):
+    """Single-sample R1: ||grad_x D(x)||^2 on one real sample (D(x) = d_score).
+    Attention runs on the math kernel here: fused kernels have no double backward.
+    With `weight`, weight * R1 is also backpropagated under the same kernel (a
+    gradient-checkpointed D recomputes its blocks then, and must match) and the
+    detached value is returned."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    x = x.detach().requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH):
+        score = d_score(D(x, z, cond)).sum()
+        (g,) = torch.autograd.grad(score, x, create_graph=True)
+        r1 = g.pow(2).sum((1, 2, 3)).mean()
+        if weight is None:
+            return r1
+        (weight * r1).backward()
+    return r1.detach()
+
+
+MIX_KINDS = ("unrelated", "wrong_c", "wrong_z")
+
+
+def mix_and_match_plan(seed, step, positions, own, frac, n):
+    """Mix-and-match (§3.3), decided per sample: sample k of a micro-batch, at
+    `positions[k]` in the step's global batch, is replaced with probability `frac`,
+    by one of the three kinds with equal odds, with partner j = another pair of the
+    data set (index != own[k]). Every draw depends on (seed, step, position) alone,
+    so the fraction and the kinds hold over the global batch for any micro-batch
+    size, 1 included, and a resumed run replays them. Returns [(k, kind, j)]."""
+    plan = []
+    if n < 2 or frac <= 0:  # no other pair to borrow from
+        return plan
+    for k, (pos, i) in enumerate(zip(positions, own)):
+        g = torch.Generator().manual_seed(_mix64((seed * 1_000_003 + step) * 65_537 + pos))  # decorrelate nearby seeds
+        if torch.rand(1, generator=g).item() >= frac:
+            continue
+        kind = MIX_KINDS[int(torch.randint(3, (1,), generator=g))]
+        j = (i + 1 + int(torch.randint(n - 1, (1,), generator=g))) % n  # uniform over the other n - 1 pairs
+        plan.append((k, kind, j))
+    return plan
+
+
+def _mix64(x):
+    """splitmix64: consecutive integers -> well-spread 64-bit generator seeds."""
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return (x ^ (x >> 31)) >> 1  # 63 bits: torch seeds are signed
+
+
+def mix_and_match(x_fake, z, cond, plan, x_p, z_p, cond_p):
+    """Apply a plan: fake k becomes the real latent x_j of its partner (row r of
+    x_p, z_p, cond_p), with (z_k, c_k) unrelated, (z_j, c_k) wrong c, or (z_k, c_j)
+    wrong z. All go into D's fake batch (labelled fake). Returns new (x, z, cond)."""
+    x, zz = x_fake.clone(), z.clone()
+    cc = cond.clone() if torch.is_tensor(cond) else {k: (v.clone() if torch.is_tensor(v) else {kk: vv.clone() for kk, vv in v.items()})
+                                                     for k, v in cond.items()}
+    for r, (k, kind, _) in enumerate(plan):
+        x[k] = x_p[r]
+        if kind == "wrong_c":
+            zz[k] = z_p[r]
+        if kind == "wrong_z":
+            _set_cond(cc, cond_p, k, r)
+    return x, zz, cc
+
+
+def _set_cond(dst, src, i, j):
+    if torch.is_tensor(src):
+        dst[i] = src[j]
+        return
+    for k, v in src.items():
+        if torch.is_tensor(v):
+            dst[k][i] = v[j]
+        else:
+            for kk, vv in v.items():
+                dst[k][kk][i] = vv[j]
+
+
+def sync_grads(model, bucket_mb=256):
+    """All-reduce gradients by hand (as StyleGAN2-ADA does) so R1's double
+    backward works under torchrun without DDP's autograd hooks. Buckets of
+    ~bucket_mb keep the extra memory small (one flat copy of all gradients
+    would cost 3.4 GB for SD1.5 and 10 GB for SDXL)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    while params:
+        bucket, size = [], 0
+        while params and (not bucket or size + params[0].grad.nbytes <= bucket_mb << 20):
+            bucket.append(params.pop(0))
+            size += bucket[-1].grad.nbytes
+        flat = torch.cat([p.grad.flatten() for p in bucket])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+            p.grad.copy_(g.view_as(p))
+
+
+def cond_slice(cond, n):
+    """The first n samples of a condition (labels tensor or U-Net kwargs dict)."""
+    if torch.is_tensor(cond):
+        return cond[:n]
+    return {k: (v[:n] if torch.is_tensor(v) else {kk: vv[:n] for kk, vv in v.items()}) for k, v in cond.items()}
+
+
+def requires_grad(model, flag):
+    for p in model.parameters():
+        p.requires_grad_(flag)
 
 
 def export_diffusers(cfg, teacher, device):
@@ -106,6 +358,8 @@ def export_diffusers(cfg, teacher, device):
         C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
     path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
     ck = C.load_checkpoint(path, "student")
+    if ck["config"]["num_steps"] != teacher.cfg["num_steps"]:
+        C.fail(f"student '{path}' learned a {ck['config']['num_steps']}-step teacher, not {teacher.cfg['num_steps']} steps")
     if ck.get("teacher") != teacher.teacher_id:
         C.fail(f"student '{path}' was distilled from '{ck.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
     G = C.Student(teacher, dict(cfg, cfg_range=ck["config"].get("cfg_range")))
@@ -118,37 +372,50 @@ def export_diffusers(cfg, teacher, device):
 
 
 def get_config(argv=None):
-    """Preset, then this stage's Table A1 row, then the flags given. Returns (cfg, args)."""
-    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS, STAGE2)
-    args = parser.parse_args(argv)
-    cfg = C.resolve_config(args)
-    if cfg["arch"] not in STAGE2:
-        C.fail(f"the paper's {cfg['arch']} setting has no GAN stage (Table A1); use a toy, sd15 or sdxl preset")
-    table = STAGE2.get(cfg["preset"]) or STAGE2[cfg["arch"]]  # a user's own preset takes its architecture's table
-    cfg.update({k: v for k, v in table.items() if getattr(args, k, None) is None})
-    return cfg, args
+    """The preset with this stage's Table A1 row, then the flags. Returns (cfg, given):
+    `given` holds the preset keys that flags set."""
+    return C.parse_config(__doc__, FLAGS, argv, STAGE2)
+
+
+def validate(cfg):
+    """What a flag's type cannot check alone, and every file this stage reads, before any work."""
+    if cfg["batch"] % cfg["batch_per_device"]:
+        C.fail(f"--batch {cfg['batch']} is not divisible by --batch_per_device {cfg['batch_per_device']}")
+    if cfg["benchmark_steps"] or cfg["export"]:
+        return
+    init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
+    if not os.path.isfile(init):
+        C.fail(f"stage-1 student not found at '{init}'; run 03_ode_distill.py first or pass --init")
+    if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
+        C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
+    C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
 
 
 def main(argv=None):
-    cfg, args = get_config(argv)
+    cfg, given = get_config(argv)
+    validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
-    if cfg["export"]:
+    if cfg["export"]:  # the student's T (Eq. 8) is the first step of the schedule its pairs were made with
+        path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
+        cfg["num_steps"] = C.load_checkpoint(path, "student")["config"]["num_steps"]
         return export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False) if cfg["family"] == "ldm" else
                                 C.load_teacher(cfg, device), device) if rank == 0 else None
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
-    stage1 = importlib.import_module("03_ode_distill")
     bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
     s1 = None if bench else C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student")
     if s1 and s1.get("teacher") != teacher.teacher_id:
         C.fail(f"stage-1 student was distilled from '{s1.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
-    cfg["loss"] = args.loss or (s1["config"]["loss"] if s1 else cfg["loss"])
-    cfg["lpips_augment"] = args.lpips_augment or (s1["config"]["lpips_augment"] if s1 else cfg["lpips_augment"])
-    loss_fn = stage1.build_loss(cfg, teacher, device)
+    for k in ("loss", "lpips_augment"):  # the regression term stays stage 1's unless a flag changes it
+        if s1 and k not in given:
+            cfg[k] = s1["config"][k]
+    C.print0(f"regression term: --loss {cfg['loss']}, --lpips_augment {cfg['lpips_augment']} "
+             f"({'flags' if {'loss', 'lpips_augment'} & given or not s1 else 'from the stage-1 student'})")
+    loss_fn = C.build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
     if s1:
         G.load_state_dict(s1["ema"])
     ema = copy.deepcopy(G).eval().requires_grad_(False)
-    D = C.Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_sigma"], cfg["d_timestep"], cfg["noise_aug"]).to(device)
+    D = Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_sigma"], cfg["d_timestep"], cfg["noise_aug"]).to(device)
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
         C.enable_grad_ckpt(D.unet)
@@ -214,37 +481,38 @@ def main(argv=None):
             b = data.get(idx)
             z, x_real, w = b["z"].to(device), b["x"].to(device), b.get("w")
             cond = C.student_cond(teacher, b["cond"], device)
+            plan = mix_and_match_plan(cfg["seed"], step, [chunk * len(idx) + k for k in range(len(idx))], idx,
+                                      cfg["mix_match"], len(data))
+            if plan:  # mix-and-match partners: real pairs drawn from the data set (their own z and c)
+                p = data.get([j for _, _, j in plan])
+                partners = (p["x"].to(device), p["z"].to(device), C.student_cond(teacher, p["cond"], device))
+                mixed += torch.tensor([sum(kind == k for _, kind, _ in plan) for k in MIX_KINDS], device=device)
             with C.autocast(device, cfg["dtype"]):
                 x_fake = G(z, cond, w)
-                # D step (Eq. 5): real vs fake, with mix-and-match fakes
-                C.requires_grad(D, True)
+                # D step (Eq. 5): real vs fake, the fakes including the mix-and-match ones
+                requires_grad(D, True)
                 xf, zf, cf = x_fake.detach(), z, cond
-                plan = C.mix_and_match_plan(cfg["seed"], step, [chunk * len(idx) + k for k in range(len(idx))], idx,
-                                            cfg["mix_match"], len(data))
-                if plan:  # partners: real pairs drawn from the data set (their own z and c)
-                    p = data.get([j for _, _, j in plan])
-                    pc = C.student_cond(teacher, p["cond"], device)
-                    xf, zf, cf = C.mix_and_match(xf, z, cond, plan, p["x"].to(device), p["z"].to(device), pc)
-                    mixed += torch.tensor([sum(kind == k for _, kind, _ in plan) for k in C.MIX_KINDS], device=device)
+                if plan:
+                    xf, zf, cf = mix_and_match(xf, z, cond, plan, *partners)
                 lr_real, lr_fake = D(x_real, z, cond), D(xf, zf, cf)
-                loss_d = C.gan_loss_d(lr_real, lr_fake)
+                loss_d = gan_loss_d(lr_real, lr_fake)
             (loss_d / accum).backward()
             if do_r1 and m == 0:  # single-sample R1, lazy: scaled by the interval
-                stats[5] += C.r1_penalty(D, x_real[:1], z[:1], C.cond_slice(cond, 1), weight=0.5 * cfg["r1_gamma"] * cfg["r1_every"])
+                stats[5] += r1_penalty(D, x_real[:1], z[:1], cond_slice(cond, 1), weight=0.5 * cfg["r1_gamma"] * cfg["r1_every"])
             # G step (Eq. 6): regression + non-saturating GAN loss; D frozen
-            C.requires_grad(D, False)
+            requires_grad(D, False)
             with C.autocast(device, cfg["dtype"]):
                 loss_reg = loss_fn(x_fake, x_real).mean()
-                loss_g = loss_reg + cfg["lambda_gan"] * C.gan_loss_g(D(x_fake, z, cond))
+                loss_g = loss_reg + cfg["lambda_gan"] * gan_loss_g(D(x_fake, z, cond))
             (loss_g / accum).backward()
-            stats[:5] += torch.stack([loss_g.detach(), loss_reg.detach(), loss_d.detach(), C.d_score(lr_real).mean().detach(),
-                                      C.d_score(lr_fake).mean().detach()]) / accum
+            stats[:5] += torch.stack([loss_g.detach(), loss_reg.detach(), loss_d.detach(), d_score(lr_real).mean().detach(),
+                                      d_score(lr_fake).mean().detach()]) / accum
         stats = C.all_reduce_mean(stats).tolist()
         mixed = (C.all_reduce_mean(mixed) * world).round().int().tolist()
         for name, v in zip(("loss_g", "loss_d", "r1"), (stats[0], stats[2], stats[5])):
             C.finite_or_stop(v, step, ckpt_path, name)
         for model, opt in ((D, opt_d), (G, opt_g)):
-            C.sync_grads(model)
+            sync_grads(model)
             if cfg["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()
@@ -260,7 +528,7 @@ def main(argv=None):
         if step % cfg["log_every"] == 0 or do_r1 or step == cfg["steps"] - 1:
             rate = seen / (time.time() - t0)
             log.write(step=step, loss_g=stats[0], loss_reg=stats[1], loss_d=stats[2], logit_real=stats[3], logit_fake=stats[4],
-                      r1=stats[5] if do_r1 else None, mixed=dict(zip(C.MIX_KINDS, mixed)), img_s=rate, lr=lr, d_lr=d_lr)
+                      r1=stats[5] if do_r1 else None, mixed=dict(zip(MIX_KINDS, mixed)), img_s=rate, lr=lr, d_lr=d_lr)
             bar.set_postfix(reg=f"{stats[1]:.4f}", d=f"{stats[2]:.3f}", real=f"{stats[3]:.2f}", fake=f"{stats[4]:.2f}")
         if bench:
             continue

@@ -20,7 +20,6 @@ Extra rows:          python 05_evaluate.py --students "mse=runs/toy/distill_mse/
 SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 05_evaluate.py --preset sd15 --coco /data/coco2014 --num_samples 30000
 Speed (Fig. 3):      python 05_evaluate.py --preset sd15 --speed      (random-weight SD1.5 shapes when no checkpoint)
 """
-import argparse
 import json
 import os
 import re
@@ -28,37 +27,205 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import common as C
 
-DEFAULTS = dict(
-    preset="toy",
-    out_dir=None,
-    teacher=None,
-    students=None,           # extra rows "name=path,..." of student_ema.pt files; "name=p1;p2;p3": seeds, + mean ± std
-    num_samples=0,           # samples per model (0 = preset default) (toy 2000; paper 30k for FID, 10k for P/R, 5k for DreamSim)
-    batch_per_device=None,
-    grid_rows=10,
-    diversity_seeds=16,      # diversity grid: one condition, this many seeds
-    div_prompts=500,         # sd15/sdxl DreamDiv: prompts x 8 seeds each (paper: 5k COCO2017 prompts)
-    coco=None,               # sd15/sdxl: COCO2014 root with val2014/ and annotations/captions_val2014.json
-    dtype="float32",
-    seed=0,
-    classifier_seed=0,       # toy: seed of that classifier; rerun with others to see how much FID-toy depends on it
-    classifier=None,         # toy: the feature classifier (default <out_dir>/eval/toy_classifier[_s<seed>].pt, trained once);
-                             #      share one path across evaluations so that their FID-toy numbers are comparable
-    eval_w=None,             # guidance sweep, e.g. "1,2,3": fidelity of each student to the teacher at each w
-    speed=False,             # time one-step student vs teacher solver (and E-LatentLPIPS vs LPIPS) and exit
-    speed_steps=0,           # teacher steps to time (0 = preset) (default: the preset's); the ratio is reported per full solver
-)
+FLAGS = {
+    "run": C.RUN_FLAGS + [
+        ("dtype", "float32", C.DTYPES, "dtype of the teacher and students while sampling"),
+        ("batch_per_device", None, C.INT_POS, "sampling batch per process"),
+    ],
+    "models": [
+        ("teacher", None, None, "the teacher the students were distilled from"),
+        ("num_steps", None, C.INT_POS, "the teacher's ODE steps (as in 01)"),
+        ("resolution", None, C.INT_POS, "image size in pixels (sd15 512, sdxl 1024)"),
+        ("guidance", None, C.NONNEG, "the teacher's guidance (default: the students' checkpoints; a contradiction is refused)"),
+        ("students", None, None, "extra rows 'name=path,...' of student_ema.pt files; 'name=p1;p2;p3': seeds, + mean ± std"),
+    ],
+    "metrics (§4)": [
+        ("num_samples", 0, C.INT_NONNEG, "samples per model (0: toy 2000, sd 30000; the paper: 30k FID, 10k P/R, 5k DreamSim)"),
+        ("coco", None, None, "sd15/sdxl: COCO2014 root with val2014/ and annotations/captions_val2014.json"),
+        ("div_prompts", 500, C.INT_POS, "sd15/sdxl DreamDiv: prompts x 8 seeds each (the paper: 5k COCO2017 prompts)"),
+        ("classifier", None, None, "toy: the FID-toy feature classifier (default <out_dir>/eval/toy_classifier.pt, trained once); "
+                                   "share one path across evaluations to compare their FID-toy"),
+        ("classifier_seed", 0, C.INT_NONNEG, "toy: that classifier's seed (rerun with others to see FID-toy's spread)"),
+        ("eval_w", None, None, "toy guidance sweep, e.g. '1,2,3': fidelity of each student to the teacher at each w"),
+    ],
+    "grids": [
+        ("grid_rows", 10, C.INT_POS, "rows of compare.png (one seed each; columns: teacher | students)"),
+        ("diversity_seeds", 16, C.INT_POS, "diversity.png: one condition, this many seeds"),
+    ],
+    "speed (Fig. 3)": [
+        ("speed", False, None, "time the one-step student against the teacher's solver (SD shapes) and exit"),
+        ("speed_steps", 0, C.INT_NONNEG, "teacher steps to time (0: the preset's)"),
+    ],
+}
 
 EVAL_SEED0 = 2_000_000_000  # evaluation seeds are disjoint from pair seeds and held-out grid seeds
 
 
+# 12. Metric maths (05). Our own code, tested against closed forms; the
+# pretrained feature networks for SD come from optional packages.
+
+def feature_stats(f):
+    f = f.double()
+    mu = f.mean(0)
+    d = f - mu
+    return mu, d.T @ d / (len(f) - 1)
+
+
+def sqrtm_psd(a):
+    """Matrix square root of a symmetric PSD matrix by eigendecomposition (float64;
+    tiny negative eigenvalues from round-off are clamped to 0)."""
+    a = (a + a.T) / 2
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2). The inner matrix is
+    symmetric PSD, so its trace-sqrt is a sum of sqrt-eigenvalues: stable, no scipy."""
+    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
+    r1 = sqrtm_psd(s1)
+    m = r1 @ s2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+
+
+def fid_from_features(a, b):
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def _kth_nn_radius(f, k, chunk=1024):
+    r = []
+    for i in range(0, len(f), chunk):
+        d = torch.cdist(f[i:i + chunk].double(), f.double())
+        r.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
+    return torch.cat(r)
+
+
+def _coverage(query, ref, radii, chunk=1024):
+    inside = []
+    for i in range(0, len(query), chunk):
+        d = torch.cdist(query[i:i + chunk].double(), ref.double())
+        inside.append((d <= radii[None]).any(1))
+    return torch.cat(inside).float().mean().item()
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision/recall (Kynkaanniemi et al. 2019): a sample is covered
+    when it lies inside some k-NN ball of the other set (k = 3)."""
+    precision = _coverage(fake, real, _kth_nn_radius(real, k))
+    recall = _coverage(real, fake, _kth_nn_radius(fake, k))
+    return precision, recall
+
+
+def mean_pairwise_distance(f):
+    """DreamDiv-style diversity of one condition's samples: mean distance over pairs."""
+    n = len(f)
+    d = torch.cdist(f.double(), f.double())
+    return (d.sum() / (n * (n - 1))).item()
+
+
+def diversity(features, groups):
+    """Mean over conditions of the within-condition mean pairwise distance."""
+    vals = [mean_pairwise_distance(features[groups == g]) for g in groups.unique() if (groups == g).sum() > 1]
+    return float(np.mean(vals))
+
+
+def fidelity(student, teacher_out, dist=None):
+    """Fidelity to the teacher (the DreamSim-5k idea): the mean distance between
+    student and teacher outputs from the same z (lower is closer)."""
+    if dist is None:
+        return (student.float() - teacher_out.float()).pow(2).flatten(1).mean(1).mean().item()
+    return dist(student, teacher_out).float().mean().item()
+
+
+def gather_by_rank(local, n, world):
+    """Undo a seeds[rank::world] split: every rank's rows, back in seed order."""
+    import torch.distributed as dist
+    if world == 1:
+        return local
+    parts = [None] * world
+    dist.all_gather_object(parts, local.cpu())
+    out = torch.empty(n, *local.shape[1:], dtype=local.dtype)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The toy's judge: a classifier trained on the toy data (never the loss network).
+
+def toy_dataset(n, split="train"):
+    """n toy images with labels. Splits use disjoint seed ranges."""
+    base = {"train": 0, "val": 50_000_000, "test": 60_000_000}[split]
+    return C.toy_images(range(base, base + n))
+
+
+class ToyClassifier(nn.Module):
+    """A small CNN on toy images. It judges teacher/student samples (class
+    accuracy) and gives FID-toy features; it is never the training loss network."""
+
+    def __init__(self, num_classes=10, ch=32):
+        super().__init__()
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
+        self.body = nn.Sequential(block(3, ch), nn.AvgPool2d(2), block(ch, 2 * ch), nn.AvgPool2d(2),
+                                  block(2 * ch, 4 * ch), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * ch, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_toy_classifier(path, steps=600, batch=128, seed=0, log=print):
+    """Train (or load a cached) ToyClassifier. ~1 minute on 2 CPU cores."""
+    torch.manual_seed(seed)  # before the model: its initialisation is part of what the seed fixes
+    model = ToyClassifier()
+    if os.path.exists(path):
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            C.fail(f"toy classifier '{path}' is unreadable or of another shape ({type(e).__name__}); delete it to retrain")
+        return model.eval()
+    x, y = C.toy_images(range(70_000_000, 70_000_000 + 12_000))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=g)
+        xb = x[idx] + 0.05 * torch.randn(batch, *x.shape[1:], generator=g)  # robust to slight sample noise
+        loss = F.cross_entropy(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    xv, yv = toy_dataset(2000, "val")
+    acc = classify(model.eval(), xv).eq(yv).float().mean().item()
+    log(f"toy classifier: held-out accuracy {acc:.4f}")
+    C.atomic_torch_save(model.state_dict(), path)
+    return model
+
+
+@torch.no_grad()
+def classify(model, x, batch=512):
+    return torch.cat([model(x[i:i + batch].float()).argmax(1) for i in range(0, len(x), batch)])
+
+
+# ----------------------------------------------------------------------------
+# Sampling every model from the same seeds.
+
 def load_student(path, teacher, cfg, device):
     ck = C.load_checkpoint(path, "student")
+    if ck["config"].get("num_steps", cfg["num_steps"]) != cfg["num_steps"]:
+        C.fail(f"student '{path}' learned a {ck['config']['num_steps']}-step teacher but --num_steps is {cfg['num_steps']}; "
+               f"pass --num_steps {ck['config']['num_steps']}")
     if ck.get("teacher") != teacher.teacher_id:
         C.fail(f"student '{path}' was distilled from '{ck.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
     G = C.Student(teacher, dict(cfg, dropout=0.0, cfg_range=ck["config"].get("cfg_range"))).to(device)
@@ -85,7 +252,7 @@ def generate(models, teacher, cfg, seeds, conds, device, rank, world):
                 torch.cuda.synchronize()
             secs[name] += time.perf_counter() - t
             outs[name].append(x.float().cpu())
-    outs = {n: C.gather_by_rank(torch.cat(v), len(seeds), world) for n, v in outs.items()}
+    outs = {n: gather_by_rank(torch.cat(v), len(seeds), world) for n, v in outs.items()}
     return outs, {n: s / max(1, len(mine)) for n, s in secs.items()}
 
 
@@ -93,14 +260,8 @@ def model_table(cfg, teacher, device):
     """name -> callable(z, cond) -> x, plus NFE per model."""
     models = {"teacher": lambda z, c, w=None: teacher.solve(z, c, guidance=w)}
     nfe = {"teacher": teacher.nfe}
-    paths = {"stage 1": os.path.join(cfg["out_dir"], "distill", "student_ema.pt"),
-             "stage 2": os.path.join(cfg["out_dir"], "gan", "student_ema.pt")}
-    for item in filter(None, (cfg["students"] or "").split(",")):
-        name, _, path = item.rpartition("=")  # names may contain "=", paths rarely do
-        runs = [p.strip() for p in path.split(";") if p.strip()]  # several (seeds) of one row: "name #k"
-        paths.update({name.strip(): runs[0]} if len(runs) == 1 else {f"{name.strip()} #{k}": p for k, p in enumerate(runs, 1)})
     found = {}
-    for name, path in paths.items():
+    for name, path in student_paths(cfg).items():
         if not os.path.isfile(path):
             C.print0(f"note: no {name} student at '{path}'; skipping that row")
             continue
@@ -134,10 +295,13 @@ def teacher_guidance_from_students(cfg, found):
     cfg["guidance"] = g
 
 
-def toy_classifier(cfg, eval_dir, device):
+def classifier_path(cfg):
     seed = cfg["classifier_seed"]
-    path = cfg["classifier"] or os.path.join(eval_dir, "toy_classifier.pt" if seed == 0 else f"toy_classifier_s{seed}.pt")
-    return C.train_toy_classifier(path, seed=seed, log=C.print0).to(device)
+    return cfg["classifier"] or os.path.join(cfg["out_dir"], "eval", "toy_classifier.pt" if seed == 0 else f"toy_classifier_s{seed}.pt")
+
+
+def toy_classifier(cfg, eval_dir, device):
+    return train_toy_classifier(classifier_path(cfg), seed=cfg["classifier_seed"], log=C.print0).to(device)
 
 
 def evaluate_toy(cfg, teacher, device, rank, world):
@@ -150,7 +314,7 @@ def evaluate_toy(cfg, teacher, device, rank, world):
     outs, secs = generate(models, teacher, cfg, seeds, labels, device, rank, world)
     if rank != 0:
         return None
-    real, real_y = C.toy_dataset(n, "test")
+    real, real_y = toy_dataset(n, "test")
     feats = lambda x: torch.cat([clf.features(x[i:i + 500].to(device)).cpu() for i in range(0, len(x), 500)])
     with torch.no_grad():
         x_teacher = outs["teacher"].clamp(-1, 1)
@@ -159,16 +323,16 @@ def evaluate_toy(cfg, teacher, device, rank, world):
         for name, x in outs.items():
             x = x.clamp(-1, 1)
             f = feats(x)
-            p, r = C.precision_recall(f_real, f)
+            p, r = precision_recall(f_real, f)
             # fidelity to the teacher, same z: MSE in pixels, and (the DreamSim idea) cosine distance in features
-            rows[name] = dict(fid_toy=C.fid_from_features(f_real, f), precision=p, recall=r,
-                              class_acc=C.classify(clf, x.to(device)).cpu().eq(labels).float().mean().item(),
-                              diversity=C.diversity(f, labels), fidelity_mse=C.fidelity(x, x_teacher),
-                              fidelity_feat=C.fidelity(f, f_teacher, lambda a, b: 1 - F.cosine_similarity(a, b, dim=1)),
+            rows[name] = dict(fid_toy=fid_from_features(f_real, f), precision=p, recall=r,
+                              class_acc=classify(clf, x.to(device)).cpu().eq(labels).float().mean().item(),
+                              diversity=diversity(f, labels), fidelity_mse=fidelity(x, x_teacher),
+                              fidelity_feat=fidelity(f, f_teacher, lambda a, b: 1 - F.cosine_similarity(a, b, dim=1)),
                               sec_per_img=secs[name], nfe=nfe[name])
-        rows["real data"] = dict(fid_toy=C.fid_from_features(f_real, feats(C.toy_dataset(n, "val")[0])), precision=None,
-                                 recall=None, class_acc=C.classify(clf, real.to(device)).cpu().eq(real_y).float().mean().item(),
-                                 diversity=C.diversity(f_real, real_y), fidelity_mse=None, fidelity_feat=None,
+        rows["real data"] = dict(fid_toy=fid_from_features(f_real, feats(toy_dataset(n, "val")[0])), precision=None,
+                                 recall=None, class_acc=classify(clf, real.to(device)).cpu().eq(real_y).float().mean().item(),
+                                 diversity=diversity(f_real, real_y), fidelity_mse=None, fidelity_feat=None,
                                  sec_per_img=None, nfe=None)
     write_grids(outs, teacher, eval_dir, labels, cfg, models, device)
     return rows
@@ -232,15 +396,15 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
                 img = teacher.to_images(fn(z.to(device), [prompts[p]] * 8).float())
                 d = [nets["dreamsim"](img[a:a + 1], img[b:b + 1]) for a in range(8) for b in range(a + 1, 8)]
                 div[name].append(torch.cat(d).mean().cpu().view(1))
-    real = C.gather_by_rank(torch.cat(real), n, world)
+    real = gather_by_rank(torch.cat(real), n, world)
     rows = {}
     for name in models:
-        f = C.gather_by_rank(torch.cat(acc[name]["inc"]), n, world)
+        f = gather_by_rank(torch.cat(acc[name]["inc"]), n, world)
         m = min(n, 10_000)  # precision/recall on 10k, as in the paper
-        p, r = C.precision_recall(real[:m], f[:m])
-        rows[name] = dict(fid=C.fid_from_features(real, f), clip=C.gather_by_rank(torch.cat(acc[name]["clip"]), n, world).mean().item(),
-                          precision=p, recall=r, dreamdiv=C.gather_by_rank(torch.cat(div[name]), k, world).mean().item(),
-                          dreamsim_to_teacher=C.gather_by_rank(torch.cat(acc[name]["dsim"]), n, world).mean().item(),
+        p, r = precision_recall(real[:m], f[:m])
+        rows[name] = dict(fid=fid_from_features(real, f), clip=gather_by_rank(torch.cat(acc[name]["clip"]), n, world).mean().item(),
+                          precision=p, recall=r, dreamdiv=gather_by_rank(torch.cat(div[name]), k, world).mean().item(),
+                          dreamsim_to_teacher=gather_by_rank(torch.cat(acc[name]["dsim"]), n, world).mean().item(),
                           sec_per_img=acc[name]["sec"] / max(1, len(mine)), nfe=nfe[name])
     if rank == 0:
         write_grids(keep, teacher, os.path.join(cfg["out_dir"], "eval"), [prompts[j] for j in mine[:B]], cfg, models, device)
@@ -263,8 +427,8 @@ def guidance_sweep(cfg, teacher, device, n=500):
     for w in [float(v) for v in cfg["eval_w"].split(",")]:
         out = {name: torch.cat([fn(z[i:i + 250].to(device), labels[i:i + 250], w).float().cpu() for i in range(0, n, 250)])
                for name, fn in models.items()}
-        table[f"w={w:g}"] = {name: dict(fidelity_mse=C.fidelity(x.clamp(-1, 1), out["teacher"].clamp(-1, 1)),
-                                        class_acc=C.classify(clf, x.clamp(-1, 1).to(device)).cpu().eq(labels).float().mean().item())
+        table[f"w={w:g}"] = {name: dict(fidelity_mse=fidelity(x.clamp(-1, 1), out["teacher"].clamp(-1, 1)),
+                                        class_acc=classify(clf, x.clamp(-1, 1).to(device)).cpu().eq(labels).float().mean().item())
                              for name, x in out.items()}
         picks = [int((labels == c).nonzero()[0]) for c in range(5)]
         rows.append(torch.stack([out[name][i] for i in picks for name in out]))
@@ -303,7 +467,7 @@ def benchmark_speed(cfg, device):
     With --teacher DIR it times that teacher; otherwise random-weight SD1.5 shapes
     (U-Net 860M, CLIP ViT-L text encoder), for benchmarking only. Reports time
     per image, the achieved ratio, and that ratio over the ideal ratio from
-    per-call U-Net times (1.0 = no overhead), plus the Fig. 4 loss benchmark."""
+    per-call U-Net times (1.0 = no overhead). (Fig. 4's loss benchmark: 02 --speed.)"""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     steps = cfg.get("speed_steps") or cfg["num_steps"]
@@ -355,7 +519,6 @@ def benchmark_speed(cfg, device):
                teacher_overhead_over_unet_calls=round((t_teacher - t_text2) / (steps * u2) - 1, 4),
                student_overhead_over_unet_call=round((t_student - t_text1) / u1 - 1, 4),
                unet_call_s=dict(batch1=round(u1, 4), batch2=round(u2, 4)), text_encode_s=round(t_text1, 4), device=str(device))
-    out["lpips_fig4"] = C.benchmark_lpips_speed(device)
     return out
 
 
@@ -409,7 +572,11 @@ def load_coco(root, n, seed):
     ann = os.path.join(root or "", "annotations", "captions_val2014.json")
     if not os.path.isfile(ann):
         C.fail(f"COCO captions not found at '{ann}' (pass --coco ROOT with annotations/ and val2014/)")
-    data = json.load(open(ann))
+    try:
+        data = json.load(open(ann))
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+    except (ValueError, KeyError, TypeError) as e:
+        C.fail(f"'{ann}' is not a COCO captions file ({type(e).__name__}: {e})")
     files = {im["id"]: os.path.join(root, "val2014", im["file_name"]) for im in data["images"]}
     caps = {}
     for a in data["annotations"]:
@@ -423,12 +590,47 @@ def load_coco(root, n, seed):
     return [caps[i] for i in pick], [files[i] for i in pick]
 
 
+def student_paths(cfg):
+    """The rows: stage 1 and stage 2 (when present), then --students ('name=path', or
+    'name=p1;p2;p3' for several seeds of one row: 'name #k')."""
+    paths = {"stage 1": os.path.join(cfg["out_dir"], "distill", "student_ema.pt"),
+             "stage 2": os.path.join(cfg["out_dir"], "gan", "student_ema.pt")}
+    for item in filter(None, (cfg["students"] or "").split(",")):
+        name, _, path = item.rpartition("=")  # names may contain "=", paths rarely do
+        runs = [p.strip() for p in path.split(";") if p.strip()]
+        if not name.strip() or not runs:
+            C.fail(f"--students entry '{item}' is not 'name=path' (or 'name=p1;p2;p3')")
+        paths.update({name.strip(): runs[0]} if len(runs) == 1 else {f"{name.strip()} #{k}": p for k, p in enumerate(runs, 1)})
+    return paths
+
+
+def validate(cfg):
+    """Every file this evaluation reads, before any sampling (the flags' types
+    checked the values): --students, --classifier, --coco, --eval_w."""
+    for k, (name, path) in enumerate(student_paths(cfg).items()):
+        if k < 2 and not os.path.isfile(path):
+            continue  # stage 1 / stage 2 rows appear when their runs exist
+        if not os.path.isfile(path):
+            C.fail(f"--students: '{name}' checkpoint '{path}' does not exist")
+        ck = C.load_checkpoint(path, f"{name} student", mmap=True)
+        if not isinstance(ck, dict) or "ema" not in ck or "config" not in ck:
+            C.fail(f"'{path}' ({name}) is not a student checkpoint of 03/04 (no 'ema' and 'config')")
+    if cfg["arch"] == "toy" and os.path.exists(classifier_path(cfg)):
+        C.load_checkpoint(classifier_path(cfg), "toy classifier (delete it to retrain)", mmap=True)
+    if cfg["eval_w"]:
+        try:
+            [float(v) for v in cfg["eval_w"].split(",")]
+        except ValueError:
+            C.fail(f"--eval_w '{cfg['eval_w']}' is not a comma-separated list of numbers")
+    if cfg["family"] == "ldm" and not cfg["speed"]:
+        load_coco(cfg["coco"], cfg["num_samples"], cfg["seed"])  # a wrong --coco stops here, before any sampling
+
+
 def main(argv=None):
-    parser = C.add_preset_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), DEFAULTS)
-    args = parser.parse_args(argv)
-    cfg = C.resolve_config(args)
-    cfg["guidance_flag"] = args.guidance  # given explicitly, or None (then the students' checkpoints decide)
+    cfg, given = C.parse_config(__doc__, FLAGS, argv)
+    cfg["guidance_flag"] = cfg["guidance"] if "guidance" in given else None  # else the students' checkpoints decide
     cfg["num_samples"] = cfg["num_samples"] or (2000 if cfg["arch"] == "toy" else 30_000)
+    validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:
         res = benchmark_speed(cfg, device)

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------
-# 1. Presets. Every value can be overridden on the command line by a flag of the
-# same name. Paper values come from Table A1; the toy preset is scaled down to
-# what runs in minutes on 2 CPU cores.
+# 1. Presets and configuration. Paper values come from Table A1; the toy preset is
+# scaled down to what runs in minutes on 2 CPU cores. A script's flags override
+# the preset keys it reads (parse_config); 03 and 04 add their stage's row.
 
 PRESETS = {
     "toy": dict(
@@ -80,53 +80,105 @@ PRESETS["sd15_cfg8"] = dict(PRESETS["sd15"], guidance=8.0, num_pairs=12_000_000,
 
 def get_preset(name):
     if name not in PRESETS:
-        raise SystemExit(f"error: unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+        fail(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[name])
 
 
-def add_preset_args(parser, defaults, stage_defaults=None):
-    """Build argparse flags from a script's block of defaults, plus one flag per
-    preset key. A default of None means 'take it from the preset' (or from the
-    script's per-preset table `stage_defaults`), which also gives the flag's type."""
-    keys = dict(defaults, dist_timeout_min=DIST_TIMEOUT_MIN)
-    tables = list(PRESETS.values()) + list((stage_defaults or {}).values())
-    for p in PRESETS.values():
-        for k in p:
-            keys.setdefault(k, None)
-    for key, val in keys.items():
-        ref = val if val is not None else next((p[key] for p in tables if p.get(key) is not None), "")
-        if isinstance(ref, bool):
-            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=val)
-        else:
-            parser.add_argument(f"--{key}", type=type(ref), default=val)
-    return parser
+def checked_type(kind, ok, what, bad):
+    """An argparse type that also checks a preset's values: kind(v), then ok(x).
+    `bad` is a value it refuses (the tests feed it to every flag of this type)."""
+    def parse(v):
+        try:
+            x = kind(v)
+            good = ok(x)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}")
+        return x
+    parse.__name__, parse.bad = what, bad
+    return parse
 
 
-def resolve_config(args):
-    """The preset's values, overridden by every flag that was given (not None)."""
-    cfg = get_preset(args.preset)
-    for key, val in vars(args).items():
-        if val is not None or key not in cfg:
-            cfg[key] = val
-    if cfg.get("out_dir") is None:
-        cfg["out_dir"] = os.path.join("runs", args.preset)
-    return cfg
+def two_floats(s):
+    a, b = (float(v) for v in str(s).split(","))
+    return a, b
+
+
+INT_POS = checked_type(int, lambda x: x > 0, "positive (an integer > 0)", "0")
+INT_NONNEG = checked_type(int, lambda x: x >= 0, "an integer >= 0", "-1")
+POS = checked_type(float, lambda x: x > 0, "a number > 0", "0")
+NONNEG = checked_type(float, lambda x: x >= 0, "a number >= 0", "-1")
+FRACTION = checked_type(float, lambda x: 0 <= x <= 1, "a number in [0, 1]", "1.5")
+BETAS = checked_type(str, lambda s: all(0 <= b < 1 for b in two_floats(s)), "'B1,B2' with 0 <= B < 1", "0.9")
+DTYPES = ("float32", "bfloat16", "float16")
+def PRESET(name):
+    if name not in PRESETS:  # looked up when parsing: a preset added to PRESETS counts
+        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return name
+
+
+PRESET.bad = "sd16"
+RUN_FLAGS = [  # every script's first group
+    ("preset", "toy", PRESET, "toy | cifar10 | sd15 | sd15_cfg8 | sdxl (Table A1; toy: 2 CPU cores)"),
+    ("out_dir", None, None, "the run's folder (default runs/<preset>)"),
+    ("seed", 0, INT_NONNEG, "seed of everything random in this script"),
+    ("dist_timeout_min", 120, INT_POS, "torchrun: minutes a rank may wait at a collective before the job is declared hung"),
+]
+
+
+def parse_config(doc, flags, argv=None, table=None):
+    """Every script's configuration, with one precedence: the preset, then the flags
+    given. The preset is PRESETS[--preset] plus, in 03 and 04, that stage's own Table
+    A1 row from `table` (by preset name, or by the preset's arch for a user's own
+    preset). `flags` is {group: [(name, default, type, help)]}; a default of None means
+    "the preset's value". Types refuse bad values (argparse then stops with one line
+    naming the flag), and the preset's values pass the same checks. Values that the
+    teacher fixed come last, from the pairs' manifest (training_setup says so).
+    Returns the config and the set of preset keys that flags set."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: fail(f"{message} (see --help)")  # one 'error:' line, like every other stop
+    types, preset_keys = {}, {k for d in [*PRESETS.values(), *(table or {}).values()] for k in d}
+    for title, items in flags.items():
+        g = p.add_argument_group(title)
+        for name, default, kind, text in items:
+            types[name] = kind
+            text += " (default: the preset's)" if default is None and name in preset_keys else ""
+            if isinstance(default, bool) or kind is bool:  # --x / --no-x (kind bool: the preset's by default)
+                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=text)
+            elif isinstance(kind, tuple):
+                g.add_argument(f"--{name}", choices=kind, default=default, help=text + " (default: %(default)s)")
+            else:
+                g.add_argument(f"--{name}", type=kind or str, default=default,
+                               help=text + ("" if default is None else " (default: %(default)s)"))
+    args = vars(p.parse_args(argv))
+    cfg = get_preset(args["preset"])
+    if table is not None:
+        row = table.get(args["preset"]) or table.get(cfg["arch"])
+        if row is None:
+            fail(f"the paper's {cfg['arch']} setting has no row for this stage (Table A1); use {' | '.join(table)}")
+        cfg.update(row)
+    given = {k for k, v in args.items() if v is not None and p.get_default(k) is None}
+    cfg.update({k: v for k, v in args.items() if v is not None or k not in cfg})
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", args["preset"])
+    for k, kind in types.items():  # a preset's (or a user preset's) values: the flags' checks
+        if callable(kind) and cfg.get(k) is not None and k not in given:
+            try:
+                kind(cfg[k])
+            except argparse.ArgumentTypeError as e:
+                fail(f"preset '{args['preset']}': {k}: {e}")
+    return cfg, given
 
 
 # ----------------------------------------------------------------------------
 # 2. Distributed. The run is distributed only when torchrun set RANK, LOCAL_RANK
 # and WORLD_SIZE; otherwise it is one process on the best device available.
 
-# How long a rank may wait at a collective before the job is declared hung. The
-# real waits are long: 01's last barrier after hours of uneven shard work, and the
-# other ranks of 02 while rank 0 calibrates the linear heads. torch's default
-# (10 min on NCCL) would kill those jobs; every script's --dist_timeout_min sets it.
-DIST_TIMEOUT_MIN = 120
-
-
-def setup_distributed(timeout_min=DIST_TIMEOUT_MIN):
+def setup_distributed(timeout_min=120):
     """Returns (rank, local_rank, world_size, device). Works under plain python
-    and torchrun, with gloo on CPU and nccl on CUDA."""
+    and torchrun, with gloo on CPU and nccl on CUDA. The collective timeout is long
+    (--dist_timeout_min): real waits are long, e.g. 01's last barrier after hours of
+    uneven shard work; torch's default (10 min on NCCL) would kill those jobs."""
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world = int(os.environ["WORLD_SIZE"])
@@ -182,8 +234,10 @@ def autocast(device, dtype):
 # complete, so a killed run never leaves a file that a resume would trust.
 
 def fail(msg):
-    """Stop with a one-line cause (no traceback): bad input, not a bug."""
-    raise SystemExit(f"error: {msg}")
+    """Stop with a one-line cause (no traceback): bad input, not a bug. Quoted
+    exception text is folded onto that line and cut at 600 characters."""
+    msg = " ".join(str(msg).split())
+    raise SystemExit(f"error: {msg[:600]}" + ("..." if len(msg) > 600 else ""))
 
 
 def _tmp_name(path):
@@ -257,9 +311,6 @@ def file_sha256(path, chunk=1 << 20):
 # class, the colour, background, position and size vary and are all set by the
 # image's seed, so the noise-to-image map of a teacher has real structure.
 
-TOY_CLASSES = ["disc", "square", "triangle", "plus", "ring", "h-bar", "v-bar", "diamond", "cross", "frame"]
-
-
 def _toy_sdf(cls, px, py, r):
     """Signed distance (negative inside) of each class's shape, centred at 0."""
     ax, ay = px.abs(), py.abs()
@@ -322,61 +373,6 @@ def _hsv_to_rgb(h, s, v):
     return v - v * s * torch.clamp(torch.minimum(t, 4 - t), 0, 1)
 
 
-def toy_dataset(n, split="train"):
-    """n toy images with labels. Splits use disjoint seed ranges."""
-    base = {"train": 0, "val": 50_000_000, "test": 60_000_000}[split]
-    return toy_images(range(base, base + n))
-
-
-class ToyClassifier(nn.Module):
-    """A small CNN on toy images. It judges teacher/student samples (class
-    accuracy) and gives FID-toy features; it is never the training loss network."""
-
-    def __init__(self, num_classes=10, ch=32):
-        super().__init__()
-        def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU(),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
-        self.body = nn.Sequential(block(3, ch), nn.AvgPool2d(2), block(ch, 2 * ch), nn.AvgPool2d(2),
-                                  block(2 * ch, 4 * ch), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(4 * ch, num_classes)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def train_toy_classifier(path, steps=600, batch=128, seed=0, log=print):
-    """Train (or load a cached) ToyClassifier. ~1 minute on 2 CPU cores."""
-    torch.manual_seed(seed)  # before the model: its initialisation is part of what the seed fixes
-    model = ToyClassifier()
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    x, y = toy_images(range(70_000_000, 70_000_000 + 12_000))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        idx = torch.randint(len(x), (batch,), generator=g)
-        xb = x[idx] + 0.05 * torch.randn(batch, *x.shape[1:], generator=g)  # robust to slight sample noise
-        loss = F.cross_entropy(model(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    xv, yv = toy_dataset(2000, "val")
-    acc = classify(model.eval(), xv).eq(yv).float().mean().item()
-    log(f"toy classifier: held-out accuracy {acc:.4f}")
-    atomic_torch_save(model.state_dict(), path)
-    return model
-
-
-@torch.no_grad()
-def classify(model, x, batch=512):
-    return torch.cat([model(x[i:i + batch].float()).argmax(1) for i in range(0, len(x), batch)])
-
-
 # ----------------------------------------------------------------------------
 # 5. EDM (Karras et al. 2022). The toy teacher is a diffusers UNet2DModel with
 # class embeddings wrapped in EDM's preconditioning, so the same discriminator
@@ -416,15 +412,6 @@ def build_toy_teacher(dropout=0.0):
     return EDMPrecond(UNet2DModel(**TOY_UNET_CONFIG, dropout=dropout))
 
 
-def edm_loss(D, y, labels, p_mean=-1.2, p_std=1.2, sigma_data=0.5, generator=None):
-    """EDM training loss: lambda(sigma) * ||D(y + sigma n; sigma) - y||^2."""
-    rnd = torch.randn(len(y), 1, 1, 1, generator=generator)
-    sigma = (rnd * p_std + p_mean).exp()
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-    n = torch.randn(y.shape, generator=generator) * sigma
-    return (weight * (D(y + n, sigma, labels) - y) ** 2).mean()
-
-
 def guided_denoiser(net, guidance):
     """Classifier-free guidance for a class-conditional EDM net (null class =
     num_classes): D_w = D_uncond + w (D_cond - D_uncond). w is a number or one
@@ -439,14 +426,6 @@ def guided_denoiser(net, guidance):
         d_uncond, d_cond = d.chunk(2)
         return d_uncond + w * (d_cond - d_uncond)
     return D
-
-
-def pair_guidance(seeds, cfg_range):
-    """The guidance-conditioned student (beyond the paper, §5 'Limitations'): each
-    pair's scale w ~ U(LOW, HIGH), drawn from a generator seeded by the pair's seed."""
-    lo, hi = (float(v) for v in cfg_range.split(","))
-    return torch.tensor([lo + (hi - lo) * torch.rand(1, generator=torch.Generator().manual_seed(int(s) + (1 << 40))).item()
-                         for s in seeds])
 
 
 def guidance_embedding(w, dim=256):
@@ -760,7 +739,10 @@ def load_prompts(path):
                 if not line:
                     continue
                 if fn.endswith(".jsonl"):
-                    obj = json.loads(line)
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        fail(f"'{fn}': a .jsonl line is not JSON ({e})")
                     line = obj if isinstance(obj, str) else next((obj[k] for k in ("prompt", "caption", "text") if k in obj), None)
                     if line is None:
                         fail(f"'{fn}': a .jsonl line has none of the keys prompt/caption/text")
@@ -990,18 +972,13 @@ def read_manifest(pairs_dir):
     path = os.path.join(pairs_dir, "manifest.json")
     if not os.path.isfile(path):
         fail(f"no pairs at '{pairs_dir}' (manifest.json missing); run 01_make_pairs.py first")
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_shard(path, x, seeds, labels=None, prompts=None, w=None):
-    tensors = {"x": x, "seed": torch.as_tensor(seeds, dtype=torch.int64)}
-    if labels is not None:
-        tensors["label"] = labels.to(torch.int64)
-    if w is not None:
-        tensors["w"] = w.float()
-    meta = {"prompts": json.dumps(prompts)} if prompts is not None else None
-    atomic_save_safetensors(tensors, path, metadata=meta)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        m["num_pairs"], m["shard_size"], m["guidance"]  # the fields every reader needs
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"'{path}' is corrupt ({type(e).__name__}: {e}); delete the pairs folder and rerun 01_make_pairs.py")
+    return m
 
 
 def open_shard(path, expected_count=None, what="pair shard", remedy="rerun 01_make_pairs.py to regenerate it"):
@@ -1290,53 +1267,6 @@ class RegressionLoss(nn.Module):
         return d
 
 
-def psnr(a, b, peak=2.0):
-    """PSNR in dB for signals whose range is `peak` (2 for [-1, 1] images)."""
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return 10 * math.log10(peak ** 2 / max(mse, 1e-12))
-
-
-def save_curves_and_images(curves, images, path, title, labels=None, size=(420, 260)):
-    """A PNG with line curves (dict name -> list of values) above a row of images,
-    drawn with PIL only (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-    W, H = size
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-    canvas = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(canvas)
-    vals = [v for c in curves.values() for v in c]
-    lo, hi = min(vals), max(vals)
-    hi = hi if hi > lo else lo + 1
-    L, R, T, B = 40, W - 10, 20, H - 25
-    d.rectangle([L, T, R, B], outline="black")
-    d.text((L, 4), title, fill="black")
-    d.text((2, T), f"{hi:.1f}", fill="black")
-    d.text((2, B - 10), f"{lo:.1f}", fill="black")
-    for i, (name, c) in enumerate(curves.items()):
-        pts = [(L + (R - L) * k / max(1, len(c) - 1), B - (B - T) * (v - lo) / (hi - lo)) for k, v in enumerate(c)]
-        d.line(pts, fill=colours[i % 5], width=2)
-        d.text((L + 8 + 110 * i, B + 6), f"{name}: {c[-1]:.1f}", fill=colours[i % 5])
-    imgs = to_uint8(images)
-    n, h, w, _ = imgs.shape
-    scale = max(1, 96 // w)
-    strip = Image.new("RGB", (max(W, n * (w * scale + 4)), h * scale + 18), "white")
-    ds = ImageDraw.Draw(strip)
-    for i in range(n):
-        strip.paste(Image.fromarray(imgs[i]).resize((w * scale, h * scale), Image.NEAREST), (i * (w * scale + 4), 0))
-        if labels:
-            ds.text((i * (w * scale + 4), h * scale + 3), labels[i], fill="black")
-    out = Image.new("RGB", (max(W, strip.width), H + strip.height), "white")
-    out.paste(canvas, (0, 0))
-    out.paste(strip, (0, H))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path) + ".png"
-    out.save(tmp)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------
-# 9. Images, latents and 2AFC data for 02 (sd15/sdxl), and the Fig. 4 benchmark.
-
 def load_image(path, size):
     """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
     from PIL import Image
@@ -1346,60 +1276,6 @@ def load_image(path, size):
     l, t = (im.width - size) // 2, (im.height - size) // 2
     im = im.crop((l, t, l + size, t + size))
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def sd15_vae_decoder_config():
-    """SD1.5's VAE architecture (random weights: for benchmarking only)."""
-    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-
-
-def _peak_mem(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS (bytes, Linux)
-
-
-def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout"):
-    """Fig. 4: one forward+backward at batch 1 on SD1.5 shapes, random weights.
-      pixel:  latent 4x64x64 -> SD1.5 VAE decoder -> 3x512x512 -> VGG16-bn LPIPS
-      latent: latent 4x64x64 -> E-LatentLPIPS (our VGG16-bn, 4 channels, 3 pools removed)
-    Time is the median of `repeats` after a warm-up. Memory is the peak allocated
-    on CUDA; on CPU it is the growth of the process' peak RSS (latent path runs first)."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    with torch.enable_grad():  # callers may run under no_grad; this benchmark times backward passes
-        return _lpips_speed(device, repeats, augment, AutoencoderKL)
-
-
-def _lpips_speed(device, repeats, augment, AutoencoderKL):
-    target, x0 = torch.randn(1, 4, 64, 64, device=device), torch.randn(1, 4, 64, 64, device=device)
-    latent = RegressionLoss("elatent", LatentLPIPS(4, 1.0, 3).to(device), augment)
-    pixel_lpips = LatentLPIPS(3, 1.0, 0).to(device)
-    vae = AutoencoderKL(**sd15_vae_decoder_config()).to(device).eval().requires_grad_(False)
-    pixel = RegressionLoss("lpips", decode=lambda z: vae.decode(z / 0.18215).sample, pixel_lpips=pixel_lpips)
-    res = {}
-    for name, fn in (("e_latent_lpips", latent), ("pixel_lpips", pixel)):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        base = _peak_mem(device) if device.type != "cuda" else torch.cuda.memory_allocated(device)
-        times = []
-        for i in range(repeats + 1):
-            x = x0.clone().requires_grad_(True)
-            t = time.perf_counter()
-            fn(x, target).sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t)
-        res[name] = dict(ms=round(1000 * sorted(times)[len(times) // 2], 1), mem_gb=round((_peak_mem(device) - base) / 2 ** 30, 3))
-    res["time_ratio"] = round(res["pixel_lpips"]["ms"] / res["e_latent_lpips"]["ms"], 2)
-    res["mem_ratio"] = round(res["pixel_lpips"]["mem_gb"] / max(res["e_latent_lpips"]["mem_gb"], 1e-3), 2)
-    res["device"] = str(device)
-    return res
 
 
 # ----------------------------------------------------------------------------
@@ -1475,9 +1351,9 @@ def micro_batches(idx, world, rank, accum):
 
 
 def training_setup(cfg, world, device):
-    """The shared start of 03 and 04: the derived accumulation, the run folder and
-    its checkpoint path, the teacher, and its pairs. The guidance comes from the
-    pairs' manifest; a guidance range there makes the student w-conditioned."""
+    """The shared start of 03 and 04: the derived accumulation, the run folder and its
+    checkpoint path, the teacher, and its pairs. The pairs' manifest has the last word
+    on what the teacher fixed (its steps, guidance and guidance range), and says so."""
     if cfg["dtype"] == "float16":  # fp16 autocast needs loss scaling, which these loops do not have
         fail("--dtype float16 trains without a GradScaler, so small gradients underflow to zero; "
              "use --dtype bfloat16 (the paper's precision, Table A1) or float32")
@@ -1485,13 +1361,18 @@ def training_setup(cfg, world, device):
     torch.manual_seed(cfg["seed"])  # randomly initialised parts (D's readout heads) follow --seed, not torch's random default
     print0(f"global batch {cfg['batch']} = {cfg['batch_per_device']} per device x {world} device(s) x {accum} accumulation step(s)")
     run_dir = os.path.join(cfg["out_dir"], cfg["run_name"])
-    teacher = load_teacher(cfg, device)
     if cfg["benchmark_steps"]:  # sizing mode: random pairs in memory, nothing read or written
         cfg["cfg_range"] = None
+        teacher = load_teacher(cfg, device)
         return accum, run_dir, None, teacher, RandomPairs(teacher, cfg)
-    data = PairDataset(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"), teacher, cfg)
-    cfg["cfg_range"], cfg["guidance"] = data.m.get("cfg_range"), data.m["guidance"]  # the student learns the pairs' teacher
-    cfg["pairs_id"] = {k: data.m.get(k) for k in ("teacher", "solver", "guidance", "cfg_range", "num_pairs", "seed", "prompts")}
+    pairs = cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs")
+    m = read_manifest(pairs)
+    cfg.update(num_steps=m.get("num_steps") or int(m["solver"].rsplit("-", 1)[1]), guidance=m["guidance"],
+               cfg_range=m.get("cfg_range"))  # the student learns the teacher that made the pairs
+    print0(f"from the pairs' manifest: num_steps {cfg['num_steps']}, guidance {cfg['guidance']}, cfg_range {cfg['cfg_range']}")
+    teacher = load_teacher(cfg, device)
+    data = PairDataset(pairs, teacher, cfg)
+    cfg["pairs_id"] = {k: m.get(k) for k in ("teacher", "solver", "guidance", "cfg_range", "num_pairs", "seed", "prompts")}
     return accum, run_dir, os.path.join(run_dir, "ckpt_latest.pt"), teacher, data
 
 
@@ -1682,11 +1563,6 @@ def update_ema(ema, model, beta):
         be.copy_(b)
 
 
-def requires_grad(model, flag):
-    for p in model.parameters():
-        p.requires_grad_(flag)
-
-
 class MetricsLog:
     """JSONL metrics on rank 0. On resume, lines past the resumed step are dropped.
     path None: nothing is written (sizing mode)."""
@@ -1721,11 +1597,13 @@ def finite_or_stop(value, step, ckpt_path, what="loss"):
         fail(f"{what} became {value} at step {step}; stopping ({kept}). Try a lower --lr or --grad_clip")
 
 
-def load_checkpoint(path, what):
+def load_checkpoint(path, what, mmap=False):
+    """A torch checkpoint, or a one-line error naming it. mmap=True only maps the
+    file (cheap at any size): what the up-front checks use."""
     if not os.path.isfile(path):
         fail(f"{what} not found at '{path}'")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:
         fail(f"{what} '{path}' is unreadable ({type(e).__name__}: {e})")
 
@@ -1755,6 +1633,22 @@ def mid_guidance(cfg):
     return (lo + hi) / 2
 
 
+def build_loss(cfg, teacher, device):
+    """The regression loss d of Eq. 1 (03) and Eq. 6's first term (04), frozen."""
+    lpips, decode, pixel = None, None, None
+    if "latent" in cfg["loss"]:
+        path = cfg["lpips_ckpt"] or os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt")
+        if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
+            print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
+            lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
+        else:
+            lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
+    if cfg["loss"] == "lpips":
+        pixel = load_pixel_lpips(cfg["pixel_lpips"], device)
+        decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
+    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg["lpips_l1"]).to(device)
+
+
 def load_pixel_lpips(kind, device):
     """Pixel-space LPIPS for --loss lpips (Table 1 baseline; CIFAR10 in Table A1).
     'imagenet': the official LPIPS (VGG16, ImageNet weights) from the optional
@@ -1774,345 +1668,10 @@ def load_pixel_lpips(kind, device):
 
 
 # ----------------------------------------------------------------------------
-# 11. The conditional diffusion discriminator (§3.3, Fig. 7). One wrapper for the
-# toy teacher's UNet2DModel and SD's UNet2DConditionModel: a trainable copy of
-# the teacher U-Net in its noise-prediction parameterisation (App. A), plus
-#   z-conditioning   D's input is x + zero_conv(z)                ("+ z conditional D")
-#   multi-scale in   x resized to each encoder scale enters that
-#                    down block through a zero-init conv          ("+ multi-scale")
-#   multi-scale out  3 readouts per decoder scale: the upsampled
-#                    features from below, the skip features, and
-#                    the block's output; each a logit map
-# Forward pre-hooks on the U-Net's blocks add the inputs and collect the
-# readout features, so diffusers' own forward runs unchanged.
-
-def zero_conv(cin, cout):
-    conv = nn.Conv2d(cin, cout, 3, padding=1)
-    nn.init.zeros_(conv.weight)
-    nn.init.zeros_(conv.bias)
-    return conv
-
-
-class Discriminator(nn.Module):
-    def __init__(self, teacher, z_cond=True, multiscale=True, d_sigma=0.5, d_timestep=0, noise_aug=False):
-        super().__init__()
-        self.family = teacher.family
-        net = teacher.trainable_copy()  # float32, from the teacher's full-precision weights, on its device
-        self.unet = (net.unet if self.family == "edm" else net).train().requires_grad_(True)
-        dev = next(self.unet.parameters()).device  # nothing below assumes a device: D is built where the teacher is
-        if self.family == "edm":
-            self.sigma_data, self.num_classes = teacher.net.sigma_data, teacher.num_classes
-            self.d_sigma = d_sigma
-        else:
-            self.d_timestep = d_timestep
-            self.register_buffer("alphas_cumprod", teacher.alphas_cumprod.to(dev, copy=True))
-        self.noise_aug, self.multiscale = noise_aug, multiscale
-        ch = self.unet.config.in_channels
-        self.z_conv = zero_conv(ch, ch).to(dev) if z_cond else None
-        blocks_in = [self.unet.config.block_out_channels[0]] + list(self.unet.config.block_out_channels[:-1])
-        self.ms_in = nn.ModuleList(zero_conv(ch, c) for c in blocks_in[1:]).to(dev) if multiscale else None
-        self._feats, self._x = [], None
-        self._hooks = [b.register_forward_pre_hook(self._down_hook(i), with_kwargs=True)
-                       for i, b in enumerate(self.unet.down_blocks) if multiscale and i > 0]
-        ups = list(self.unet.up_blocks)
-        self._hooks += [b.register_forward_pre_hook(self._up_hook, with_kwargs=True) for b in ups]
-        self._hooks.append(ups[-1].register_forward_hook(self._out_hook))
-        if multiscale:
-            self._hooks += [b.register_forward_hook(self._out_hook) for b in ups[:-1]]
-        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in self._readout_channels()).to(dev)
-
-    # --- hooks -----------------------------------------------------------------------
-    def _down_hook(self, i):
-        def hook(module, args, kwargs):
-            h = kwargs["hidden_states"]
-            x = F.interpolate(self._x, size=h.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
-            kwargs["hidden_states"] = h + self.ms_in[i - 1](x.to(h.dtype))
-            return args, kwargs
-        return hook
-
-    def _up_hook(self, module, args, kwargs):
-        if self.multiscale:
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
-            self._feats += [h, torch.cat([F.interpolate(s, size=h.shape[-2:]) if s.shape[-2:] != h.shape[-2:] else s
-                                          for s in skips], 1)]
-
-    def _out_hook(self, module, args, out):
-        self._feats.append(out[0] if isinstance(out, tuple) else out)
-
-    def _readout_channels(self):
-        """Channels of each readout, found by one dry run on a tiny input, made on
-        the U-Net's own device and dtype (the teacher may already be on a GPU)."""
-        p = next(self.unet.parameters())
-        with torch.no_grad():
-            r = 2 ** (len(self.unet.down_blocks) - 1)
-            x = torch.zeros(1, self.unet.config.in_channels, 2 * r, 2 * r, device=p.device, dtype=p.dtype)
-            feats = self.features(x, x, self._dummy_cond(p.device, p.dtype))
-        return [f.shape[1] for f in feats]
-
-    def _dummy_cond(self, device, dtype):
-        if self.family == "edm":
-            return torch.zeros(1, dtype=torch.long, device=device)
-        cfg = self.unet.config
-        zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
-        kw = dict(encoder_hidden_states=zeros(1, 1, cfg.cross_attention_dim))
-        if cfg.addition_embed_type == "text_time":
-            n = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kw["added_cond_kwargs"] = dict(text_embeds=zeros(1, n), time_ids=zeros(1, 6))
-        return kw
-
-    # --- forward ---------------------------------------------------------------------
-    def features(self, x, z, cond, t=None):
-        """The U-Net run on D's input; returns the readout features (decoder
-        order: per up block [from below, skips, after block], or just the
-        last block's output without multi-scale)."""
-        self._feats, self._x = [], x
-        h = x + self.z_conv(z) if self.z_conv is not None else x
-        if self.family == "edm":
-            sigma = torch.full((len(x),), self.d_sigma, device=x.device) if t is None else t
-            s = sigma.view(-1, 1, 1, 1)
-            c_in = 1 / (self.sigma_data ** 2 + s ** 2).sqrt()
-            self.unet(c_in * h, sigma.log() / 4, class_labels=cond)
-        else:
-            t = torch.full((len(x),), self.d_timestep, device=x.device, dtype=torch.long) if t is None else t
-            self.unet(h, t, **cast_cond(cond, next(self.unet.parameters()).dtype))
-        feats, self._feats, self._x = self._feats, [], None
-        return feats
-
-    def forward(self, x, z, cond, noise=None):
-        """Logit maps, one per readout. With noise augmentation (SDXL preset), x
-        is diffused to a random t (given noise ~ N(0, I)) before D."""
-        t = None
-        if self.noise_aug:
-            noise = torch.randn_like(x) if noise is None else noise
-            if self.family == "edm":
-                t = (torch.randn(len(x), device=x.device) * 1.2 - 1.2).exp()
-                x = x + t.view(-1, 1, 1, 1) * noise
-            else:
-                t = torch.randint(0, len(self.alphas_cumprod), (len(x),), device=x.device)
-                a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
-                x = a.sqrt() * x + (1 - a).sqrt() * noise
-        return [head(f.to(head.weight.dtype)) for head, f in zip(self.heads, self.features(x, z, cond, t))]
-
-
-def d_score(logits):
-    """D(x) as one number per sample: the mean over readouts and positions."""
-    return torch.stack([l.mean((1, 2, 3)) for l in logits]).mean(0)
-
-
-def gan_loss_d(logits_real, logits_fake):
-    """Eq. 5 for D with softplus: -log D(real) - log(1 - D(fake)), averaged over
-    every readout and position."""
-    real = torch.stack([F.softplus(-l).mean() for l in logits_real]).mean()
-    fake = torch.stack([F.softplus(l).mean() for l in logits_fake]).mean()
-    return real + fake
-
-
-def gan_loss_g(logits_fake):
-    """Eq. 6, non-saturating: -log D(G(z, c))."""
-    return torch.stack([F.softplus(-l).mean() for l in logits_fake]).mean()
-
-
-def r1_penalty(D, x, z, cond, weight=None):
-    """Single-sample R1: ||grad_x D(x)||^2 on one real sample (D(x) = d_score).
-    Attention runs on the math kernel here: fused kernels have no double backward.
-    With `weight`, weight * R1 is also backpropagated under the same kernel (a
-    gradient-checkpointed D recomputes its blocks then, and must match) and the
-    detached value is returned."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    x = x.detach().requires_grad_(True)
-    with sdpa_kernel(SDPBackend.MATH):
-        score = d_score(D(x, z, cond)).sum()
-        (g,) = torch.autograd.grad(score, x, create_graph=True)
-        r1 = g.pow(2).sum((1, 2, 3)).mean()
-        if weight is None:
-            return r1
-        (weight * r1).backward()
-    return r1.detach()
-
-
-MIX_KINDS = ("unrelated", "wrong_c", "wrong_z")
-
-
-def mix_and_match_plan(seed, step, positions, own, frac, n):
-    """Mix-and-match (§3.3), decided per sample: sample k of a micro-batch, at
-    `positions[k]` in the step's global batch, is replaced with probability `frac`,
-    by one of the three kinds with equal odds, with partner j = another pair of the
-    data set (index != own[k]). Every draw depends on (seed, step, position) alone,
-    so the fraction and the kinds hold over the global batch for any micro-batch
-    size, 1 included, and a resumed run replays them. Returns [(k, kind, j)]."""
-    plan = []
-    if n < 2 or frac <= 0:  # no other pair to borrow from
-        return plan
-    for k, (pos, i) in enumerate(zip(positions, own)):
-        g = torch.Generator().manual_seed(_mix64((seed * 1_000_003 + step) * 65_537 + pos))  # decorrelate nearby seeds
-        if torch.rand(1, generator=g).item() >= frac:
-            continue
-        kind = MIX_KINDS[int(torch.randint(3, (1,), generator=g))]
-        j = (i + 1 + int(torch.randint(n - 1, (1,), generator=g))) % n  # uniform over the other n - 1 pairs
-        plan.append((k, kind, j))
-    return plan
-
-
-def _mix64(x):
-    """splitmix64: consecutive integers -> well-spread 64-bit generator seeds."""
-    m = (1 << 64) - 1
-    x = (x + 0x9E3779B97F4A7C15) & m
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
-    return (x ^ (x >> 31)) >> 1  # 63 bits: torch seeds are signed
-
-
-def mix_and_match(x_fake, z, cond, plan, x_p, z_p, cond_p):
-    """Apply a plan: fake k becomes the real latent x_j of its partner (row r of
-    x_p, z_p, cond_p), with (z_k, c_k) unrelated, (z_j, c_k) wrong c, or (z_k, c_j)
-    wrong z. All go into D's fake batch (labelled fake). Returns new (x, z, cond)."""
-    x, zz = x_fake.clone(), z.clone()
-    cc = cond.clone() if torch.is_tensor(cond) else {k: (v.clone() if torch.is_tensor(v) else {kk: vv.clone() for kk, vv in v.items()})
-                                                     for k, v in cond.items()}
-    for r, (k, kind, _) in enumerate(plan):
-        x[k] = x_p[r]
-        if kind == "wrong_c":
-            zz[k] = z_p[r]
-        if kind == "wrong_z":
-            _set_cond(cc, cond_p, k, r)
-    return x, zz, cc
-
-
-def _set_cond(dst, src, i, j):
-    if torch.is_tensor(src):
-        dst[i] = src[j]
-        return
-    for k, v in src.items():
-        if torch.is_tensor(v):
-            dst[k][i] = v[j]
-        else:
-            for kk, vv in v.items():
-                dst[k][kk][i] = vv[j]
-
-
-def sync_grads(model, bucket_mb=256):
-    """All-reduce gradients by hand (as StyleGAN2-ADA does) so R1's double
-    backward works under torchrun without DDP's autograd hooks. Buckets of
-    ~bucket_mb keep the extra memory small (one flat copy of all gradients
-    would cost 3.4 GB for SD1.5 and 10 GB for SDXL)."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return
-    params = [p for p in model.parameters() if p.grad is not None]
-    while params:
-        bucket, size = [], 0
-        while params and (not bucket or size + params[0].grad.nbytes <= bucket_mb << 20):
-            bucket.append(params.pop(0))
-            size += bucket[-1].grad.nbytes
-        flat = torch.cat([p.grad.flatten() for p in bucket])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
-            p.grad.copy_(g.view_as(p))
-
 
 def cast_cond(cond, dtype):
     """U-Net condition kwargs with every tensor cast to `dtype`."""
     return {k: (v.to(dtype) if torch.is_tensor(v) else cast_cond(v, dtype)) for k, v in cond.items()}
-
-
-def cond_slice(cond, n):
-    """The first n samples of a condition (labels tensor or U-Net kwargs dict)."""
-    if torch.is_tensor(cond):
-        return cond[:n]
-    return {k: (v[:n] if torch.is_tensor(v) else {kk: vv[:n] for kk, vv in v.items()}) for k, v in cond.items()}
-
-
-# ----------------------------------------------------------------------------
-# 12. Metric maths (05). Our own code, tested against closed forms; the
-# pretrained feature networks for SD come from optional packages.
-
-def feature_stats(f):
-    f = f.double()
-    mu = f.mean(0)
-    d = f - mu
-    return mu, d.T @ d / (len(f) - 1)
-
-
-def sqrtm_psd(a):
-    """Matrix square root of a symmetric PSD matrix by eigendecomposition (float64;
-    tiny negative eigenvalues from round-off are clamped to 0)."""
-    a = (a + a.T) / 2
-    w, v = torch.linalg.eigh(a)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
-def frechet_distance(mu1, s1, mu2, s2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2). The inner matrix is
-    symmetric PSD, so its trace-sqrt is a sum of sqrt-eigenvalues: stable, no scipy."""
-    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
-    r1 = sqrtm_psd(s1)
-    m = r1 @ s2 @ r1
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
-
-
-def fid_from_features(a, b):
-    return frechet_distance(*feature_stats(a), *feature_stats(b))
-
-
-def _kth_nn_radius(f, k, chunk=1024):
-    r = []
-    for i in range(0, len(f), chunk):
-        d = torch.cdist(f[i:i + chunk].double(), f.double())
-        r.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
-    return torch.cat(r)
-
-
-def _coverage(query, ref, radii, chunk=1024):
-    inside = []
-    for i in range(0, len(query), chunk):
-        d = torch.cdist(query[i:i + chunk].double(), ref.double())
-        inside.append((d <= radii[None]).any(1))
-    return torch.cat(inside).float().mean().item()
-
-
-def precision_recall(real, fake, k=3):
-    """Improved precision/recall (Kynkaanniemi et al. 2019): a sample is covered
-    when it lies inside some k-NN ball of the other set (k = 3)."""
-    precision = _coverage(fake, real, _kth_nn_radius(real, k))
-    recall = _coverage(real, fake, _kth_nn_radius(fake, k))
-    return precision, recall
-
-
-def mean_pairwise_distance(f):
-    """DreamDiv-style diversity of one condition's samples: mean distance over pairs."""
-    n = len(f)
-    d = torch.cdist(f.double(), f.double())
-    return (d.sum() / (n * (n - 1))).item()
-
-
-def diversity(features, groups):
-    """Mean over conditions of the within-condition mean pairwise distance."""
-    vals = [mean_pairwise_distance(features[groups == g]) for g in groups.unique() if (groups == g).sum() > 1]
-    return float(np.mean(vals))
-
-
-def fidelity(student, teacher_out, dist=None):
-    """Fidelity to the teacher (the DreamSim-5k idea): the mean distance between
-    student and teacher outputs from the same z (lower is closer)."""
-    if dist is None:
-        return (student.float() - teacher_out.float()).pow(2).flatten(1).mean(1).mean().item()
-    return dist(student, teacher_out).float().mean().item()
-
-
-def gather_by_rank(local, n, world):
-    """Undo a seeds[rank::world] split: every rank's rows, back in seed order."""
-    import torch.distributed as dist
-    if world == 1:
-        return local
-    parts = [None] * world
-    dist.all_gather_object(parts, local.cpu())
-    out = torch.empty(n, *local.shape[1:], dtype=local.dtype)
-    for r, p in enumerate(parts):
-        out[r::world] = p
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -2129,6 +1688,5 @@ def _timed(fn, device, repeats=1):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
-
 
 

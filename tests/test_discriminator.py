@@ -1,10 +1,12 @@
 """Issue 6: the conditional diffusion discriminator, R1 and mix-and-match."""
+import importlib
 import copy
 import types
 
 import torch
 
 import common as C
+S4 = importlib.import_module("04_gan_finetune")  # the names that live in 04_gan_finetune.py
 
 
 def toy_teacher(seed=0):
@@ -19,7 +21,7 @@ def test_built_where_the_teacher_is():
     for a GPU here; the old code dry-ran on CPU tensors and failed exactly as on CUDA."""
     t = toy_teacher()
     t.net.to("meta")
-    D = C.Discriminator(t, z_cond=True, multiscale=True)
+    D = S4.Discriminator(t, z_cond=True, multiscale=True)
     assert {p.device.type for p in D.parameters()} == {"meta"} and len(D.heads) == 3 * len(D.unet.up_blocks)
 
 
@@ -42,7 +44,7 @@ def capture(unet):
 
 def test_zero_init_invariance_toy():
     t = toy_teacher()
-    D = C.Discriminator(t, z_cond=True, multiscale=True, d_sigma=0.5)
+    D = S4.Discriminator(t, z_cond=True, multiscale=True, d_sigma=0.5)
     assert len(D.heads) == 3 * len(D.unet.up_blocks)  # 3 readouts per decoder scale
     D.eval()  # same mode as the teacher (train-mode attention rounds differently, ~5e-7)
     x, z, c = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -64,7 +66,7 @@ def test_zero_init_invariance_toy():
 def test_zero_init_invariance_sd(tiny_sdxl):
     teacher = C.LDMTeacher(dict(C.get_preset("sdxl"), preset="sdxl", teacher=tiny_sdxl, resolution=16, num_steps=4,
                                 dtype="float32", num_pairs=1), torch.device("cpu"), load_vae=False)
-    D = C.Discriminator(teacher, z_cond=True, multiscale=True, d_timestep=10).eval()
+    D = S4.Discriminator(teacher, z_cond=True, multiscale=True, d_timestep=10).eval()
     assert len(D.heads) == 3 * len(teacher.unet.up_blocks)
     x, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     cond = teacher.encode_prompts(["a cat", "a dog"])
@@ -80,26 +82,26 @@ def test_zero_init_invariance_sd(tiny_sdxl):
 
 
 def test_single_readout_without_multiscale():
-    D = C.Discriminator(toy_teacher(), z_cond=False, multiscale=False)
+    D = S4.Discriminator(toy_teacher(), z_cond=False, multiscale=False)
     assert len(D.heads) == 1 and D.z_conv is None and D.ms_in is None
     out = D(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
     assert out[0].shape == (2, 1, 16, 16)
 
 
 def test_r1_equals_finite_differences():
-    D = C.Discriminator(toy_teacher(), z_cond=True, multiscale=True).double()
+    D = S4.Discriminator(toy_teacher(), z_cond=True, multiscale=True).double()
     for p in D.parameters():  # make the zero-init branches matter too
         if p.abs().sum() == 0:
             p.data.normal_(0, 0.05)
     x, z, c = torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.tensor([3])
-    r1 = C.r1_penalty(D, x, z, c).item()
+    r1 = S4.r1_penalty(D, x, z, c).item()
     eps, g = 1e-6, torch.zeros(x.numel(), dtype=torch.float64)
     with torch.no_grad():
         for i in range(x.numel()):
             e = torch.zeros(x.numel(), dtype=torch.float64)
             e[i] = eps
             e = e.view_as(x)
-            g[i] = (C.d_score(D(x + e, z, c)) - C.d_score(D(x - e, z, c))).item() / (2 * eps)
+            g[i] = (S4.d_score(D(x + e, z, c)) - S4.d_score(D(x - e, z, c))).item() / (2 * eps)
     fd = g.pow(2).sum().item()
     print(f"R1 autograd {r1:.8e} vs finite differences {fd:.8e}")
     assert abs(r1 - fd) / fd < 1e-6
@@ -109,10 +111,10 @@ def test_mix_and_match():
     B = 16
     x_fake, x_real = torch.randn(B, 3, 4, 4), torch.randn(B, 3, 4, 4)
     z, c = torch.randn(B, 3, 4, 4), torch.arange(B)
-    plan = C.mix_and_match_plan(0, 0, range(B), range(B), 0.5, B)
-    assert plan and {kind for _, kind, _ in plan} == set(C.MIX_KINDS)
+    plan = S4.mix_and_match_plan(0, 0, range(B), range(B), 0.5, B)
+    assert plan and {kind for _, kind, _ in plan} == set(S4.MIX_KINDS)
     x_p, z_p, c_p = (t[[j for _, _, j in plan]] for t in (x_real, z, c))  # partners' real pairs
-    x, zz, cc = C.mix_and_match(x_fake, z, c, plan, x_p, z_p, c_p)
+    x, zz, cc = S4.mix_and_match(x_fake, z, c, plan, x_p, z_p, c_p)
     replaced = {k for k, _, _ in plan}
     for k, kind, j in plan:
         assert j != k and torch.equal(x[k], x_real[j])           # a real latent of another sample
@@ -121,7 +123,7 @@ def test_mix_and_match():
     for i in set(range(B)) - replaced:
         assert torch.equal(x[i], x_fake[i]) and torch.equal(zz[i], z[i]) and cc[i] == c[i]
     # these inputs go into D's fake batch: all labelled fake by gan_loss_d
-    assert C.mix_and_match_plan(0, 0, range(B), range(B), 0.0, B) == []
+    assert S4.mix_and_match_plan(0, 0, range(B), range(B), 0.0, B) == []
 
 
 def test_mix_and_match_holds_over_the_global_batch():
@@ -130,23 +132,43 @@ def test_mix_and_match_holds_over_the_global_batch():
     and only 'unrelated' at 4). The plan is the same whatever the split."""
     n, frac, counts = 256, 0.25, {}
     for mb in (1, 4, 16):
-        plans = [C.mix_and_match_plan(0, 7, range(s, s + mb), range(s, s + mb), frac, 10_000) for s in range(0, n, mb)]
+        plans = [S4.mix_and_match_plan(0, 7, range(s, s + mb), range(s, s + mb), frac, 10_000) for s in range(0, n, mb)]
         kinds = [kind for p in plans for _, kind, _ in p]
-        counts[mb] = {k: kinds.count(k) for k in C.MIX_KINDS}
+        counts[mb] = {k: kinds.count(k) for k in S4.MIX_KINDS}
     print("mix-and-match counts over 256 samples:", counts)
     assert counts[1] == counts[4] == counts[16]
     total = sum(counts[1].values())
     assert abs(total - frac * n) < 3 * (n * frac * (1 - frac)) ** 0.5   # binomial, within 3 sigma of 64
     assert all(abs(v - total / 3) < 3 * (total * 2 / 9) ** 0.5 for v in counts[1].values())
     # over many steps the fraction and the 1/3 shares converge
-    many = [kind for step in range(40) for _, kind, _ in C.mix_and_match_plan(0, step, range(n), range(n), frac, 10_000)]
+    many = [kind for step in range(40) for _, kind, _ in S4.mix_and_match_plan(0, step, range(n), range(n), frac, 10_000)]
     sd_frac, sd_share = (frac * (1 - frac) / (40 * n)) ** 0.5, (2 / 9 / len(many)) ** 0.5
     assert abs(len(many) / (40 * n) - frac) < 3 * sd_frac
-    assert all(abs(many.count(k) / len(many) - 1 / 3) < 3 * sd_share for k in C.MIX_KINDS)
+    assert all(abs(many.count(k) / len(many) - 1 / 3) < 3 * sd_share for k in S4.MIX_KINDS)
 
 
 def test_gan_losses():
     real, fake = [torch.full((2, 1, 4, 4), 3.0)], [torch.full((2, 1, 4, 4), -3.0)]
     sp = torch.nn.functional.softplus
-    assert torch.isclose(C.gan_loss_d(real, fake), 2 * sp(torch.tensor(-3.0)))
-    assert torch.isclose(C.gan_loss_g(fake), sp(torch.tensor(3.0)))
+    assert torch.isclose(S4.gan_loss_d(real, fake), 2 * sp(torch.tensor(-3.0)))
+    assert torch.isclose(S4.gan_loss_g(fake), sp(torch.tensor(3.0)))
+
+
+def test_deepcopy_keeps_the_features():
+    """Issue 15.6: D walks the U-Net itself (no hooks bound to one instance), so a
+    deepcopy computes the original's features, and a change to the copy stays in it.
+    The hook-based D failed this: the copy's hooks wrote into the original."""
+    D = S4.Discriminator(toy_teacher(), z_cond=True, multiscale=True).eval()
+    with torch.no_grad():
+        for p in D.parameters():  # make the zero-init branches matter too
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    D2 = copy.deepcopy(D)
+    x, z, c = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = D.features(x, z, c)
+        got = D2.features(x, z, c)
+        assert len(got) == len(ref) == len(D.heads) and all(torch.equal(a, b) for a, b in zip(got, ref))
+        D2.ms_in[0].weight.add_(0.1)
+        assert not torch.equal(D2.features(x, z, c)[-1], ref[-1])
+        assert all(torch.equal(a, b) for a, b in zip(D.features(x, z, c), ref))

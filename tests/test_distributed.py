@@ -4,7 +4,6 @@ import datetime
 import os
 import re
 import subprocess
-import sys
 
 import torch
 
@@ -24,7 +23,7 @@ def test_process_group_timeout_is_passed(monkeypatch):
     assert C.setup_distributed(7)[2] == 1
     assert seen == dict(backend="gloo", timeout=datetime.timedelta(minutes=7))
     C.setup_distributed()
-    assert seen["timeout"] == datetime.timedelta(minutes=C.DIST_TIMEOUT_MIN) and C.DIST_TIMEOUT_MIN >= 60
+    assert seen["timeout"] >= datetime.timedelta(minutes=60)  # the default: long enough for 01's last barrier
 
 
 def test_every_script_takes_the_timeout_flag(capsys):

@@ -1,9 +1,10 @@
 """Issue 7: the metric maths against closed forms."""
+import importlib
 import math
 
 import torch
 
-import common as C
+S5 = importlib.import_module("05_evaluate")  # the names that live in 05_evaluate.py
 
 
 def test_frechet_distance_closed_form():
@@ -13,43 +14,43 @@ def test_frechet_distance_closed_form():
     s1, s2 = q @ torch.diag(a).double() @ q.T, q @ torch.diag(b).double() @ q.T  # same eigenbasis, not diagonal
     mu1, mu2 = torch.zeros(4, dtype=torch.float64), torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
     exact = (mu1 - mu2).pow(2).sum().item() + ((a.sqrt() - b.sqrt()) ** 2).sum().item()
-    assert math.isclose(C.frechet_distance(mu1, s1, mu2, s2), exact, rel_tol=1e-10)
+    assert math.isclose(S5.frechet_distance(mu1, s1, mu2, s2), exact, rel_tol=1e-10)
     # 1-D: (m1-m2)^2 + (s1-s2)^2
-    assert math.isclose(C.frechet_distance(torch.tensor([0.0]), torch.tensor([[4.0]]), torch.tensor([3.0]), torch.tensor([[1.0]])),
+    assert math.isclose(S5.frechet_distance(torch.tensor([0.0]), torch.tensor([[4.0]]), torch.tensor([3.0]), torch.tensor([[1.0]])),
                         9 + 1, rel_tol=1e-12)
 
 
 def test_fid_of_a_set_against_itself_is_zero():
     f = torch.randn(3000, 32, generator=torch.Generator().manual_seed(0))
-    assert abs(C.fid_from_features(f, f)) < 1e-8
+    assert abs(S5.fid_from_features(f, f)) < 1e-8
     # a shifted copy: exactly the squared shift
-    assert math.isclose(C.fid_from_features(f, f + 0.5), 32 * 0.25, rel_tol=1e-8)
+    assert math.isclose(S5.fid_from_features(f, f + 0.5), 32 * 0.25, rel_tol=1e-8)
     # rank-deficient covariances (fewer samples than dims) stay finite and non-negative
     g = torch.randn(20, 64, generator=torch.Generator().manual_seed(1))
-    assert 0 <= C.fid_from_features(g, g.flip(0) * 1.1) < float("inf")
+    assert 0 <= S5.fid_from_features(g, g.flip(0) * 1.1) < float("inf")
 
 
 def test_precision_recall_point_clouds():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(1000, 8, generator=g)
-    p, r = C.precision_recall(real, real.clone())
+    p, r = S5.precision_recall(real, real.clone())
     assert p == 1.0 and r == 1.0
-    p, r = C.precision_recall(real, real + 100)
+    p, r = S5.precision_recall(real, real + 100)
     assert p == 0.0 and r == 0.0
-    p, r = C.precision_recall(real, torch.randn(1000, 8, generator=g))  # same distribution
+    p, r = S5.precision_recall(real, torch.randn(1000, 8, generator=g))  # same distribution
     assert p > 0.8 and r > 0.8
     # a collapsed generator: precise but without recall
-    p, r = C.precision_recall(real, real[:1].repeat(1000, 1) + 0.01 * torch.randn(1000, 8, generator=g))
+    p, r = S5.precision_recall(real, real[:1].repeat(1000, 1) + 0.01 * torch.randn(1000, 8, generator=g))
     assert p == 1.0 and r < 0.05
 
 
 def test_diversity_and_fidelity():
     x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
-    assert math.isclose(C.mean_pairwise_distance(x), (5 + 5 + 0) * 2 / 6)
+    assert math.isclose(S5.mean_pairwise_distance(x), (5 + 5 + 0) * 2 / 6)
     groups = torch.tensor([0, 0, 1])
-    assert math.isclose(C.diversity(x, groups), 5.0)  # group 1 has one sample: skipped
+    assert math.isclose(S5.diversity(x, groups), 5.0)  # group 1 has one sample: skipped
     a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
-    assert C.fidelity(a, b) == 1.0 and C.fidelity(a, a) == 0.0
+    assert S5.fidelity(a, b) == 1.0 and S5.fidelity(a, a) == 0.0
 
 
 def test_seed_groups_mean_and_sample_std():
@@ -64,7 +65,7 @@ def test_seed_groups_mean_and_sample_std():
 def test_toy_eval_classifier_is_fixed_by_its_seed(tmp_path):
     """FID-toy features come from this classifier: the same seed must give the same
     network (its initialisation included), another seed another network."""
-    nets = [C.train_toy_classifier(str(tmp_path / f"c{i}.pt"), steps=2, seed=s, log=lambda *a: None)
+    nets = [S5.train_toy_classifier(str(tmp_path / f"c{i}.pt"), steps=2, seed=s, log=lambda *a: None)
             for i, s in enumerate((0, 0, 1))]
     a, b, c = (n.state_dict() for n in nets)
     assert all(torch.equal(a[k], b[k]) for k in a)

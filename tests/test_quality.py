@@ -1,5 +1,6 @@
 """Issue 2 #5: the shipped toy teacher is class-correct and diverse; and (slow)
 the whole five-stage quick start with default settings."""
+import importlib
 import json
 import os
 
@@ -8,17 +9,18 @@ import torch
 
 import common as C
 from conftest import run_script
+S5 = importlib.import_module("05_evaluate")  # the names that live in 05_evaluate.py
 
 
 @pytest.mark.slow  # ~1 min on a slow 2-core machine; checks the shipped asset, which changes rarely
 def test_toy_teacher_is_class_correct_and_diverse(tmp_path):
     torch.set_num_threads(2)
-    clf = C.train_toy_classifier(str(tmp_path / "clf.pt"), log=print)
+    clf = S5.train_toy_classifier(str(tmp_path / "clf.pt"), log=print)
     teacher = C.EDMTeacher(dict(C.get_preset("toy"), preset="toy"), torch.device("cpu"))
     seeds = list(range(300_000_000, 300_000_000 + 300))
     z, y = teacher.noise_and_condition(seeds)
     x = torch.cat([teacher.solve(z[i:i + 150], y[i:i + 150]) for i in range(0, 300, 150)]).float().clamp(-1, 1)
-    acc = C.classify(clf, x).eq(y).float().mean().item()
+    acc = S5.classify(clf, x).eq(y).float().mean().item()
     print(f"toy teacher: class accuracy of 300 Heun-18 samples = {acc:.3f}")
     assert acc >= 0.9
     # diverse within a class: colours and positions vary (no mode collapse)

@@ -8,8 +8,10 @@ import torch
 
 import common as C
 from conftest import run_script
+S1 = importlib.import_module("01_make_pairs")  # the names that live in 01_make_pairs.py
+S4 = importlib.import_module("04_gan_finetune")  # the names that live in 04_gan_finetune.py
 
-STEPS = ["--resolution", 16, "--num_steps", 2]
+STEPS = ["--resolution", 16]  # 03/04 take the teacher's steps (2, from 01) from the pairs' manifest
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def lpips4(tmp_path_factory):
 
 def make_pairs(kind, folder, prompts, out, *extra):
     run_script("01_make_pairs.py", "--preset", kind, "--teacher", folder, "--prompts", prompts, "--out_dir", out,
-               "--num_pairs", 4, "--shard_size", 4, "--batch_per_device", 4, *STEPS, *extra)
+               "--num_pairs", 4, "--shard_size", 4, "--batch_per_device", 4, *STEPS, "--num_steps", 2, *extra)
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -96,7 +98,7 @@ def test_guidance_conditioned_student(tiny_sd15, prompt_file, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     make_pairs("sd15", tiny_sd15, prompt_file, tmp_path, "--cfg_range", "2,6", "--pair_dtype", "float32")
     shard = C.load_shard(C.shard_path(tmp_path / "pairs", 0))
-    assert torch.allclose(shard["w"], C.pair_guidance(range(4), "2,6")) and ((shard["w"] >= 2) & (shard["w"] <= 6)).all()
+    assert torch.allclose(shard["w"], S1.pair_guidance(range(4), "2,6")) and ((shard["w"] >= 2) & (shard["w"] <= 6)).all()
     cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
                num_pairs=1, cfg_range="2,6")
     teacher = C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False)
@@ -161,11 +163,11 @@ def test_bf16_frozen_encoders_outside_autocast(tiny_sd15):
     teacher = C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False)
     cond = teacher.encode_prompts(["a cat", "a dog"])
     assert cond["encoder_hidden_states"].dtype == torch.bfloat16
-    G, D = C.Student(teacher, cfg), C.Discriminator(teacher)
+    G, D = C.Student(teacher, cfg), S4.Discriminator(teacher)
     z = torch.randn(2, 4, 8, 8)
     x = G(z, cond)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
-    assert torch.isfinite(C.r1_penalty(D, x.detach(), z, cond))
+    assert torch.isfinite(S4.r1_penalty(D, x.detach(), z, cond))
 
 
 def test_bf16_teacher_trainable_copies_are_full_precision(tiny_sd15):
@@ -181,7 +183,7 @@ def test_bf16_teacher_trainable_copies_are_full_precision(tiny_sd15):
         ref = C.x0_from_model_output(t32.unet(z, t32.T, **cond).sample, z, t32.alphas_cumprod[t32.T])
         x = C.Student(t16, t16.cfg).eval()(z, cond)
     assert (x - ref).abs().max().item() < 1e-5, (x - ref).abs().max().item()
-    D32, D16 = C.Discriminator(t32), C.Discriminator(t16)
+    D32, D16 = S4.Discriminator(t32), S4.Discriminator(t16)
     assert all(torch.equal(a, b) for a, b in zip(D32.unet.state_dict().values(), D16.unet.state_dict().values()))
 
 
@@ -245,11 +247,10 @@ def test_sd15_cfg8_and_a_users_own_preset(tiny_sd15, monkeypatch):
 def test_lpips_loss_has_a_gradient_through_the_decoder(tiny_sd15):
     """Issue 14.2: --loss lpips decodes G's latents with gradient and without
     clamping (the old decoder ran under no_grad and clamped: no gradient reached G)."""
-    s1 = importlib.import_module("03_ode_distill")
     cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
                num_pairs=1, out_dir="unused", loss="lpips", pixel_lpips="random", lpips_augment=None, benchmark_steps=0, lpips_l1=False)
     teacher = C.LDMTeacher(cfg, torch.device("cpu"))
-    loss_fn = s1.build_loss(cfg, teacher, torch.device("cpu"))
+    loss_fn = C.build_loss(cfg, teacher, torch.device("cpu"))
     x = (torch.randn(2, 4, 8, 8) * 20).requires_grad_(True)  # large latents decode outside [-1, 1]
     loss_fn(x, torch.randn(2, 4, 8, 8)).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -1,7 +1,6 @@
 """Tiny SD1.5- and SDXL-style pipelines built from configs with random weights,
 saved with save_pretrained, so tests run the real diffusers/transformers loading
 code without any download."""
-import json
 import os
 
 import torch

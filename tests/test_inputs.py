@@ -1,0 +1,186 @@
+"""Issue 15: every flag a script defines is one it reads; every bad value and every
+missing or corrupt input file stops the script within seconds, with one `error:`
+line that names the flag or the file, and no traceback."""
+import importlib
+import inspect
+import json
+import os
+import re
+import time
+
+import pytest
+import torch
+
+import common as C
+from conftest import REPO, run_script
+
+SCRIPTS = ("01_make_pairs", "02_train_latent_lpips", "03_ode_distill", "04_gan_finetune", "05_evaluate")
+mod = importlib.import_module
+
+
+def flags(script):
+    return [f for group in mod(script).FLAGS.values() for f in group]
+
+
+def stops(script, argv, capsys, limit=30):
+    """Run main(argv) in-process; it must stop (SystemExit != 0) within `limit`
+    seconds. Returns the one message line it printed."""
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        mod(script).main([str(a) for a in argv])
+    assert time.time() - t0 < limit, f"{script} {argv}: took {time.time() - t0:.0f} s to stop"
+    capsys.readouterr()
+    msg = str(e.value.code)  # what Python prints as the process's last line, exit status 1
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_values_are_refused_by_flag(script, capsys):
+    """Each numeric or structured flag, given a value its type refuses, names itself."""
+    tried = 0
+    for name, default, kind, _ in flags(script):
+        if isinstance(kind, tuple):
+            bad = "nonsense"
+        elif getattr(kind, "bad", None) is not None:
+            bad = kind.bad
+        else:
+            continue  # paths and free text: the file tests below
+        line = stops(script, [f"--{name}", bad], capsys, limit=10)
+        assert f"--{name}" in line, line
+        tried += 1
+    assert tried >= 8, f"{script}: only {tried} typed flags"
+
+
+def test_preset_values_pass_the_same_checks(monkeypatch):
+    """A (user's) preset with a bad value is refused, naming the preset and the key."""
+    monkeypatch.setitem(C.PRESETS, "bad", dict(C.PRESETS["toy"], num_pairs=0))
+    with pytest.raises(SystemExit, match=r"preset 'bad': num_pairs: must be positive"):
+        mod("01_make_pairs").main(["--preset", "bad"])
+
+
+def reachable_source(script):
+    """The script's own code (without its FLAGS table) plus the source of every
+    common.py function or class it uses, followed through common.py's own calls."""
+    src = open(os.path.join(REPO, script + ".py")).read()
+    src = re.sub(r"\nFLAGS = \{.*?\n\}\n", "\n", src, flags=re.S)
+    texts, todo, seen = [src], set(re.findall(r"\bC\.(\w+)", src)), {"parse_config", "RUN_FLAGS", "get_preset"}
+    while todo:
+        name = todo.pop()
+        if name in seen or not hasattr(C, name):
+            continue
+        seen.add(name)
+        obj = getattr(C, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            body = inspect.getsource(obj)
+            texts.append(body)
+            todo |= set(re.findall(r"\b([A-Za-z_]\w*)\(", body)) | set(re.findall(r"\b([A-Z_]{3,})\b", body))
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_is_read(script):
+    """A flag that no code of the script reads (as cfg["name"] and the like) fails."""
+    src = reachable_source(script)
+    unread = [name for name, *_ in flags(script) if f'"{name}"' not in src and f"'{name}'" not in src]
+    assert not unread, f"{script} defines flags it never reads: {unread}"
+
+
+def test_unread_flag_is_caught(monkeypatch):
+    """The check above can fail: a flag added to 03 that nothing reads."""
+    s3 = mod("03_ode_distill")
+    monkeypatch.setitem(s3.FLAGS, "extra", [("num_pairs_typo", 1, C.INT_POS, "never read")])
+    assert "num_pairs_typo" not in reachable_source("03_ode_distill")
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A tiny toy run folder: pairs, LatentLPIPS, a stage-1 student."""
+    d = tmp_path_factory.mktemp("inputs")
+    run_script("01_make_pairs.py", "--out_dir", d, "--num_pairs", 8, "--shard_size", 4, "--num_steps", 4)
+    lp = C.LatentLPIPS(3, 0.25, 2, 10)
+    os.makedirs(d / "lpips")
+    torch.save(dict(config=lp.config, state_dict=lp.state_dict()), d / "lpips" / "latent_lpips.pt")
+    run_script("03_ode_distill.py", "--out_dir", d, "--steps", 1, "--batch", 4, "--batch_per_device", 4)
+    return d
+
+
+def corrupt(path):
+    with open(path, "wb") as f:
+        f.write(b"\x00not what it should be")
+    return path
+
+
+def copy_run(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_and_corrupt_inputs(toy_run, tmp_path, capsys):
+    """Each input file of each script, missing or corrupt: one error line naming it."""
+    d = copy_run(toy_run, tmp_path / "run")
+    lp, s1 = d / "lpips" / "latent_lpips.pt", d / "distill" / "student_ema.pt"
+    cases = [
+        ("01_make_pairs", ["--teacher", tmp_path / "nope.safetensors"], "nope.safetensors"),
+        ("01_make_pairs", ["--teacher", corrupt(tmp_path / "bad.safetensors"), "--out_dir", tmp_path / "o1"], "bad.safetensors"),
+        ("01_make_pairs", ["--preset", "sd15", "--prompts", tmp_path / "none.txt"], "none.txt"),
+        ("02_train_latent_lpips", ["--reconstruct", "--out_dir", tmp_path / "empty"], "latent_lpips.pt"),
+        ("02_train_latent_lpips", ["--calibrate_only", "--out_dir", tmp_path / "empty"], "classifier.pt"),
+        ("02_train_latent_lpips", ["--bapps", tmp_path / "no_bapps", "--out_dir", tmp_path / "o2"], "no_bapps"),
+        ("02_train_latent_lpips", ["--preset", "sd15", "--images", tmp_path / "no_images", "--bapps", tmp_path], "no_images"),
+        ("03_ode_distill", ["--out_dir", tmp_path / "empty"], "manifest.json"),
+        ("03_ode_distill", ["--out_dir", d, "--lpips_ckpt", tmp_path / "no_lp.pt"], "no_lp.pt"),
+        ("04_gan_finetune", ["--out_dir", d, "--init", tmp_path / "no_s1.pt"], "no_s1.pt"),
+        ("05_evaluate", ["--out_dir", d, "--students", f"x={tmp_path / 'no_x.pt'}"], "no_x.pt"),
+        ("05_evaluate", ["--out_dir", d, "--students", "x"], "--students"),
+        ("05_evaluate", ["--preset", "sd15", "--coco", tmp_path / "no_coco"], "no_coco"),
+        ("05_evaluate", ["--out_dir", d, "--eval_w", "1,x"], "--eval_w"),
+    ]
+    # the same run with one file corrupted at a time
+    for target, script, argv in [
+        (d / "pairs" / "manifest.json", "03_ode_distill", ["--out_dir", d]),
+        (d / "pairs" / "manifest.json", "01_make_pairs", ["--out_dir", d, "--num_pairs", 8, "--shard_size", 4, "--num_steps", 4]),
+        (d / "pairs" / "shard_000001.safetensors", "03_ode_distill", ["--out_dir", d]),
+        (d / "pairs" / "shard_000001.safetensors", "01_make_pairs", ["--out_dir", d, "--num_pairs", 8, "--shard_size", 4,
+                                                                      "--num_steps", 4]),
+        (lp, "03_ode_distill", ["--out_dir", d]),
+        (lp, "02_train_latent_lpips", ["--out_dir", d, "--reconstruct"]),
+        (s1, "04_gan_finetune", ["--out_dir", d]),
+        (d / "distill" / "ckpt_latest.pt", "03_ode_distill", ["--out_dir", d, "--resume"]),
+        (s1, "05_evaluate", ["--out_dir", d]),
+        (d / "eval" / "toy_classifier.pt", "05_evaluate", ["--out_dir", d]),
+    ]:
+        cases.append((script, argv, target))
+    shown = []
+    for script, argv, name in cases:
+        if isinstance(name, os.PathLike):  # corrupt this file, in a fresh copy of the run
+            fresh = copy_run(toy_run, tmp_path / f"c{len(os.listdir(tmp_path))}")
+            target = fresh / os.path.relpath(name, d)
+            os.makedirs(target.parent, exist_ok=True)
+            corrupt(target)
+            argv = [fresh if a == d else a for a in argv]
+            name = os.path.basename(target)
+        line = stops(script, argv, capsys)
+        shown.append(f"{script} ... {name}\n    -> {line[:150]}")
+        assert name in line, (script, argv, line)
+    with capsys.disabled():
+        print("\n" + "\n".join(shown))
+
+
+def test_no_traceback_from_the_command_line(tmp_path):
+    """The same stops as a user sees them: exit status non-zero, one error line, no traceback."""
+    for script, argv in [("03_ode_distill.py", ["--batch", 0]), ("01_make_pairs.py", ["--cfg_range", "abc"]),
+                         ("05_evaluate.py", ["--out_dir", tmp_path, "--students", "x=missing.pt"])]:
+        p = run_script(script, *argv, check=False)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        assert len([l for l in p.stderr.splitlines() if "error:" in l]) == 1, p.stderr
+
+
+def test_manifest_decides_what_the_teacher_fixed(toy_run, capsys):
+    """03/04 take the teacher's steps and guidance from the pairs' manifest and say so."""
+    m = json.load(open(toy_run / "pairs" / "manifest.json"))
+    cfg = mod("03_ode_distill").get_config(["--out_dir", str(toy_run)])
+    C.training_setup(cfg, 1, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert cfg["num_steps"] == m["num_steps"] == 4 and f"from the pairs' manifest: num_steps 4, guidance {m['guidance']}" in out
