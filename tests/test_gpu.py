@@ -136,7 +136,8 @@ def test_torchrun_nccl_stage1_and_stage2(tmp_path):
     torch.save(dict(config=lp.config, state_dict=lp.state_dict()), tmp_path / "lp.pt")
     for script, steps, extra in (("03_ode_distill.py", 6, []), ("04_gan_finetune.py", 4, ["--r1_every", 2])):
         p = run_script(script, "--out_dir", tmp_path, "--steps", steps, "--batch", 16, "--batch_per_device", 8, *extra,
-                       "--log_every", 1, "--grid_every", 100, "--ckpt_every", 100, torchrun=1)
+                       "--lpips_ckpt", tmp_path / "lp.pt", "--log_every", 1, "--grid_every", 100, "--ckpt_every", 100,
+                       torchrun=1)
         assert "backend nccl" in p.stdout, p.stdout[-500:]
     s1, s2 = logs(tmp_path / "distill" / "metrics.jsonl"), logs(tmp_path / "gan" / "metrics.jsonl")
     assert len(s1) == 6 and finite(*[l["loss"] for l in s1])
