@@ -8,7 +8,7 @@ set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 N=${N:-5}
-ROWS=${ROWS:-"sd15_s1_b32 sd15_s2_b16 sd15_pairs sdxl_s1_b8_ckpt sdxl_s2_b4_ckpt"}
+ROWS=${ROWS:-"sd15_s1_b32 sd15_s2_b16 sd15_s2_b16_ckpt sd15_s2_b8 sd15_pairs sdxl_s1_b8_ckpt sdxl_s2_b4_ckpt"}
 printf 'a photo of a cat\na red car on a street\n' > /tmp/prompts.txt
 SD15="--preset sd15 --teacher random --out_dir runs/size_sd15 --dtype bfloat16"
 SDXL="--preset sdxl --teacher random --out_dir runs/size_sdxl --dtype bfloat16"
@@ -22,6 +22,8 @@ run() {  # name, timeout, command...
 }
 run sd15_s1_b32 180 python 03_ode_distill.py $SD15 --benchmark_steps $N --batch 32 --batch_per_device 32
 run sd15_s2_b16 180 python 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --r1_every 2
+run sd15_s2_b16_ckpt 180 python 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --r1_every 2 --grad_ckpt
+run sd15_s2_b8 180 python 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 8 --batch_per_device 8 --r1_every 2
 run sd15_pairs 150 python 01_make_pairs.py $SD15 --benchmark --batch_per_device 16 --num_steps 50 --prompts /tmp/prompts.txt --cycle_prompts
 run sdxl_s1_b8_ckpt 240 python 03_ode_distill.py $SDXL --benchmark_steps $N --batch 8 --batch_per_device 8 --grad_ckpt
 run sdxl_s2_b4_ckpt 180 python 04_gan_finetune.py $SDXL --benchmark_steps $N --batch 4 --batch_per_device 4 --grad_ckpt
