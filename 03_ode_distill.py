@@ -25,61 +25,40 @@ from tqdm import tqdm
 import common as C
 
 FLAGS = {
-    "run": C.RUN_FLAGS + [
-        ("run_name", "distill", None, "output subfolder of out_dir"),
-        ("dtype", "float32", C.DTYPES[:2], "autocast dtype (Table A1: bfloat16 on GPUs)"),
-        ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)"),
-        ("allow_config_change", False, None, "--resume even though a RESUME_KEYS setting changed (deliberately)"),
-        ("max_steps_this_run", 0, C.INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
-    ],
-    "inputs": [
-        ("teacher", None, None, "the teacher the pairs came from (App. A); its steps and guidance come from the pairs"),
-        ("resolution", None, C.INT_POS, "image size in pixels (sd15 512, sdxl 1024)"),
-        ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
-        ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one)"),
-        ("pixel_lpips", "imagenet", ("imagenet", "random"), "--loss lpips: the `lpips` package's VGG, or random (tests)"),
-    ],
+    "run": C.RUN_FLAGS + [("run_name", "distill", None, "output subfolder of out_dir")] + C.TRAIN_RUN_FLAGS,
+    "inputs": C.TRAIN_INPUT_FLAGS,
     "loss (Eq. 1-4, Table 1)": [
         ("loss", None, C.LOSSES, "d in Eq. 1 (Table A1: elatent; SD-CFG-3 elatent+latent; CIFAR10 lpips)"),
         ("lpips_augment", None, None, "E-LatentLPIPS augmentation T (Eq. 3): letters b, g, c, o (cutout), or bg+cutout"),
         ("lpips_l1", False, None, "+ mean |G - x| (the official E-LatentLPIPS add_l1_loss; not in the paper)"),
     ],
-    "optimisation (Table A1)": [
-        ("steps", None, C.INT_POS, "training iterations"),
-        ("batch", None, C.INT_POS, "global batch"),
-        ("batch_per_device", None, C.INT_POS, "micro-batch per process; accumulation = batch / (this x processes)"),
+    "optimisation (Table A1)": C.TRAIN_BATCH_FLAGS + [
         ("optimizer", None, ("adam", "radam"), "Adam(W), or RAdam (CIFAR10)"),
         ("lr", None, C.POS, "learning rate (cosine decay to --lr_end)"),
         ("lr_end", None, C.NONNEG, "final learning rate"),
         ("betas", "0.9,0.999", C.BETAS, "Adam betas"),
-        ("weight_decay", None, C.NONNEG, "weight decay"),
-        ("attn_weight_decay", None, C.NONNEG, "weight decay of attention parameters"),
         ("dropout", None, C.FRACTION, "dropout of G (Table A1: 0.1 for CIFAR10)"),
-        ("ema_start", None, C.INT_NONNEG, "the EMA equals G before this step"),
-        ("ema_beta", None, C.FRACTION, "EMA decay"),
-        ("grad_clip", 0.0, C.NONNEG, "gradient norm clip (0 = off)"),
-        ("grad_ckpt", False, None, "gradient checkpointing of G (memory for compute)"),
-    ],
-    "logging": [
-        ("log_every", 10, C.INT_POS, "metrics.jsonl every this many steps"),
-        ("grid_every", None, C.INT_POS, "grid PNG every this many steps"),
-        ("ckpt_every", None, C.INT_POS, "checkpoint every this many steps"),
-        ("benchmark_steps", 0, C.INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
-        ("lpips_width", None, C.POS, "sizing mode without a LatentLPIPS file: the width of its random F (1.0 = the paper's)"),
-    ],
+        ("grad_ckpt", None, bool, "gradient checkpointing of G (memory for compute; on in the SDXL row)"),
+    ] + C.TRAIN_REST_FLAGS,
+    "logging": C.TRAIN_LOG_FLAGS,
 }
 
 STAGE1 = {  # Table A1's stage-1 row per preset (toy: scaled to 2 CPU cores)
-    "toy": dict(steps=1000, batch=64, batch_per_device=64, optimizer="adam", lr=2e-4, lr_end=2e-5, weight_decay=0.0,
-                attn_weight_decay=0.0, dropout=0.0, ema_start=300, ema_beta=0.995, grid_every=250, ckpt_every=250),
-    "cifar10": dict(steps=150_000, batch=512, batch_per_device=512, optimizer="radam", lr=4e-4, lr_end=4e-4,
+    "toy": dict(steps=1000, batch=64, batch_per_device=64, grad_ckpt=False, optimizer="adam", lr=2e-4, lr_end=2e-5,
+                weight_decay=0.0, attn_weight_decay=0.0, dropout=0.0, ema_start=300, ema_beta=0.995, grid_every=250,
+                ckpt_every=250),
+    "cifar10": dict(steps=150_000, batch=512, batch_per_device=512, grad_ckpt=False, optimizer="radam", lr=4e-4, lr_end=4e-4,
                     weight_decay=0.0, attn_weight_decay=0.0, dropout=0.1, ema_start=20_000, ema_beta=0.9999,
                     grid_every=5000, ckpt_every=5000),
-    "sd15": dict(steps=150_000, batch=256, batch_per_device=8, optimizer="adam", lr=1e-4, lr_end=1e-5, weight_decay=1e-2,
-                 attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000, ckpt_every=2000),
-    "sdxl": dict(steps=20_000, batch=1024, batch_per_device=2, optimizer="adam", lr=1e-4, lr_end=1e-5, weight_decay=1e-2,
-                 attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000, ckpt_every=2000),
+    "sd15": dict(steps=150_000, batch=256, batch_per_device=32, grad_ckpt=False, optimizer="adam", lr=1e-4, lr_end=1e-5,
+                 weight_decay=1e-2, attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000,
+                 ckpt_every=2000),
+    "sdxl": dict(steps=20_000, batch=1024, batch_per_device=8, grad_ckpt=True, optimizer="adam", lr=1e-4, lr_end=1e-5,
+                 weight_decay=1e-2, attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000,
+                 ckpt_every=2000),
 }
+# micro-batches: the paper's per-GPU batch where one 80 GB GPU holds it (measured on an H100, README "Before booking
+# a cluster": SD1.5 at 32 peaks at 57.4 GB; SDXL at 8 needs gradient checkpointing, 53.0 GB)
 STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
 # settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "optimizer", "lr", "lr_end", "betas", "weight_decay",

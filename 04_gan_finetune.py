@@ -31,22 +31,10 @@ from tqdm import tqdm
 import common as C
 
 FLAGS = {
-    "run": C.RUN_FLAGS + [
-        ("run_name", "gan", None, "output subfolder of out_dir"),
-        ("dtype", "float32", C.DTYPES[:2], "autocast dtype (Table A1: bfloat16 on GPUs)"),
-        ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)"),
-        ("allow_config_change", False, None, "--resume even though a RESUME_KEYS setting changed (deliberately)"),
-        ("max_steps_this_run", 0, C.INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
+    "run": C.RUN_FLAGS + [("run_name", "gan", None, "output subfolder of out_dir")] + C.TRAIN_RUN_FLAGS + [
         ("export", None, None, "sd15/sdxl: write the stage-2 student as a diffusers folder (unet/ + scheduler/) and exit"),
     ],
-    "inputs": [
-        ("teacher", None, None, "the teacher the pairs came from (App. A); its steps and guidance come from the pairs"),
-        ("resolution", None, C.INT_POS, "image size in pixels (sd15 512, sdxl 1024)"),
-        ("init", None, None, "stage-1 student (default <out_dir>/distill/student_ema.pt)"),
-        ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
-        ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one)"),
-        ("pixel_lpips", "imagenet", ("imagenet", "random"), "--loss lpips: the `lpips` package's VGG, or random (tests)"),
-    ],
+    "inputs": C.TRAIN_INPUT_FLAGS + [("init", None, None, "stage-1 student (default <out_dir>/distill/student_ema.pt)")],
     "generator loss (Eq. 6)": [
         ("loss", None, C.LOSSES, "the regression term (default: the stage-1 student's loss)"),
         ("lpips_augment", None, None, "E-LatentLPIPS augmentation (default: the stage-1 student's)"),
@@ -63,30 +51,16 @@ FLAGS = {
         ("d_sigma", 0.5, C.POS, "toy/EDM: D's noise level"),
         ("d_timestep", 0, C.INT_NONNEG, "SD: D's timestep"),
     ],
-    "optimisation (Table A1)": [
-        ("steps", None, C.INT_POS, "training iterations"),
-        ("batch", None, C.INT_POS, "global batch"),
-        ("batch_per_device", None, C.INT_POS, "micro-batch per process; accumulation = batch / (this x processes)"),
+    "optimisation (Table A1)": C.TRAIN_BATCH_FLAGS + [
         ("lr", None, C.POS, "G learning rate (cosine decay to --lr_end)"),
         ("lr_end", None, C.NONNEG, "G final learning rate"),
         ("d_lr", None, C.POS, "D learning rate (cosine decay to --d_lr_end)"),
         ("d_lr_end", None, C.NONNEG, "D final learning rate"),
         ("betas", "0.9,0.999", C.BETAS, "G Adam betas"),
         ("d_betas", None, C.BETAS, "D Adam betas (0.9,0.999 SD1.5; 0.0,0.99 SDXL)"),
-        ("weight_decay", None, C.NONNEG, "weight decay"),
-        ("attn_weight_decay", None, C.NONNEG, "weight decay of attention parameters"),
-        ("ema_start", None, C.INT_NONNEG, "the EMA equals G before this step"),
-        ("ema_beta", None, C.FRACTION, "EMA decay"),
-        ("grad_clip", 0.0, C.NONNEG, "gradient norm clip (0 = off)"),
-        ("grad_ckpt", False, None, "gradient checkpointing of G and D (memory for compute)"),
-    ],
-    "logging": [
-        ("log_every", 10, C.INT_POS, "metrics.jsonl every this many steps"),
-        ("grid_every", None, C.INT_POS, "grid PNG every this many steps"),
-        ("ckpt_every", None, C.INT_POS, "checkpoint every this many steps"),
-        ("benchmark_steps", 0, C.INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
-        ("lpips_width", None, C.POS, "sizing mode without a LatentLPIPS file: the width of its random F (1.0 = the paper's)"),
-    ],
+        ("grad_ckpt", None, bool, "gradient checkpointing of G and D (memory for compute; on in the SD rows)"),
+    ] + C.TRAIN_REST_FLAGS,
+    "logging": C.TRAIN_LOG_FLAGS,
 }
 
 # Table A1's stage-2 row per preset (toy: scaled to 2 CPU cores). Toy: 300 steps are
@@ -94,17 +68,20 @@ FLAGS = {
 # parted by < 0.5 and FID-toy moved within noise); a constant d_lr 2e-4 and lambda
 # 1.0 (SDXL's) give D enough signal in the toy budget (README, Table 2).
 STAGE2 = {
-    "toy": dict(steps=300, batch=64, batch_per_device=64, lr=5e-5, lr_end=1e-5, d_lr=2e-4, d_lr_end=2e-4, lambda_gan=1.0,
-                r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.0,0.99", weight_decay=0.0, attn_weight_decay=0.0,
+    "toy": dict(steps=300, batch=64, batch_per_device=64, grad_ckpt=False, lr=5e-5, lr_end=1e-5, d_lr=2e-4, d_lr_end=2e-4,
+                lambda_gan=1.0, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.0,0.99", weight_decay=0.0, attn_weight_decay=0.0,
                 ema_start=0, ema_beta=0.99, grid_every=100, ckpt_every=100),
-    "sd15": dict(steps=10_000, batch=256, batch_per_device=4, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5, lambda_gan=0.25,
-                 r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.9,0.999", weight_decay=1e-2,
+    "sd15": dict(steps=10_000, batch=256, batch_per_device=16, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5,
+                 lambda_gan=0.25, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.9,0.999", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
-    "sdxl": dict(steps=30_000, batch=512, batch_per_device=1, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5, lambda_gan=1.0,
+    "sdxl": dict(steps=30_000, batch=512, batch_per_device=1, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5, lambda_gan=1.0,
                  r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
 STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
+# micro-batches (H100-measured, README "Before booking a cluster"): SD1.5 at the paper's 16 per GPU needs gradient
+# checkpointing (51.7 GB; without it D's forward runs out of memory). SDXL does not fit one 80 GB GPU under DDP at
+# any micro-batch (92.5 GB of model state): it needs sharding (FSDP), not implemented yet.
 # settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",

@@ -127,6 +127,41 @@ RUN_FLAGS = [  # every script's first group
 ]
 
 
+# the flags 03 and 04 share (each script adds its own around them)
+TRAIN_RUN_FLAGS = [
+    ("dtype", "float32", DTYPES[:2], "autocast dtype (Table A1: bfloat16 on GPUs)"),
+    ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)"),
+    ("allow_config_change", False, None, "--resume even though a RESUME_KEYS setting changed (deliberately)"),
+    ("max_steps_this_run", 0, INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
+]
+TRAIN_INPUT_FLAGS = [
+    ("teacher", None, None, "the teacher the pairs came from (App. A); its steps and guidance come from the pairs"),
+    ("resolution", None, INT_POS, "image size in pixels (sd15 512, sdxl 1024)"),
+    ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
+    ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one)"),
+    ("pixel_lpips", "imagenet", ("imagenet", "random"), "--loss lpips: the `lpips` package's VGG, or random (tests)"),
+]
+TRAIN_BATCH_FLAGS = [
+    ("steps", None, INT_POS, "training iterations"),
+    ("batch", None, INT_POS, "global batch"),
+    ("batch_per_device", None, INT_POS, "micro-batch per process; accumulation = batch / (this x processes)"),
+]
+TRAIN_REST_FLAGS = [
+    ("weight_decay", None, NONNEG, "weight decay"),
+    ("attn_weight_decay", None, NONNEG, "weight decay of attention parameters"),
+    ("ema_start", None, INT_NONNEG, "the EMA equals G before this step"),
+    ("ema_beta", None, FRACTION, "EMA decay"),
+    ("grad_clip", 0.0, NONNEG, "gradient norm clip (0 = off)"),
+]
+TRAIN_LOG_FLAGS = [
+    ("log_every", 10, INT_POS, "metrics.jsonl every this many steps"),
+    ("grid_every", None, INT_POS, "grid PNG every this many steps"),
+    ("ckpt_every", None, INT_POS, "checkpoint every this many steps"),
+    ("benchmark_steps", 0, INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
+    ("lpips_width", None, POS, "sizing mode without a LatentLPIPS file: the width of its random F (1.0 = the paper's)"),
+]
+
+
 def parse_config(doc, flags, argv=None, table=None):
     """Every script's configuration, with one precedence: the preset, then the flags
     given. The preset is PRESETS[--preset] plus, in 03 and 04, that stage's own Table
@@ -1514,7 +1549,7 @@ def set_dropout(net, rate):
     for m in net.modules():
         if isinstance(m, nn.Dropout):
             m.p, n = rate, n + 1
-        elif isinstance(getattr(m, "dropout", None), float):
+        elif isinstance(vars(m).get("dropout"), float):  # an instance attribute (not a diffusers config value)
             m.dropout, n = rate, n + 1
     print0(f"student dropout: {rate} in {n} layers")
     return n
