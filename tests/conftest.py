@@ -11,17 +11,56 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 
 def run_script(name, *args, env=None, check=True, torchrun=0):
-    """Run a numbered script as a subprocess; returns CompletedProcess."""
+    """Run a numbered script; returns a CompletedProcess (args, returncode, stdout,
+    stderr). Its main() runs in this process, which saves the ~6 s of importing torch
+    and diffusers per call on a 2-core machine; torchrun, a custom environment, or
+    D2G_SUBPROCESS=1 run it as a real subprocess instead."""
+    if not torchrun and env is None and os.environ.get("D2G_SUBPROCESS", "0") != "1":
+        p = _in_process(name, [str(a) for a in args])
+    else:
+        p = _subprocess(name, args, env, torchrun)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _in_process(name, args):
+    """main(args) with stdout/stderr captured, from the repo folder, as a process
+    would exit: SystemExit's message to stderr and its status (a str: 1), an
+    exception's traceback to stderr with status 1. The global RNG is restored."""
+    import contextlib
+    import importlib
+    import io
+    import traceback
+    import torch
+    out, err, code, cwd, rng = io.StringIO(), io.StringIO(), 0, os.getcwd(), torch.random.get_rng_state()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                importlib.import_module(name[:-3]).main(args)
+            except SystemExit as e:
+                if e.code not in (None, 0):
+                    code = e.code if isinstance(e.code, int) else 1
+                    if not isinstance(e.code, int):
+                        print(e.code, file=sys.stderr)
+            except Exception:
+                code = 1
+                traceback.print_exc()
+    finally:
+        os.chdir(cwd)
+        torch.random.set_rng_state(rng)
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+
+def _subprocess(name, args, env, torchrun):
     cmd = [sys.executable, os.path.join(REPO, name), *map(str, args)]
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                os.path.join(REPO, name), *map(str, args)]
     e = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
     e.update(env or {})
-    p = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO)
 
 
 @pytest.fixture(scope="session")
