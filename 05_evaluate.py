@@ -590,11 +590,11 @@ def load_coco(root, n, seed):
     return [caps[i] for i in pick], [files[i] for i in pick]
 
 
-def student_paths(cfg):
+def student_paths(cfg, explicit_only=False):
     """The rows: stage 1 and stage 2 (when present), then --students ('name=path', or
     'name=p1;p2;p3' for several seeds of one row: 'name #k')."""
-    paths = {"stage 1": os.path.join(cfg["out_dir"], "distill", "student_ema.pt"),
-             "stage 2": os.path.join(cfg["out_dir"], "gan", "student_ema.pt")}
+    paths = {} if explicit_only else {"stage 1": os.path.join(cfg["out_dir"], "distill", "student_ema.pt"),
+                                      "stage 2": os.path.join(cfg["out_dir"], "gan", "student_ema.pt")}
     for item in filter(None, (cfg["students"] or "").split(",")):
         name, _, path = item.rpartition("=")  # names may contain "=", paths rarely do
         runs = [p.strip() for p in path.split(";") if p.strip()]
@@ -607,9 +607,10 @@ def student_paths(cfg):
 def validate(cfg):
     """Every file this evaluation reads, before any sampling (the flags' types
     checked the values): --students, --classifier, --coco, --eval_w."""
-    for k, (name, path) in enumerate(student_paths(cfg).items()):
-        if k < 2 and not os.path.isfile(path):
-            continue  # stage 1 / stage 2 rows appear when their runs exist
+    explicit = student_paths(cfg, explicit_only=True)
+    for name, path in student_paths(cfg).items():
+        if name not in explicit and not os.path.isfile(path):
+            continue  # the stage 1 / stage 2 rows appear when their runs exist
         if not os.path.isfile(path):
             C.fail(f"--students: '{name}' checkpoint '{path}' does not exist")
         ck = C.load_checkpoint(path, f"{name} student", mmap=True)

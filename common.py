@@ -129,7 +129,7 @@ RUN_FLAGS = [  # every script's first group
 
 # the flags 03 and 04 share (each script adds its own around them)
 TRAIN_RUN_FLAGS = [
-    ("dtype", "float32", DTYPES[:2], "autocast dtype (Table A1: bfloat16 on GPUs)"),
+    ("dtype", "float32", DTYPES, "autocast dtype (Table A1: bfloat16 on GPUs; float16 is refused: no loss scaling)"),
     ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)"),
     ("allow_config_change", False, None, "--resume even though a RESUME_KEYS setting changed (deliberately)"),
     ("max_steps_this_run", 0, INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
