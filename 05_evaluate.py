@@ -508,10 +508,10 @@ def benchmark_speed(cfg, device):
     cond1 = encode(1)
     cond2 = C.cat_cond(cond1, cond1)
     student(), teacher_solve()  # warm-up
-    t_student, t_teacher = C._timed(student, device, 3), C._timed(teacher_solve, device, 1)
-    t_text1, t_text2 = C._timed(lambda: encode(1), device, 3), C._timed(lambda: C.cat_cond(uncond(1), encode(1)), device, 3)
-    u1 = C._timed(lambda: unet(z.to(dt), T, **cond1), device, 3)
-    u2 = C._timed(lambda: unet(torch.cat([z, z]).to(dt), T, **cond2), device, 3)
+    t_student, t_teacher = C.timed(student, device, 3), C.timed(teacher_solve, device, 1)
+    t_text1, t_text2 = C.timed(lambda: encode(1), device, 3), C.timed(lambda: C.cat_cond(uncond(1), encode(1)), device, 3)
+    u1 = C.timed(lambda: unet(z.to(dt), T, **cond1), device, 3)
+    u2 = C.timed(lambda: unet(torch.cat([z, z]).to(dt), T, **cond2), device, 3)
     ideal = (steps * u2 + t_text2) / (u1 + t_text1)
     out = dict(student_s_per_img=round(t_student, 4), teacher_s_per_img=round(t_teacher, 4), teacher_steps=steps,
                speedup=round(t_teacher / t_student, 2), ideal_speedup_from_unet_calls=round(ideal, 2),

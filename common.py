@@ -1,15 +1,20 @@
 """
-Shared pieces of the Diffusion2GAN reference implementation.
+What two or more of the numbered scripts share, and nothing else: each stage's own
+ideas (the discriminator, the metrics, the plots) live in that stage's script.
 
 Read beside the paper (Kang et al., "Distilling Diffusion Models into Conditional
 GANs"). Sections, in order:
-  1. presets           (Table A1 values; the toy preset is the embedded default)
-  2. distributed       (one setup_distributed() for python / torchrun, CPU / CUDA)
-  3. files             (atomic writes, PNG grids, errors with a clear cause)
-  4. toy world         (procedural 10-class images, EDM teacher, classifier)
-  5. EDM               (preconditioning, loss, Heun sampler, official pickle)
-  6. latent diffusion  (SD1.5 / SDXL loader, DDIM + CFG, Eq. 7-8)
-  7. pairs on disk     (seeds, shards, manifest)
+   1. presets and configuration  (Table A1; parse_config: preset -> flags; flag types)
+   2. distributed                (setup_distributed for python / torchrun, CPU / CUDA)
+   3. files                      (atomic writes, PNG grids, one-line errors, images)
+   4. the toy world              (procedural 10-class 16x16 images)
+   5. EDM teachers               (preconditioning, Heun sampler, toy and NVlabs nets)
+   6. latent diffusion teachers  (SD1.5 / SDXL, DDIM + CFG, Eq. 7; --teacher random)
+   7. pairs on disk              (shards, manifest)
+   8. LatentLPIPS                (F, E-LatentLPIPS augmentation, the regression loss)
+   9. the student                (G(z, c), Eq. 8; guidance conditioning)
+  10. training helpers           (03 and 04: data, batches, resume, optimisers, EMA, sizing)
+  11. timing
 """
 import argparse
 import copy
@@ -112,6 +117,8 @@ NONNEG = checked_type(float, lambda x: x >= 0, "a number >= 0", "-1")
 FRACTION = checked_type(float, lambda x: 0 <= x <= 1, "a number in [0, 1]", "1.5")
 BETAS = checked_type(str, lambda s: all(0 <= b < 1 for b in two_floats(s)), "'B1,B2' with 0 <= B < 1", "0.9")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
 def PRESET(name):
     if name not in PRESETS:  # looked up when parsing: a preset added to PRESETS counts
         raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -339,6 +346,17 @@ def file_sha256(path, chunk=1 << 20):
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def load_image(path, size):
+    """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
+    from PIL import Image
+    im = Image.open(path).convert("RGB")
+    s = size / min(im.size)
+    im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+    l, t = (im.width - size) // 2, (im.height - size) // 2
+    im = im.crop((l, t, l + size, t + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------
@@ -1039,7 +1057,7 @@ def load_shard(path, expected_count=None, **kw):
 
 
 # ----------------------------------------------------------------------------
-# 8. LatentLPIPS and E-LatentLPIPS (§3.2, App. B).
+# 8. LatentLPIPS, E-LatentLPIPS and the regression loss d of Eq. 1 (§3.2, App. B).
 # F is VGG16-bn (torchvision's `features` layout, 44 modules) whose input conv
 # takes the space's channels and whose first three max-pools are Identity. Its
 # five taps end the five conv stages (each slice ends where a pool sits), as in
@@ -1302,15 +1320,127 @@ class RegressionLoss(nn.Module):
         return d
 
 
-def load_image(path, size):
-    """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
-    from PIL import Image
-    im = Image.open(path).convert("RGB")
-    s = size / min(im.size)
-    im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
-    l, t = (im.width - size) // 2, (im.height - size) // 2
-    im = im.crop((l, t, l + size, t + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+def build_loss(cfg, teacher, device):
+    """The regression loss d of Eq. 1 (03) and Eq. 6's first term (04), frozen."""
+    lpips, decode, pixel = None, None, None
+    if "latent" in cfg["loss"]:
+        path = cfg["lpips_ckpt"] or os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt")
+        if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
+            print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
+            lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
+        else:
+            lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
+    if cfg["loss"] == "lpips":
+        pixel = load_pixel_lpips(cfg["pixel_lpips"], device)
+        decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
+    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg["lpips_l1"]).to(device)
+
+
+def load_pixel_lpips(kind, device):
+    """Pixel-space LPIPS for --loss lpips (Table 1 baseline; CIFAR10 in Table A1).
+    'imagenet': the official LPIPS (VGG16, ImageNet weights) from the optional
+    `lpips` package; 'random': a VGG16-bn LPIPS with random weights, for offline
+    tests and benchmarks only."""
+    if kind == "random":  # one pool removed: works from 16x16 (toy) up
+        return LatentLPIPS(3, 1.0, 1).to(device)
+    if kind != "imagenet":
+        fail(f"unknown --pixel_lpips '{kind}' (imagenet | random)")
+    try:
+        import lpips
+    except ImportError:
+        fail("--loss lpips with ImageNet VGG weights needs the optional `lpips` package: pip install lpips "
+             "(it also needs torchvision, and fetches the VGG16 weights on first use)")
+    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+    return lambda a, b: net(a, b).flatten()
+
+
+# ----------------------------------------------------------------------------
+# 9. The student G(z, c) (Eq. 8): a trainable copy of the teacher network in the
+# data-prediction parameterisation; 03 trains it, 04 fine-tunes it, 05 samples it.
+
+class Student(nn.Module):
+    """G(z, c): a trainable copy of the teacher network in the data-prediction
+    parameterisation. EDM: G = D(sigma_max z; sigma_max, c). SD: Eq. 8.
+    With cfg_range the student also takes the guidance scale w through a
+    zero-initialised projection added to its time embedding (diffusers'
+    `time_embedding.cond_proj`), so at initialisation it is exactly the teacher's
+    one-step map for every w."""
+
+    W_DIM = 256
+
+    def __init__(self, teacher, cfg):
+        super().__init__()
+        self.family = teacher.family
+        if self.family == "edm":
+            self.net = teacher.trainable_copy().train().requires_grad_(True)
+            self.sigma_max = cfg["sigma_max"]
+            if cfg.get("dropout") is not None:  # Table A1: CIFAR10 trains with dropout 0.1
+                set_dropout(self.net, cfg["dropout"])
+            self.num_classes = teacher.num_classes
+        else:
+            self.net = teacher.trainable_copy().train().requires_grad_(True)  # Eq. 8 at fp32, not bf16-rounded
+            self.T, self.prediction_type = teacher.T, teacher.prediction_type
+            self.register_buffer("alpha_bar_T", teacher.alphas_cumprod[teacher.T].clone())
+        self.w_cond = bool(cfg.get("cfg_range"))
+        if self.w_cond:
+            if self.family == "edm" and teacher.kind != "toy":
+                fail("--cfg_range needs a teacher with an unconditional mode (toy, sd15, sdxl)")
+            unet = self.net.unet if self.family == "edm" else self.net
+            te = unet.time_embedding
+            te.cond_proj = nn.Linear(self.W_DIM, te.linear_1.in_features, bias=False)
+            nn.init.zeros_(te.cond_proj.weight)
+            if self.family == "ldm":  # a standard diffusers config: pipelines pass timestep_cond themselves
+                self.net.register_to_config(time_cond_proj_dim=self.W_DIM)
+            else:  # UNet2DModel calls time_embedding(t_emb) without a condition: supply it
+                te.register_forward_pre_hook(_w_condition_hook)  # reads the module's own w (EMA copies stay apart)
+        self._w_emb = None
+
+    def forward(self, z, cond, w=None):
+        if self.w_cond:
+            if w is None:
+                fail("this student is guidance-conditioned: pass the guidance scale w")
+            self._w_emb = guidance_embedding(torch.as_tensor(w, dtype=torch.float32, device=z.device).reshape(-1).expand(len(z)),
+                                             self.W_DIM)
+            (self.net.unet if self.family == "edm" else self.net).time_embedding._w_emb = self._w_emb
+        if self.family == "edm":
+            sigma = torch.full((len(z),), self.sigma_max, device=z.device)
+            if hasattr(self.net, "label_dim"):  # NVlabs network: one-hot labels
+                return self.net(z * self.sigma_max, sigma, F.one_hot(cond, self.net.label_dim).float()).float()
+            return self.net(z * self.sigma_max, sigma, cond)
+        dt = next(self.net.parameters()).dtype  # frozen encoders may emit bf16; outside autocast match our weights
+        extra = dict(timestep_cond=self._w_emb.to(dt)) if self.w_cond else {}
+        out = self.net(z.to(dt), self.T, **cast_cond(cond, dt), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
+        return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T, self.prediction_type)
+
+
+def set_dropout(net, rate):
+    """Set the dropout rate everywhere: torch Dropout layers (the toy U-Net) and the
+    float `dropout` attribute of the official NVlabs EDM blocks, which otherwise
+    keep the rate stored in the pickle (0.13 for CIFAR10). Prints the rate in effect."""
+    n = 0
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p, n = rate, n + 1
+        elif isinstance(vars(m).get("dropout"), float):  # an instance attribute (not a diffusers config value)
+            m.dropout, n = rate, n + 1
+    print0(f"student dropout: {rate} in {n} layers")
+    return n
+
+
+def _w_condition_hook(module, args):
+    return (args[0], module._w_emb) if len(args) == 1 else None
+
+
+def student_cond(teacher, cond, device):
+    """Labels to the device, or prompts through the frozen text encoder(s)."""
+    if teacher.family == "edm":
+        return cond.to(device)
+    return teacher.encode_prompts(list(cond))
+
+
+def cast_cond(cond, dtype):
+    """U-Net condition kwargs with every tensor cast to `dtype`."""
+    return {k: (v.to(dtype) if torch.is_tensor(v) else cast_cond(v, dtype)) for k, v in cond.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -1455,15 +1585,15 @@ class StepTimer:
         self.t = now
 
     def report(self, cfg, world, models, keys):
-        timed = self.times[self.warmup:] or self.times
-        step_s = float(np.median(timed))
+        kept = self.times[self.warmup:] or self.times
+        step_s = float(np.median(kept))
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         else:  # CPU: the process's peak resident memory
             import resource
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         out = dict(peak_gb=round(peak, 2), step_s=round(step_s, 4), img_s_per_device=round(cfg["batch"] / world / step_s, 2),
-                   img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=len(timed), world=world, device=str(self.device),
+                   img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=len(kept), world=world, device=str(self.device),
                    gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                    params_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for k, m in models.items()},
                    **{k: cfg[k] for k in keys})
@@ -1484,86 +1614,6 @@ def check_batch(batch, per_device, world):
     if batch % (per_device * world):
         fail(f"--batch {batch} is not divisible by --batch_per_device {per_device} x world size {world}")
     return batch // (per_device * world)
-
-
-class Student(nn.Module):
-    """G(z, c): a trainable copy of the teacher network in the data-prediction
-    parameterisation. EDM: G = D(sigma_max z; sigma_max, c). SD: Eq. 8.
-    With cfg_range the student also takes the guidance scale w through a
-    zero-initialised projection added to its time embedding (diffusers'
-    `time_embedding.cond_proj`), so at initialisation it is exactly the teacher's
-    one-step map for every w."""
-
-    W_DIM = 256
-
-    def __init__(self, teacher, cfg):
-        super().__init__()
-        self.family = teacher.family
-        if self.family == "edm":
-            self.net = teacher.trainable_copy().train().requires_grad_(True)
-            self.sigma_max = cfg["sigma_max"]
-            if cfg.get("dropout") is not None:  # Table A1: CIFAR10 trains with dropout 0.1
-                set_dropout(self.net, cfg["dropout"])
-            self.num_classes = teacher.num_classes
-        else:
-            self.net = teacher.trainable_copy().train().requires_grad_(True)  # Eq. 8 at fp32, not bf16-rounded
-            self.T, self.prediction_type = teacher.T, teacher.prediction_type
-            self.register_buffer("alpha_bar_T", teacher.alphas_cumprod[teacher.T].clone())
-        self.w_cond = bool(cfg.get("cfg_range"))
-        if self.w_cond:
-            if self.family == "edm" and teacher.kind != "toy":
-                fail("--cfg_range needs a teacher with an unconditional mode (toy, sd15, sdxl)")
-            unet = self.net.unet if self.family == "edm" else self.net
-            te = unet.time_embedding
-            te.cond_proj = nn.Linear(self.W_DIM, te.linear_1.in_features, bias=False)
-            nn.init.zeros_(te.cond_proj.weight)
-            if self.family == "ldm":  # a standard diffusers config: pipelines pass timestep_cond themselves
-                self.net.register_to_config(time_cond_proj_dim=self.W_DIM)
-            else:  # UNet2DModel calls time_embedding(t_emb) without a condition: supply it
-                te.register_forward_pre_hook(_w_condition_hook)  # reads the module's own w (EMA copies stay apart)
-        self._w_emb = None
-
-    def forward(self, z, cond, w=None):
-        if self.w_cond:
-            if w is None:
-                fail("this student is guidance-conditioned: pass the guidance scale w")
-            self._w_emb = guidance_embedding(torch.as_tensor(w, dtype=torch.float32, device=z.device).reshape(-1).expand(len(z)),
-                                             self.W_DIM)
-            (self.net.unet if self.family == "edm" else self.net).time_embedding._w_emb = self._w_emb
-        if self.family == "edm":
-            sigma = torch.full((len(z),), self.sigma_max, device=z.device)
-            if hasattr(self.net, "label_dim"):  # NVlabs network: one-hot labels
-                return self.net(z * self.sigma_max, sigma, F.one_hot(cond, self.net.label_dim).float()).float()
-            return self.net(z * self.sigma_max, sigma, cond)
-        dt = next(self.net.parameters()).dtype  # frozen encoders may emit bf16; outside autocast match our weights
-        extra = dict(timestep_cond=self._w_emb.to(dt)) if self.w_cond else {}
-        out = self.net(z.to(dt), self.T, **cast_cond(cond, dt), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
-        return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T, self.prediction_type)
-
-
-def set_dropout(net, rate):
-    """Set the dropout rate everywhere: torch Dropout layers (the toy U-Net) and the
-    float `dropout` attribute of the official NVlabs EDM blocks, which otherwise
-    keep the rate stored in the pickle (0.13 for CIFAR10). Prints the rate in effect."""
-    n = 0
-    for m in net.modules():
-        if isinstance(m, nn.Dropout):
-            m.p, n = rate, n + 1
-        elif isinstance(vars(m).get("dropout"), float):  # an instance attribute (not a diffusers config value)
-            m.dropout, n = rate, n + 1
-    print0(f"student dropout: {rate} in {n} layers")
-    return n
-
-
-def _w_condition_hook(module, args):
-    return (args[0], module._w_emb) if len(args) == 1 else None
-
-
-def student_cond(teacher, cond, device):
-    """Labels to the device, or prompts through the frozen text encoder(s)."""
-    if teacher.family == "edm":
-        return cond.to(device)
-    return teacher.encode_prompts(list(cond))
 
 
 def param_groups(model, weight_decay, attn_weight_decay):
@@ -1668,51 +1718,13 @@ def mid_guidance(cfg):
     return (lo + hi) / 2
 
 
-def build_loss(cfg, teacher, device):
-    """The regression loss d of Eq. 1 (03) and Eq. 6's first term (04), frozen."""
-    lpips, decode, pixel = None, None, None
-    if "latent" in cfg["loss"]:
-        path = cfg["lpips_ckpt"] or os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt")
-        if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
-            print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
-            lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
-        else:
-            lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
-    if cfg["loss"] == "lpips":
-        pixel = load_pixel_lpips(cfg["pixel_lpips"], device)
-        decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
-    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg["lpips_l1"]).to(device)
-
-
-def load_pixel_lpips(kind, device):
-    """Pixel-space LPIPS for --loss lpips (Table 1 baseline; CIFAR10 in Table A1).
-    'imagenet': the official LPIPS (VGG16, ImageNet weights) from the optional
-    `lpips` package; 'random': a VGG16-bn LPIPS with random weights, for offline
-    tests and benchmarks only."""
-    if kind == "random":  # one pool removed: works from 16x16 (toy) up
-        return LatentLPIPS(3, 1.0, 1).to(device)
-    if kind != "imagenet":
-        fail(f"unknown --pixel_lpips '{kind}' (imagenet | random)")
-    try:
-        import lpips
-    except ImportError:
-        fail("--loss lpips with ImageNet VGG weights needs the optional `lpips` package: pip install lpips "
-             "(it also needs torchvision, and fetches the VGG16 weights on first use)")
-    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
-    return lambda a, b: net(a, b).flatten()
+# ----------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------
+# 11. Timing (01 --benchmark, 05 --speed).
 
-def cast_cond(cond, dtype):
-    """U-Net condition kwargs with every tensor cast to `dtype`."""
-    return {k: (v.to(dtype) if torch.is_tensor(v) else cast_cond(v, dtype)) for k, v in cond.items()}
-
-
-# ----------------------------------------------------------------------------
-# 13. Benchmarks (commands, not timed tests).
-
-def _timed(fn, device, repeats=1):
+def timed(fn, device, repeats=1):
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
