@@ -20,6 +20,7 @@ Extra rows:          python 05_evaluate.py --students "mse=runs/toy/distill_mse/
 SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 05_evaluate.py --preset sd15 --coco /data/coco2014 --num_samples 30000
 Speed (Fig. 3):      python 05_evaluate.py --preset sd15 --speed      (random-weight SD1.5 shapes when no checkpoint)
 """
+import hashlib
 import json
 import os
 import re
@@ -304,6 +305,22 @@ def toy_classifier(cfg, eval_dir, device):
     return train_toy_classifier(classifier_path(cfg), seed=cfg["classifier_seed"], log=C.print0).to(device)
 
 
+def teacher_cache(cfg, teacher, seeds, device, world):
+    """The teacher's samples depend only on what made them: teacher, solver, guidance,
+    seeds, dtype, device type, batch and ranks (batching changes float rounding). They
+    are solved once (2000 x 35 NFE for the toy) and read back by later evaluations.
+    Returns (path, the cached dict or None)."""
+    key = dict(teacher=teacher.teacher_id, solver=teacher.solver_name(), guidance=cfg["guidance"], seed0=seeds[0],
+               n=len(seeds), dtype=cfg["dtype"], device=device.type, batch=cfg["batch_per_device"], world=world,
+               torch=torch.__version__)
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cfg["out_dir"], "eval", f"teacher_samples_{h}.pt")
+    if not os.path.isfile(path):
+        return path, None
+    C.print0(f"teacher samples: read from '{path}' (same teacher, solver, guidance, seeds, dtype, device, batch)")
+    return path, C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)")
+
+
 def evaluate_toy(cfg, teacher, device, rank, world):
     eval_dir = os.path.join(cfg["out_dir"], "eval")
     clf = toy_classifier(cfg, eval_dir, device)
@@ -311,7 +328,13 @@ def evaluate_toy(cfg, teacher, device, rank, world):
     n = cfg["num_samples"]
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
     _, labels = teacher.noise_and_condition(seeds)
-    outs, secs = generate(models, teacher, cfg, seeds, labels, device, rank, world)
+    cache, cached = teacher_cache(cfg, teacher, seeds, device, world)
+    outs, secs = generate({k: f for k, f in models.items() if not (cached and k == "teacher")}, teacher, cfg, seeds, labels,
+                          device, rank, world)
+    if cached:
+        outs, secs["teacher"] = {"teacher": cached["x"], **outs}, cached["sec_per_img"]
+    elif rank == 0:
+        C.atomic_torch_save(dict(x=outs["teacher"], sec_per_img=secs["teacher"]), cache)
     if rank != 0:
         return None
     real, real_y = toy_dataset(n, "test")

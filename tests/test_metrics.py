@@ -1,4 +1,5 @@
 """Issue 7: the metric maths against closed forms."""
+import json
 import importlib
 import math
 
@@ -70,3 +71,19 @@ def test_toy_eval_classifier_is_fixed_by_its_seed(tmp_path):
     a, b, c = (n.state_dict() for n in nets)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_teacher_samples_are_solved_once(tmp_path):
+    """Issue 16: the toy teacher's evaluation samples depend only on the seeds (and
+    teacher, solver, ...): the second evaluation reads them back, with the same table."""
+    from conftest import run_script
+    clf = tmp_path / "clf.pt"
+    S5.train_toy_classifier(str(clf), steps=2)
+    args = ["--out_dir", tmp_path, "--num_samples", 48, "--batch_per_device", 16, "--diversity_seeds", 2,
+            "--grid_rows", 2, "--classifier", clf]
+    first = run_script("05_evaluate.py", *args)
+    m1 = json.load(open(tmp_path / "eval" / "metrics.json"))
+    second = run_script("05_evaluate.py", *args)
+    m2 = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert "teacher samples: read from" not in first.stdout and "teacher samples: read from" in second.stdout
+    assert m1 == m2  # every metric of every row, the teacher's time per image included (it is cached with them)
