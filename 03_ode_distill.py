@@ -91,6 +91,7 @@ def main(argv=None):
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
+    C.check_state_fits(device, G)
     opt = C.make_optimizer(cfg["optimizer"], C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]),
                            cfg["lr"], tuple(float(b) for b in cfg["betas"].split(",")))
     step, bench = 0, cfg["benchmark_steps"] > 0

@@ -393,6 +393,7 @@ def main(argv=None):
         G.load_state_dict(s1["ema"])
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     D = Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_sigma"], cfg["d_timestep"], cfg["noise_aug"]).to(device)
+    C.check_state_fits(device, G, D)
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
         C.enable_grad_ckpt(D.unet)

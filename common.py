@@ -1610,6 +1610,24 @@ def enable_grad_ckpt(net):
     unet.enable_gradient_checkpointing()
 
 
+def check_state_fits(device, G=None, D=None, total_bytes=None):
+    """On a GPU, before the first step: the training state that does not shrink with
+    the batch, fp32 weights + gradients + Adam (16 B per trainable parameter; G also
+    keeps an fp32 EMA, 4 B). More than the GPU holds stops the run with the numbers,
+    instead of an out-of-memory error at the first optimiser step (SDXL stage 2 under
+    DDP: 92.5 GB)."""
+    if total_bytes is None:
+        if device.type != "cuda":
+            return
+        total_bytes = torch.cuda.get_device_properties(device).total_memory
+    n = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad) if m is not None else 0
+    g, d = 20 * n(G) / 2 ** 30, 16 * n(D) / 2 ** 30
+    if g + d > total_bytes / 2 ** 30:
+        fail(f"the training state needs {g + d:.1f} GB (G with its EMA {g:.1f} GB, D {d:.1f} GB: fp32 weights, gradients "
+             f"and Adam) but {device} holds {total_bytes / 2 ** 30:.1f} GB: this needs sharding (FSDP), which is not "
+             f"implemented yet (README, 'Before booking a cluster')")
+
+
 def check_batch(batch, per_device, world):
     if batch % (per_device * world):
         fail(f"--batch {batch} is not divisible by --batch_per_device {per_device} x world size {world}")
