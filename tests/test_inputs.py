@@ -185,3 +185,32 @@ def test_manifest_decides_what_the_teacher_fixed(toy_run, capsys):
     C.training_setup(cfg, 1, torch.device("cpu"))
     out = capsys.readouterr().out
     assert cfg["num_steps"] == m["num_steps"] == 4 and f"from the pairs' manifest: num_steps 4, guidance {m['guidance']}" in out
+
+
+def test_common_holds_only_shared_names():
+    """Issue 15: every top-level name of common.py is used by two or more scripts,
+    directly (C.name) or through another common.py name they use; no script imports
+    another."""
+    import ast
+    src = open(os.path.join(REPO, "common.py")).read()
+    names = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names[node.name] = ast.get_source_segment(src, node)
+        elif isinstance(node, ast.Assign):
+            names.update({t.id: ast.get_source_segment(src, node) for t in node.targets if isinstance(t, ast.Name)})
+    uses = {n: {m for m in names if m != n and re.search(r"(?<![\w.])" + re.escape(m) + r"\b", body)} for n, body in names.items()}
+    users = {n: set() for n in names}
+    for script in SCRIPTS:
+        text = open(os.path.join(REPO, script + ".py")).read()
+        assert not re.search(r"import_module\(\s*[\"']0\d_|^import 0\d_|^from 0\d_", text, re.M), f"{script} imports a script"
+        todo, seen = set(re.findall(r"\bC\.(\w+)", text)) & set(names), set()
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo |= uses[n]
+        for n in seen:
+            users[n].add(script)
+    single = {n: sorted(u) for n, u in users.items() if len(u) < 2}
+    assert not single, f"common.py names used by fewer than two scripts: {single}"
