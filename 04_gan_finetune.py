@@ -323,20 +323,14 @@ def requires_grad(model, flag):
         p.requires_grad_(flag)
 
 
-def export_diffusers(cfg, teacher, device):
-    """Write the stage-2 EMA student as a standard diffusers U-Net plus an
-    LCMScheduler config. One pipeline step at the custom timestep T (the
-    student's, Eq. 8) returns the x0 prediction: LCM's boundary terms at T are
-    c_skip ~ 3e-9 and c_out ~ 1 - 1e-9, i.e. G(z, c) to float precision.
+def export_diffusers(cfg, teacher, path, ck):
+    """Write the stage-2 EMA student (checkpoint `ck`, read from `path`) as a standard
+    diffusers U-Net plus an LCMScheduler config. One pipeline step at the custom
+    timestep T (the student's, Eq. 8) returns the x0 prediction: LCM's boundary terms
+    at T are c_skip ~ 3e-9 and c_out ~ 1 - 1e-9, i.e. G(z, c) to float precision.
     (A DDIM config with steps_offset = T would be exact too, but SD1.5's pipeline
     resets steps_offset to 1 when it is built.)"""
     from diffusers import LCMScheduler
-    if teacher.family != "ldm":
-        C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
-    path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
-    ck = C.load_checkpoint(path, "student")
-    if ck["config"]["num_steps"] != teacher.cfg["num_steps"]:
-        C.fail(f"student '{path}' learned a {ck['config']['num_steps']}-step teacher, not {teacher.cfg['num_steps']} steps")
     if ck.get("teacher") != teacher.teacher_id:
         C.fail(f"student '{path}' was distilled from '{ck.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
     G = C.Student(teacher, dict(cfg, cfg_range=ck["config"].get("cfg_range")))
@@ -355,9 +349,8 @@ def get_config(argv=None):
 
 
 def validate(cfg):
-    """What a flag's type cannot check alone, and every file this stage reads, before any work."""
-    if cfg["batch"] % cfg["batch_per_device"]:
-        C.fail(f"--batch {cfg['batch']} is not divisible by --batch_per_device {cfg['batch_per_device']}")
+    """Every file this stage reads, before any work (the flags' types checked the values;
+    training_setup checks the batch split before it builds anything)."""
     if cfg["benchmark_steps"] or cfg["export"]:
         return
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
@@ -372,11 +365,15 @@ def main(argv=None):
     cfg, given = get_config(argv)
     validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
-    if cfg["export"]:  # the student's T (Eq. 8) is the first step of the schedule its pairs were made with
-        path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
-        cfg["num_steps"] = C.load_checkpoint(path, "student")["config"]["num_steps"]
-        return export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False) if cfg["family"] == "ldm" else
-                                C.load_teacher(cfg, device), device) if rank == 0 else None
+    if cfg["export"]:
+        if cfg["family"] != "ldm":
+            C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
+        if rank == 0:  # the student's T (Eq. 8) is the first step of the schedule its pairs were made with
+            path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
+            ck = C.load_checkpoint(path, "student")
+            cfg["num_steps"] = ck["config"]["num_steps"]
+            export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False), path, ck)
+        return C.cleanup()
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
     s1 = None if bench else C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student")

@@ -1452,8 +1452,8 @@ class PairDataset:
     distilled. x is read from the memory-mapped shards; z is regenerated from
     each pair's seed."""
 
-    def __init__(self, pairs_dir, teacher, cfg):
-        m = read_manifest(pairs_dir)
+    def __init__(self, pairs_dir, teacher, cfg, manifest=None):
+        m = manifest or read_manifest(pairs_dir)
         if not m.get("complete"):
             fail(f"pairs in '{pairs_dir}' are incomplete; rerun 01_make_pairs.py to finish them")
         expected = dict(preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id,
@@ -1537,7 +1537,7 @@ def training_setup(cfg, world, device):
                cfg_range=m.get("cfg_range"))  # the student learns the teacher that made the pairs
     print0(f"from the pairs' manifest: num_steps {cfg['num_steps']}, guidance {cfg['guidance']}, cfg_range {cfg['cfg_range']}")
     teacher = load_teacher(cfg, device)
-    data = PairDataset(pairs, teacher, cfg)
+    data = PairDataset(pairs, teacher, cfg, m)
     cfg["pairs_id"] = {k: m.get(k) for k in ("teacher", "solver", "guidance", "cfg_range", "num_pairs", "seed", "prompts")}
     return accum, run_dir, os.path.join(run_dir, "ckpt_latest.pt"), teacher, data
 
