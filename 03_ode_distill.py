@@ -90,37 +90,43 @@ def main(argv=None):
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
-    C.check_state_fits(device, G)
+    C.check_state_fits(device, G, shards=world if cfg["fsdp"] else 1)
+    if cfg["fsdp"]:  # G and its EMA sharded alike (EMA updates stay shard-local); every rank runs what gathers them
+        G, ema = C.fsdp_shard(G, device), C.fsdp_shard(ema, device)
     opt = C.make_optimizer(cfg["optimizer"], C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]),
                            cfg["lr"], tuple(float(b) for b in cfg["betas"].split(",")))
     step, bench = 0, cfg["benchmark_steps"] > 0
     if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, "checkpoint")
         C.check_resume(ck["config"], cfg, RESUME_KEYS)
-        G.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
+        C.load_full_state(G, ck["model"], opt, ck["opt"])
+        C.load_full_state(ema, ck["ema"])
         step = ck["step"]
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
-    model = torch.nn.parallel.DistributedDataParallel(G, gradient_as_bucket_view=True) if world > 1 else G  # no 2nd copy of the grads
+    model = G  # DDP without a 2nd copy of the grads; FSDP reduces the grads itself
+    if world > 1 and not cfg["fsdp"]:
+        model = torch.nn.parallel.DistributedDataParallel(G, gradient_as_bucket_view=True)
     log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
+    viewer = rank == 0 or cfg["fsdp"]  # the ranks that run the EMA for grids
     if rank == 0 and not bench:
         C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
+    if viewer and not bench:
         w_ho = C.mid_guidance(cfg)
         z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
     teacher.release_unet()
 
     def save(step):  # the resumable state, and the EMA student that 04 and 05 read (also from a run stopped early)
+        (g, o), e = C.full_state(G, opt), C.full_state(ema)
         if rank == 0:
-            C.atomic_torch_save(dict(model=G.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                                     config=cfg), ckpt_path)
-            C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=1, step=step),
+            C.atomic_torch_save(dict(model=g, ema=e, opt=o, step=step, config=cfg), ckpt_path)
+            C.atomic_torch_save(dict(ema=e, config=cfg, teacher=teacher.teacher_id, stage=1, step=step),
                                 os.path.join(run_dir, "student_ema.pt"))
 
     def grid(step):
-        if rank == 0:
+        if viewer:
             with torch.no_grad():
                 x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
+        if rank == 0:
             imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_st)]).cpu()
             C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
                               scale=max(1, 64 // imgs.shape[-1]))
@@ -141,7 +147,7 @@ def main(argv=None):
             b = data.get(idx)
             cond = C.student_cond(teacher, b["cond"], device)
             sync = m == accum - 1 or world == 1
-            with (model.no_sync() if not sync else torch.enable_grad()), C.autocast(device, cfg["dtype"]):
+            with C.grad_sync(model, sync), C.autocast(device, cfg["dtype"]):
                 loss = loss_fn(model(b["z"].to(device), cond, b.get("w")), b["x"].to(device)).mean()  # Eq. 1 / 4
                 (loss / accum).backward()
             total += loss.detach() / accum
@@ -167,11 +173,11 @@ def main(argv=None):
             grid(step + 1)
     if bench:
         timer.report(cfg, world, dict(G=G), ("preset", "batch_per_device", "dtype", "grad_ckpt", "loss", "lpips_augment"))
-    elif rank == 0 and end == cfg["steps"]:
+    elif viewer and end == cfg["steps"]:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
         fid = (x_st - x_ho).pow(2).mean().item()
-        print(f"held-out fidelity (MSE student vs teacher, same z): {fid:.5f}; wrote {run_dir}/student_ema.pt")
+        C.print0(f"held-out fidelity (MSE student vs teacher, same z): {fid:.5f}; wrote {run_dir}/student_ema.pt")
     C.cleanup()
 
 

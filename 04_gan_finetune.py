@@ -81,7 +81,7 @@ STAGE2 = {
 STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
 # micro-batches (H100-measured, README "Before booking a cluster"): SD1.5 at the paper's 16 per GPU needs gradient
 # checkpointing (51.7 GB; without it D's forward runs out of memory). SDXL does not fit one 80 GB GPU under DDP at
-# any micro-batch (92.5 GB of model state): it needs sharding (FSDP), not implemented yet.
+# any micro-batch (92.5 GB of model state): it needs --fsdp over several GPUs (its Table A1 row has no R1).
 # settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
@@ -296,7 +296,8 @@ def sync_grads(model, bucket_mb=256):
     ~bucket_mb keep the extra memory small (one flat copy of all gradients
     would cost 3.4 GB for SD1.5 and 10 GB for SDXL)."""
     import torch.distributed as dist
-    if not dist.is_initialized():
+    from torch.distributed.fsdp import FSDPModule
+    if not dist.is_initialized() or isinstance(model, FSDPModule):  # FSDP reduced them in backward
         return
     params = [p for p in model.parameters() if p.grad is not None]
     while params:
@@ -351,6 +352,9 @@ def get_config(argv=None):
 def validate(cfg):
     """Every file this stage reads, before any work (the flags' types checked the values;
     training_setup checks the batch split before it builds anything)."""
+    if cfg["fsdp"] and cfg["r1_gamma"] > 0:
+        C.fail(f"--fsdp with R1 (--r1_gamma {cfg['r1_gamma']}): R1's double backward (create_graph=True) through a "
+               f"sharded D fails in torch's FSDP2; train with --r1_gamma 0 (Table A1: SDXL uses no R1) or without --fsdp")
     if cfg["benchmark_steps"] or cfg["export"]:
         return
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
@@ -390,20 +394,29 @@ def main(argv=None):
         G.load_state_dict(s1["ema"])
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     D = Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_sigma"], cfg["d_timestep"], cfg["noise_aug"]).to(device)
-    C.check_state_fits(device, G, D)
+    C.check_state_fits(device, G, D, shards=world if cfg["fsdp"] else 1)
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
         C.enable_grad_ckpt(D.unet)
+    if cfg["fsdp"]:  # every rank then runs what gathers them (grids, saves); gradients are reduce-scattered in backward
+        G, ema, D = (C.fsdp_shard(m, device) for m in (G, ema, D))
     betas = tuple(float(b) for b in cfg["betas"].split(","))
     d_betas = tuple(float(b) for b in cfg["d_betas"].split(","))
     opt_g = C.make_optimizer("adam", C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]), cfg["lr"], betas)
     opt_d = C.make_optimizer("adam", C.param_groups(D, cfg["weight_decay"], cfg["attn_weight_decay"]), cfg["d_lr"], d_betas)
+    viewer = rank == 0 or cfg["fsdp"]  # the ranks that run G and the EMA for grids
+    if viewer and not bench:  # held-out z and the grid's "stage 1" row, from G before a resume changes it
+        w_ho = C.mid_guidance(cfg)
+        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
+        with torch.no_grad():
+            x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
     step = 0
     if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, "checkpoint")
         C.check_resume(ck["config"], cfg, RESUME_KEYS)
-        for obj, key in ((G, "model"), (ema, "ema"), (D, "D"), (opt_g, "opt"), (opt_d, "opt_d")):
-            obj.load_state_dict(ck[key])
+        C.load_full_state(G, ck["model"], opt_g, ck["opt"])
+        C.load_full_state(D, ck["D"], opt_d, ck["opt_d"])
+        C.load_full_state(ema, ck["ema"])
         step = ck["step"]
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
     C.print0(f"D: {len(D.heads)} readout heads, z_cond={cfg['z_cond']}, multiscale={cfg['multiscale']}, "
@@ -411,27 +424,20 @@ def main(argv=None):
     log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
     if rank == 0 and not bench:
         C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
-        w_ho = C.mid_guidance(cfg)
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
-        G1 = G if step == 0 else copy.deepcopy(G)  # after a resume, G is no longer the stage-1 student
-        if step:
-            G1.load_state_dict(s1["ema"])
-        with torch.no_grad():
-            x_s1 = G1(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()  # the grid's "stage 1" row
-        del G1
     teacher.release_unet()
 
     def save(step):  # the resumable state, and the EMA student that 05 reads (also from a run stopped early)
+        (g, o), (d, od), e = C.full_state(G, opt_g), C.full_state(D, opt_d), C.full_state(ema)
         if rank == 0:
-            C.atomic_torch_save(dict(model=G.state_dict(), ema=ema.state_dict(), D=D.state_dict(), opt=opt_g.state_dict(),
-                                     opt_d=opt_d.state_dict(), step=step, config=cfg), ckpt_path)
-            C.atomic_torch_save(dict(ema=ema.state_dict(), config=cfg, teacher=teacher.teacher_id, stage=2, step=step),
+            C.atomic_torch_save(dict(model=g, ema=e, D=d, opt=o, opt_d=od, step=step, config=cfg), ckpt_path)
+            C.atomic_torch_save(dict(ema=e, config=cfg, teacher=teacher.teacher_id, stage=2, step=step),
                                 os.path.join(run_dir, "student_ema.pt"))
 
     def grid(step):  # rows: teacher | stage 1 | stage 2 (same z)
-        if rank == 0:
+        if viewer:
             with torch.no_grad():
                 x_s2 = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
+        if rank == 0:
             imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_s1), teacher.to_images(x_s2)]).cpu()
             C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
                               scale=max(1, 64 // imgs.shape[-1]))
@@ -462,6 +468,9 @@ def main(argv=None):
                 p = data.get([j for _, _, j in plan])
                 partners = (p["x"].to(device), p["z"].to(device), C.student_cond(teacher, p["cond"], device))
                 mixed += torch.tensor([sum(kind == k for _, kind, _ in plan) for k in MIX_KINDS], device=device)
+            if cfg["fsdp"]:  # reduce-scatter the gradients on the step's last micro-batch only
+                G.set_requires_gradient_sync(m == accum - 1)
+                D.set_requires_gradient_sync(m == accum - 1)
             with C.autocast(device, cfg["dtype"]):
                 x_fake = G(z, cond, w)
                 # D step (Eq. 5): real vs fake, the fakes including the mix-and-match ones
@@ -514,10 +523,10 @@ def main(argv=None):
     if bench:
         timer.report(cfg, world, dict(G=G, D=D), ("preset", "batch_per_device", "dtype", "grad_ckpt", "loss", "lpips_augment",
                                                   "z_cond", "multiscale", "r1_gamma", "r1_every", "mix_match", "noise_aug"))
-    elif rank == 0 and end == cfg["steps"]:
+    elif viewer and end == cfg["steps"]:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
-        print(f"held-out fidelity (MSE student vs teacher, same z): stage 1 {(x_s1.cpu() - x_ho).pow(2).mean():.5f}, "
+        C.print0(f"held-out fidelity (MSE student vs teacher, same z): stage 1 {(x_s1.cpu() - x_ho).pow(2).mean():.5f}, "
               f"stage 2 {(x_st - x_ho).pow(2).mean():.5f}; wrote {run_dir}/student_ema.pt")
     C.cleanup()
 

@@ -140,6 +140,7 @@ TRAIN_RUN_FLAGS = [
     ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)"),
     ("allow_config_change", False, None, "--resume even though a RESUME_KEYS setting changed (deliberately)"),
     ("max_steps_this_run", 0, INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
+    ("fsdp", False, None, "torchrun: shard G, its EMA (and D) over the processes with FSDP2, for what DDP cannot hold"),
 ]
 TRAIN_INPUT_FLAGS = [
     ("teacher", None, None, "the teacher the pairs came from (App. A); its steps and guidance come from the pairs"),
@@ -1611,22 +1612,72 @@ def enable_grad_ckpt(net):
     unet.enable_gradient_checkpointing()
 
 
-def check_state_fits(device, G=None, D=None, total_bytes=None):
+def fsdp_shard(model, device):
+    """--fsdp: PyTorch's FSDP2 (fully_shard) over the torchrun processes. Each U-Net
+    block is one unit, all-gathered for its forward and backward and sharded again
+    after; the root unit holds the rest. Backward reduce-scatters the gradients, so
+    no DDP or hand all-reduce runs on a sharded model. Parameters stay fp32 (autocast
+    computes in bf16), as in a DDP run; state dicts go through full_state."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    if not dist.is_initialized():
+        fail("--fsdp shards over the processes of torchrun: launch with torchrun (--nproc_per_node=1 also works)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    unet = next((m for m in model.modules() if hasattr(m, "down_blocks")), None)  # a diffusers U-Net
+    blocks = [b for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None] if unet is not None else []
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    print0(f"FSDP2: {type(model).__name__} in {len(blocks) + 1} units, sharded over {dist.get_world_size()} processes")
+    return fully_shard(model, mesh=mesh)
+
+
+def full_state(model, opt=None):
+    """The model's (and its optimiser's) full state dicts on CPU, the same for a
+    plain, DDP or FSDP model, so a checkpoint resumes under any of them. Collective
+    under FSDP: every rank calls it; rank 0 gets the state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=o)
+    return sd if opt is None else (sd, get_optimizer_state_dict(model, opt, options=o))
+
+
+def load_full_state(model, sd, opt=None, opt_sd=None):
+    """full_state's inverse: every rank loads the full dicts and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, sd, options=o)
+    if opt is not None:
+        set_optimizer_state_dict(model, opt, opt_sd, options=o)
+
+
+def grad_sync(model, sync):
+    """A micro-batch's backward context: gradients are reduced across processes only
+    on the last micro-batch of a step (DDP's no_sync, FSDP's gradient sync flag)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    elif not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return nullcontext()
+
+
+def check_state_fits(device, G=None, D=None, total_bytes=None, shards=1):
     """On a GPU, before the first step: the training state that does not shrink with
     the batch, fp32 weights + gradients + Adam (16 B per trainable parameter; G also
-    keeps an fp32 EMA, 4 B). More than the GPU holds stops the run with the numbers,
-    instead of an out-of-memory error at the first optimiser step (SDXL stage 2 under
-    DDP: 92.5 GB)."""
+    keeps an fp32 EMA, 4 B), divided over `shards` processes under --fsdp. More than
+    the GPU holds stops the run with the numbers, instead of an out-of-memory error at
+    the first optimiser step (SDXL stage 2 under DDP: 92.5 GB)."""
     if total_bytes is None:
         if device.type != "cuda":
             return
         total_bytes = torch.cuda.get_device_properties(device).total_memory
     n = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad) if m is not None else 0
-    g, d = 20 * n(G) / 2 ** 30, 16 * n(D) / 2 ** 30
+    g, d = 20 * n(G) / 2 ** 30 / shards, 16 * n(D) / 2 ** 30 / shards
     if g + d > total_bytes / 2 ** 30:
-        fail(f"the training state needs {g + d:.1f} GB (G with its EMA {g:.1f} GB, D {d:.1f} GB: fp32 weights, gradients "
-             f"and Adam) but {device} holds {total_bytes / 2 ** 30:.1f} GB: this needs sharding (FSDP), which is not "
-             f"implemented yet (README, 'Before booking a cluster')")
+        fail(f"the training state needs {g + d:.1f} GB per process (G with its EMA {g:.1f} GB, D {d:.1f} GB: fp32 "
+             f"weights, gradients and Adam{f', over {shards} shards' if shards > 1 else ''}) but {device} holds "
+             f"{total_bytes / 2 ** 30:.1f} GB: shard it over more GPUs with --fsdp under torchrun "
+             f"(README, 'Before booking a cluster')")
 
 
 def check_batch(batch, per_device, world):

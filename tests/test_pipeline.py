@@ -48,17 +48,33 @@ def test_stage1_resume_is_exact(toy_run):
     assert (toy_run / "straight" / "student_ema.pt").exists() and (toy_run / "straight" / "grid_000006.png").exists()
 
 
-def test_stage1_ddp_equals_single_process(toy_run):
-    """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes."""
-    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 4, "--log_every", 1, "--ckpt_every", 100,
+def close_weights(a, b, parts, tol):
+    """Two checkpoints' state dicts agree key by key, to `tol` of each tensor's scale."""
+    for part in parts:
+        assert a[part].keys() == b[part].keys(), part
+        for k in a[part]:
+            if a[part][k].is_floating_point():
+                err = (a[part][k] - b[part][k]).abs().max().item() / max(a[part][k].abs().max().item(), 1e-3)
+                assert err < tol, (part, k, err)
+
+
+def test_stage1_ddp_and_fsdp_equal_single_process(toy_run):
+    """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes, under
+    DDP and under FSDP2 (issue 13); the FSDP checkpoint is the same full state dict."""
+    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 2, "--log_every", 1, "--ckpt_every", 100,
             "--grid_every", 100]
     run_script("03_ode_distill.py", *args, "--run_name", "one")
     run_script("03_ode_distill.py", *args, "--run_name", "two", torchrun=2)
-    la = [json.loads(l)["loss"] for l in open(toy_run / "one" / "metrics.jsonl")]
-    lb = [json.loads(l)["loss"] for l in open(toy_run / "two" / "metrics.jsonl")]
-    print("1 process:", la, "\n2 processes:", lb)
-    assert len(la) == len(lb) == 4
-    assert max(abs(x - y) / abs(x) for x, y in zip(la, lb)) < 1e-4
+    p = run_script("03_ode_distill.py", *args, "--run_name", "fsdp", "--fsdp", torchrun=2)
+    assert "FSDP2: Student in 8 units, sharded over 2 processes" in p.stdout
+    loss = {r: [json.loads(l)["loss"] for l in open(toy_run / r / "metrics.jsonl")] for r in ("one", "two", "fsdp")}
+    print(loss)
+    for r in ("two", "fsdp"):
+        assert len(loss[r]) == 4 and max(abs(x - y) / abs(x) for x, y in zip(loss["one"], loss[r])) < 1e-4, r
+    ck = {r: weights(toy_run / r / "ckpt_latest.pt") for r in ("one", "two", "fsdp")}
+    close_weights(ck["one"], ck["two"], ("model", "ema"), 1e-4)
+    close_weights(ck["two"], ck["fsdp"], ("model", "ema"), 1e-4)
+    assert ck["fsdp"]["opt"]["state"].keys() == ck["two"]["opt"]["state"].keys()  # resumable under either
 
 
 def test_stage1_nan_guard_keeps_last_checkpoint(toy_run):
@@ -114,21 +130,30 @@ def test_stage2_resume_is_exact_and_seeded(toy_run):
     assert [(l["loss_d"], l["r1"]) for l in la] == [(l["loss_d"], l["r1"]) for l in lb] and len(la) == 4
 
 
-def test_stage2_ddp_equals_single_process(toy_run):
-    """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes. D's
-    gradients are all-reduced by hand, so both ranks must also start from the same D
-    (its readout heads are random). R1 is off: it takes one sample per device."""
+def test_stage2_ddp_and_fsdp_equal_single_process(toy_run):
+    """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes, with
+    D's gradients all-reduced by hand (DDP) or G and D sharded (FSDP2, issue 13), so
+    both ranks must also start from the same D (its readout heads are random). R1 is
+    off: it takes one sample per device, and FSDP refuses it."""
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
-    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 4, "--r1_gamma", 0, "--log_every", 1,
+    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 2, "--r1_gamma", 0, "--log_every", 1,
             "--ckpt_every", 100, "--grid_every", 100]
     run_script("04_gan_finetune.py", *args, "--run_name", "gan_one")
     run_script("04_gan_finetune.py", *args, "--run_name", "gan_two", torchrun=2)
-    la = [json.loads(l) for l in open(toy_run / "gan_one" / "metrics.jsonl")]
-    lb = [json.loads(l) for l in open(toy_run / "gan_two" / "metrics.jsonl")]
-    print("1 process:", [l["loss_d"] for l in la], "\n2 processes:", [l["loss_d"] for l in lb])
-    assert len(la) == len(lb) == 4
-    for key in ("loss_d", "loss_g", "logit_real", "logit_fake"):
-        assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(la, lb)) < 1e-3, key
+    p = run_script("04_gan_finetune.py", *args, "--run_name", "gan_fsdp", "--fsdp", torchrun=2)
+    assert "FSDP2: Discriminator in 8 units, sharded over 2 processes" in p.stdout
+    logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in ("gan_one", "gan_two", "gan_fsdp")}
+    print({r: [l["loss_d"] for l in v] for r, v in logs.items()})
+    for r in ("gan_two", "gan_fsdp"):
+        assert len(logs[r]) == 4, r
+        for key in ("loss_d", "loss_g", "logit_real", "logit_fake"):
+            assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(logs["gan_one"], logs[r])) < 1e-3, (r, key)
+    a, b = weights(toy_run / "gan_two" / "ckpt_latest.pt"), weights(toy_run / "gan_fsdp" / "ckpt_latest.pt")
+    close_weights(a, b, ("model", "ema", "D"), 1e-3)
+    p = run_script("04_gan_finetune.py", *args, "--run_name", "gan_r1", "--fsdp", "--r1_gamma", 0.01, check=False)
+    assert p.returncode != 0 and "--fsdp with R1" in p.stderr and "Traceback" not in p.stderr
+    p = run_script("03_ode_distill.py", *args[:8], "--run_name", "no_torchrun", "--fsdp", check=False)
+    assert p.returncode != 0 and "launch with torchrun" in p.stderr.strip().splitlines()[-1]
 
 
 def test_stage2_and_eval(toy_run):

@@ -260,7 +260,8 @@ def test_lpips_loss_has_a_gradient_through_the_decoder(tiny_sd15):
 def test_state_that_cannot_fit_is_refused_up_front():
     """Issue 13: SDXL stage 2 under DDP needs more fp32 state than an 80 GB GPU holds;
     the run stops before its first step with the numbers (on the H100 it ran out of
-    memory at D's first Adam step instead). SDXL stage 1 (G alone) passes."""
+    memory at D's first Adam step instead). SDXL stage 1 (G alone) passes, and so does
+    stage 2 sharded over 2 GPUs with --fsdp."""
     import types
 
     class Params:  # a model's parameter count, without allocating it
@@ -272,6 +273,7 @@ def test_state_that_cannot_fit_is_refused_up_front():
     cuda, h100 = torch.device("cuda", 0), int(79.2 * 2 ** 30)
     G, D = Params(2567.5e6), Params(2567.6e6)  # Table A1's SDXL U-Net; D adds its convs and heads
     C.check_state_fits(cuda, G, total_bytes=h100)  # stage 1: 47.8 GB
-    with pytest.raises(SystemExit, match=r"needs 86\.1 GB \(G with its EMA 47\.8 GB, D 38\.3 GB.*FSDP"):
+    with pytest.raises(SystemExit, match=r"needs 86\.1 GB per process \(G with its EMA 47\.8 GB, D 38\.3 GB.*--fsdp"):
         C.check_state_fits(cuda, G, D, total_bytes=h100)
+    C.check_state_fits(cuda, G, D, total_bytes=h100, shards=2)  # --fsdp over 2 GPUs: 43.0 GB each
     C.check_state_fits(torch.device("cpu"), G, D)  # on CPU there is no check
