@@ -44,9 +44,9 @@ FLAGS = {
 }
 
 STAGE1 = {  # Table A1's stage-1 row per preset (toy: scaled to 2 CPU cores)
-    "toy": dict(steps=1000, batch=64, batch_per_device=64, grad_ckpt=False, optimizer="adam", lr=2e-4, lr_end=2e-5,
-                weight_decay=0.0, attn_weight_decay=0.0, dropout=0.0, ema_start=300, ema_beta=0.995, grid_every=250,
-                ckpt_every=250),
+    "toy": dict(steps=300, batch=64, batch_per_device=64, grad_ckpt=False, optimizer="adam", lr=2e-4, lr_end=2e-5,
+                weight_decay=0.0, attn_weight_decay=0.0, dropout=0.0, ema_start=90, ema_beta=0.995, grid_every=100,
+                ckpt_every=100),
     "cifar10": dict(steps=150_000, batch=512, batch_per_device=512, grad_ckpt=False, optimizer="radam", lr=4e-4, lr_end=4e-4,
                     weight_decay=0.0, attn_weight_decay=0.0, dropout=0.1, ema_start=20_000, ema_beta=0.9999,
                     grid_every=5000, ckpt_every=5000),

@@ -68,7 +68,7 @@ FLAGS = {
 # parted by < 0.5 and FID-toy moved within noise); a constant d_lr 2e-4 and lambda
 # 1.0 (SDXL's) give D enough signal in the toy budget (README, Table 2).
 STAGE2 = {
-    "toy": dict(steps=300, batch=64, batch_per_device=64, grad_ckpt=False, lr=5e-5, lr_end=1e-5, d_lr=2e-4, d_lr_end=2e-4,
+    "toy": dict(steps=300, batch=32, batch_per_device=32, grad_ckpt=False, lr=5e-5, lr_end=1e-5, d_lr=2e-4, d_lr_end=2e-4,
                 lambda_gan=1.0, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.0,0.99", weight_decay=0.0, attn_weight_decay=0.0,
                 ema_start=0, ema_beta=0.99, grid_every=100, ckpt_every=100),
     "sd15": dict(steps=10_000, batch=256, batch_per_device=16, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5,

@@ -43,10 +43,10 @@ PRESETS = {
         family="edm", arch="toy", teacher=os.path.join(REPO, "assets", "toy_teacher.safetensors"),
         resolution=16, channels=3, num_classes=10,
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
-        num_pairs=4096, shard_size=512, batch_per_device=256, pair_dtype="float32",
+        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32",
         # toy LatentLPIPS: a quarter-width VGG16-bn; on a 16x16 space only 2 pools are
         # removed (taps at 16, 16, 8, 4, 2 px), as 3 would cost 2.4x for no gain here
-        lpips_width=0.25, lpips_pools_removed=2, cls_steps=600, cls_batch=64, cls_lr=2e-3,
+        lpips_width=0.25, lpips_pools_removed=2, cls_steps=300, cls_batch=64, cls_lr=2e-3,
         loss="elatent", lpips_augment="bgc+cutout",
     ),
     "cifar10": dict(
