@@ -18,6 +18,7 @@ Table 1 ablation:    python 03_ode_distill.py --loss mse --out_dir runs/toy --ru
 import copy
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -147,7 +148,9 @@ def main(argv=None):
             b = data.get(idx)
             cond = C.student_cond(teacher, b["cond"], device)
             sync = m == accum - 1 or world == 1
-            with C.grad_sync(model, sync), C.autocast(device, cfg["dtype"]):
+            if cfg["fsdp"]:  # gradients are reduced on the step's last micro-batch only (DDP: no_sync)
+                G.set_requires_gradient_sync(sync)
+            with (model.no_sync() if model is not G and not sync else nullcontext()), C.autocast(device, cfg["dtype"]):
                 loss = loss_fn(model(b["z"].to(device), cond, b.get("w")), b["x"].to(device)).mean()  # Eq. 1 / 4
                 (loss / accum).backward()
             total += loss.detach() / accum

@@ -1651,16 +1651,6 @@ def load_full_state(model, sd, opt=None, opt_sd=None):
         set_optimizer_state_dict(model, opt, opt_sd, options=o)
 
 
-def grad_sync(model, sync):
-    """A micro-batch's backward context: gradients are reduced across processes only
-    on the last micro-batch of a step (DDP's no_sync, FSDP's gradient sync flag)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
-    elif not sync and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return nullcontext()
-
-
 def check_state_fits(device, G=None, D=None, total_bytes=None, shards=1):
     """On a GPU, before the first step: the training state that does not shrink with
     the batch, fp32 weights + gradients + Adam (16 B per trainable parameter; G also
