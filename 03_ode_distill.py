@@ -100,8 +100,8 @@ def main(argv=None):
     if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, "checkpoint")
         C.check_resume(ck["config"], cfg, RESUME_KEYS)
-        C.load_full_state(G, ck["model"], opt, ck["opt"])
-        C.load_full_state(ema, ck["ema"])
+        C.load_full_state(G, ck["model"], opt, ck["opt"], what=f"checkpoint '{ckpt_path}'")
+        C.load_full_state(ema, ck["ema"], what=f"checkpoint '{ckpt_path}'")
         step = ck["step"]
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
     model = G  # DDP without a 2nd copy of the grads; FSDP reduces the grads itself

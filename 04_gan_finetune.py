@@ -414,9 +414,8 @@ def main(argv=None):
     if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, "checkpoint")
         C.check_resume(ck["config"], cfg, RESUME_KEYS)
-        C.load_full_state(G, ck["model"], opt_g, ck["opt"])
-        C.load_full_state(D, ck["D"], opt_d, ck["opt_d"])
-        C.load_full_state(ema, ck["ema"])
+        for net, key, opt, opt_key in ((G, "model", opt_g, "opt"), (D, "D", opt_d, "opt_d"), (ema, "ema", None, None)):
+            C.load_full_state(net, ck[key], opt, ck.get(opt_key), what=f"checkpoint '{ckpt_path}'")
         step = ck["step"]
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
     C.print0(f"D: {len(D.heads)} readout heads, z_cond={cfg['z_cond']}, multiscale={cfg['multiscale']}, "

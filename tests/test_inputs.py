@@ -214,3 +214,19 @@ def test_common_holds_only_shared_names():
             users[n].add(script)
     single = {n: sorted(u) for n, u in users.items() if len(u) < 2}
     assert not single, f"common.py names used by fewer than two scripts: {single}"
+
+
+def test_checkpoint_that_does_not_fit_is_refused():
+    """Issue 13: resume goes through full state dicts (DDP and FSDP alike); another
+    model's weights, or an optimiser state keyed the pre-FSDP way, stop the run with
+    one line naming the checkpoint."""
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    sd, osd = C.full_state(m, opt)
+    C.load_full_state(m, sd, opt, osd)  # the round trip loads
+    with pytest.raises(SystemExit, match=r"checkpoint 'x.pt' does not fit this run's Sequential.*size mismatch"):
+        C.load_full_state(m, dict(sd, **{"0.weight": torch.zeros(5, 5)}), what="checkpoint 'x.pt'")
+    with pytest.raises(SystemExit, match=r"or its optimiser \(KeyError"):
+        C.load_full_state(m, sd, opt, opt.state_dict())  # keyed by index, as before issue 13
