@@ -1646,11 +1646,10 @@ def load_full_state(model, sd, opt=None, opt_sd=None, what="checkpoint"):
     """full_state's inverse: every rank loads the full dicts and keeps its shard. A
     dict of another model (or an optimiser state keyed the pre-FSDP way) stops the run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    o = StateDictOptions(full_state_dict=True)
     try:
-        set_model_state_dict(model, sd, options=o)
-        if opt is not None:
-            set_optimizer_state_dict(model, opt, opt_sd, options=o)
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+        if opt is not None:  # not strict: parameters that never had a gradient (D's unused output layers) have no state
+            set_optimizer_state_dict(model, opt, opt_sd, options=StateDictOptions(full_state_dict=True, strict=False))
     except (RuntimeError, KeyError, ValueError) as e:
         fail(f"{what} does not fit this run's {type(model).__name__} or its optimiser ({type(e).__name__}: "
              f"{str(e).strip()[:300]}); start a new --run_name")
