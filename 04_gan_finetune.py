@@ -296,8 +296,7 @@ def sync_grads(model, bucket_mb=256):
     ~bucket_mb keep the extra memory small (one flat copy of all gradients
     would cost 3.4 GB for SD1.5 and 10 GB for SDXL)."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule
-    if not dist.is_initialized() or isinstance(model, FSDPModule):  # FSDP reduced them in backward
+    if not dist.is_initialized():
         return
     params = [p for p in model.parameters() if p.grad is not None]
     while params:
@@ -495,7 +494,8 @@ def main(argv=None):
         for name, v in zip(("loss_g", "loss_d", "r1"), (stats[0], stats[2], stats[5])):
             C.finite_or_stop(v, step, ckpt_path, name)
         for model, opt in ((D, opt_d), (G, opt_g)):
-            sync_grads(model)
+            if not cfg["fsdp"]:  # FSDP reduce-scattered them in backward
+                sync_grads(model)
             if cfg["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()

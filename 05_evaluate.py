@@ -308,7 +308,7 @@ def toy_classifier(cfg, eval_dir, device):
 def teacher_cache(cfg, teacher, seeds, device, world):
     """The teacher's samples depend only on what made them: teacher, solver, guidance,
     seeds, dtype, device type, batch and ranks (batching changes float rounding). They
-    are solved once (2000 x 35 NFE for the toy) and read back by later evaluations.
+    are solved once (1000 x 35 NFE for the toy) and read back by later evaluations.
     Returns (path, the cached dict or None)."""
     key = dict(teacher=teacher.teacher_id, solver=teacher.solver_name(), guidance=cfg["guidance"], seed0=seeds[0],
                n=len(seeds), dtype=cfg["dtype"], device=device.type, batch=cfg["batch_per_device"], world=world,
