@@ -1589,13 +1589,16 @@ class StepTimer:
     def report(self, cfg, world, models, keys):
         kept = self.times[self.warmup:] or self.times
         step_s = float(np.median(kept))
-        if self.device.type == "cuda":
+        held = None  # on a GPU: what stays allocated between steps (weights, Adam, EMA, frozen nets); peak - held
+        if self.device.type == "cuda":  # is then what one step adds (gradients, activations, gathered FSDP units)
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            held = round(torch.cuda.memory_allocated(self.device) / 2 ** 30, 2)
         else:  # CPU: the process's peak resident memory
             import resource
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        out = dict(peak_gb=round(peak, 2), step_s=round(step_s, 4), img_s_per_device=round(cfg["batch"] / world / step_s, 2),
-                   img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=len(kept), world=world, device=str(self.device),
+        out = dict(peak_gb=round(peak, 2), held_gb=held, step_s=round(step_s, 4), img_s_per_device=round(cfg["batch"] / world / step_s, 2),
+                   img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=len(kept), world=world, fsdp=cfg.get("fsdp", False),
+                   device=str(self.device),
                    gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                    params_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for k, m in models.items()},
                    **{k: cfg[k] for k in keys})
@@ -1613,9 +1616,11 @@ def enable_grad_ckpt(net):
 
 
 def fsdp_shard(model, device):
-    """--fsdp: PyTorch's FSDP2 (fully_shard) over the torchrun processes. Each U-Net
-    block is one unit, all-gathered for its forward and backward and sharded again
-    after; the root unit holds the rest. Backward reduce-scatters the gradients, so
+    """--fsdp: PyTorch's FSDP2 (fully_shard) over the torchrun processes. Each resnet
+    and transformer of a U-Net block is one unit, all-gathered for its forward and
+    backward and sharded again after; each block's unit holds its up/down-samplers,
+    the root unit the rest. (Whole blocks as units would gather 1.2B parameters at
+    once for SDXL's first up block, 4.8 GB in fp32; its largest unit is now 351M.) Backward reduce-scatters the gradients, so
     no DDP or hand all-reduce runs on a sharded model. Parameters stay fp32 (autocast
     computes in bf16), as in a DDP run; state dicts go through full_state."""
     import torch.distributed as dist
@@ -1626,9 +1631,10 @@ def fsdp_shard(model, device):
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     unet = next((m for m in model.modules() if hasattr(m, "down_blocks")), None)  # a diffusers U-Net
     blocks = [b for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None] if unet is not None else []
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    print0(f"FSDP2: {type(model).__name__} in {len(blocks) + 1} units, sharded over {dist.get_world_size()} processes")
+    units = [m for b in blocks for part in ("resnets", "attentions") for m in (getattr(b, part, None) or [])] + blocks
+    for m in units:  # inner units first: a unit holds what its inner units do not
+        fully_shard(m, mesh=mesh)
+    print0(f"FSDP2: {type(model).__name__} in {len(units) + 1} units, sharded over {dist.get_world_size()} processes")
     return fully_shard(model, mesh=mesh)
 
 
