@@ -1638,13 +1638,22 @@ def fsdp_shard(model, device):
     return fully_shard(model, mesh=mesh)
 
 
+def resharded(model):
+    """Under --fsdp a forward without backward (grids, the held-out batch) leaves the
+    root unit's parameters gathered, as plain tensors among the sharded ones; the EMA
+    update and the state-dict calls need them sharded again. No-op otherwise."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+    return model
+
+
 def full_state(model, opt=None):
     """The model's (and its optimiser's) full state dicts on CPU, the same for a
     plain, DDP or FSDP model, so a checkpoint resumes under any of them. Collective
     under FSDP: every rank calls it; rank 0 gets the state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = get_model_state_dict(model, options=o)
+    sd = get_model_state_dict(resharded(model), options=o)
     return sd if opt is None else (sd, get_optimizer_state_dict(model, opt, options=o))
 
 
@@ -1653,7 +1662,7 @@ def load_full_state(model, sd, opt=None, opt_sd=None, what="checkpoint"):
     dict of another model (or an optimiser state keyed the pre-FSDP way) stops the run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     try:
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(resharded(model), sd, options=StateDictOptions(full_state_dict=True))
         if opt is not None:  # not strict: parameters that never had a gradient (D's unused output layers) have no state
             set_optimizer_state_dict(model, opt, opt_sd, options=StateDictOptions(full_state_dict=True, strict=False))
     except (RuntimeError, KeyError, ValueError) as e:
@@ -1712,7 +1721,7 @@ def lr_at(step, steps, lr, lr_end):
 @torch.no_grad()
 def update_ema(ema, model, beta):
     """EMA of the weights; buffers are copied."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
+    for pe, p in zip(resharded(ema).parameters(), resharded(model).parameters()):
         pe.lerp_(p.detach(), 1 - beta)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)

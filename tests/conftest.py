@@ -60,7 +60,12 @@ def _subprocess(name, args, env, torchrun):
                os.path.join(REPO, name), *map(str, args)]
     e = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
     e.update(env or {})
-    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO)
+    limit = float(os.environ.get("D2G_SUBPROCESS_TIMEOUT", 0)) or None  # a hang then fails with what it printed
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO, timeout=limit)
+    except subprocess.TimeoutExpired as t:
+        text = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else b) or ""
+        return subprocess.CompletedProcess(cmd, 124, text(t.stdout), text(t.stderr) + f"\ntimed out after {limit} s")
 
 
 @pytest.fixture(scope="session")

@@ -66,9 +66,11 @@ def test_stage1_ddp_and_fsdp_equal_single_process(toy_run):
             "--grid_every", 100]
     run_script("03_ode_distill.py", *args, "--run_name", "one")
     run_script("03_ode_distill.py", *args, "--run_name", "two", torchrun=2)
-    p = run_script("03_ode_distill.py", *args, "--run_name", "fsdp", "--fsdp", "--max_steps_this_run", 2, torchrun=2)
+    # a grid every step: the EMA's no-grad forward leaves FSDP's root unit gathered, and the EMA update must still work
+    fsdp = [*args, "--run_name", "fsdp", "--fsdp", "--grid_every", 1]
+    p = run_script("03_ode_distill.py", *fsdp, "--max_steps_this_run", 2, torchrun=2)
     assert "FSDP2: Student in 23 units, sharded over 2 processes" in p.stdout
-    p = run_script("03_ode_distill.py", *args, "--run_name", "fsdp", "--fsdp", "--resume", torchrun=2)
+    p = run_script("03_ode_distill.py", *fsdp, "--resume", torchrun=2)
     assert "resumed from" in p.stdout and "at step 2" in p.stdout
     loss = {r: [json.loads(l)["loss"] for l in open(toy_run / r / "metrics.jsonl")] for r in ("one", "two", "fsdp")}
     print(loss)
@@ -136,7 +138,7 @@ def test_stage2_resume_is_exact_and_seeded(toy_run):
 def test_stage2_ddp_and_fsdp_equal_single_process(toy_run):
     """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes, with
     D's gradients all-reduced by hand (DDP) or G and D sharded (FSDP2, issue 13, with
-    gradient checkpointing), so
+    gradient checkpointing, stopped and resumed), so
     both ranks must also start from the same D (its readout heads are random). R1 is
     off: it takes one sample per device, and FSDP refuses it."""
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
@@ -145,8 +147,13 @@ def test_stage2_ddp_and_fsdp_equal_single_process(toy_run):
     run_script("04_gan_finetune.py", *args, "--run_name", "gan_one")
     run_script("04_gan_finetune.py", *args, "--run_name", "gan_two", torchrun=2)
     # with gradient checkpointing too: FSDP's gathers then also run inside the recomputation
-    p = run_script("04_gan_finetune.py", *args, "--run_name", "gan_fsdp", "--fsdp", "--grad_ckpt", torchrun=2)
+    # stopped after 2 steps and resumed (G's no-grad forward for the grid's "stage 1" row comes before the resume),
+    # with a grid every step
+    fsdp = [*args, "--run_name", "gan_fsdp", "--fsdp", "--grad_ckpt", "--grid_every", 1]
+    p = run_script("04_gan_finetune.py", *fsdp, "--max_steps_this_run", 2, torchrun=2)
     assert "FSDP2: Discriminator in 23 units, sharded over 2 processes" in p.stdout
+    p = run_script("04_gan_finetune.py", *fsdp, "--resume", torchrun=2)
+    assert "resumed from" in p.stdout and "at step 2" in p.stdout
     logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in ("gan_one", "gan_two", "gan_fsdp")}
     print({r: [l["loss_d"] for l in v] for r, v in logs.items()})
     for r in ("gan_two", "gan_fsdp"):
