@@ -74,14 +74,15 @@ STAGE2 = {
     "sd15": dict(steps=10_000, batch=256, batch_per_device=16, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5,
                  lambda_gan=0.25, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.9,0.999", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
-    "sdxl": dict(steps=30_000, batch=512, batch_per_device=1, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5, lambda_gan=1.0,
+    "sdxl": dict(steps=30_000, batch=512, batch_per_device=4, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5, lambda_gan=1.0,
                  r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
 STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
 # micro-batches (H100-measured, README "Before booking a cluster"): SD1.5 at the paper's 16 per GPU needs gradient
 # checkpointing (51.7 GB; without it D's forward runs out of memory). SDXL does not fit one 80 GB GPU under DDP at
-# any micro-batch (92.5 GB of model state): it needs --fsdp over several GPUs (its Table A1 row has no R1).
+# any micro-batch (92.5 GB of model state): it needs --fsdp over 2 or more GPUs (its Table A1 row has no R1); at
+# the paper's 4 per GPU one H200 peaked at 91.0 GB unsharded, 69.5 of them state that --fsdp divides by the GPUs.
 # settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
