@@ -218,16 +218,26 @@ def r1_penalty(D, x, z, cond, weight=None):
     Attention runs on the math kernel here: fused kernels have no double backward.
     With `weight`, weight * R1 is also backpropagated under the same kernel (a
     gradient-checkpointed D recomputes its blocks then, and must match) and the
-    detached value is returned."""
+    detached value is returned. Under --fsdp (which needs `weight`), D's units stay
+    gathered from the first backward to the second, which needs the same weights;
+    by default FSDP2 frees them after the first."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    units = [m for m in D.modules() if hasattr(m, "set_reshard_after_backward")] if weight is not None else []
+    for u in units:
+        u.set_reshard_after_backward(False)
     x = x.detach().requires_grad_(True)
-    with sdpa_kernel(SDPBackend.MATH):
-        score = d_score(D(x, z, cond)).sum()
-        (g,) = torch.autograd.grad(score, x, create_graph=True)
-        r1 = g.pow(2).sum((1, 2, 3)).mean()
-        if weight is None:
-            return r1
-        (weight * r1).backward()
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            score = d_score(D(x, z, cond)).sum()
+            (g,) = torch.autograd.grad(score, x, create_graph=True)
+            r1 = g.pow(2).sum((1, 2, 3)).mean()
+            if weight is None:
+                return r1
+            (weight * r1).backward()
+    finally:
+        for u in units:  # back to FSDP2's default, and sharded again
+            u.set_reshard_after_backward(True)
+            u.reshard()
     return r1.detach()
 
 
@@ -352,9 +362,6 @@ def get_config(argv=None):
 def validate(cfg):
     """Every file this stage reads, before any work (the flags' types checked the values;
     training_setup checks the batch split before it builds anything)."""
-    if cfg["fsdp"] and cfg["r1_gamma"] > 0:
-        C.fail(f"--fsdp with R1 (--r1_gamma {cfg['r1_gamma']}): R1's double backward (create_graph=True) through a "
-               f"sharded D fails in torch's FSDP2; train with --r1_gamma 0 (Table A1: SDXL uses no R1) or without --fsdp")
     if cfg["benchmark_steps"] or cfg["export"]:
         return
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")

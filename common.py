@@ -1619,10 +1619,11 @@ def fsdp_shard(model, device):
     """--fsdp: PyTorch's FSDP2 (fully_shard) over the torchrun processes. Each resnet
     and transformer of a U-Net block is one unit, all-gathered for its forward and
     backward and sharded again after; each block's unit holds its up/down-samplers,
-    the root unit the rest. (Whole blocks as units would gather 1.2B parameters at
-    once for SDXL's first up block, 4.8 GB in fp32; its largest unit is now 351M.) Backward reduce-scatters the gradients, so
-    no DDP or hand all-reduce runs on a sharded model. Parameters stay fp32 (autocast
-    computes in bf16), as in a DDP run; state dicts go through full_state."""
+    the root unit the rest. (Whole blocks as units would gather SDXL's first up block,
+    1.2B parameters, 4.8 GB in fp32, at once; its largest unit is now 351M.) Backward
+    reduce-scatters the gradients, so no DDP or hand all-reduce runs on a sharded
+    model. Parameters stay fp32 (autocast computes in bf16), as in a DDP run; state
+    dicts go through full_state."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -13,7 +13,7 @@ python -c "import torch, diffusers, transformers, kornia; print('torch', torch._
 
 echo "== 1. python -m pytest -q -m gpu"
 t0=$SECONDS
-timeout ${PYTEST_LIMIT:-360} python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest_gpu.log" 2>&1
+timeout ${PYTEST_LIMIT:-540} python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest -m gpu: exit $? in $((SECONDS - t0)) s"
 grep -E "passed|failed|error|Eq. 8|export on CUDA|'speedup'" "$OUT/pytest_gpu.log" | cut -c1-400 | tail -14
 

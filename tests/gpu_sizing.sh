@@ -8,7 +8,7 @@ set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 N=${N:-5}
-ROWS=${ROWS:-"sd15_s1_b32 sd15_s2_b16 sd15_s2_b16_ckpt sd15_s2_b8 sd15_pairs sdxl_s1_b8_ckpt sdxl_s2_b4_ckpt sd15_s2_b16_fsdp1 sdxl_s2_b4_fsdp1 sdxl_s2_b4_fsdp"}
+ROWS=${ROWS:-"sd15_s1_b32 sd15_s2_b16 sd15_s2_b16_ckpt sd15_s2_b8 sd15_pairs sdxl_s1_b8_ckpt sdxl_s2_b4_ckpt sd15_s2_b16_fsdp1 sd15_s2_b16_fsdp1_r1 sdxl_s2_b4_fsdp1 sdxl_s2_b4_fsdp"}
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 TR="torchrun --standalone --nproc_per_node"
 printf 'a photo of a cat\na red car on a street\n' > /tmp/prompts.txt
@@ -29,10 +29,12 @@ run sd15_s2_b8 180 python 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 
 run sd15_pairs 150 python 01_make_pairs.py $SD15 --benchmark --batch_per_device 16 --num_steps 50 --prompts /tmp/prompts.txt --cycle_prompts
 run sdxl_s1_b8_ckpt 240 python 03_ode_distill.py $SDXL --benchmark_steps $N --batch 8 --batch_per_device 8 --grad_ckpt
 run sdxl_s2_b4_ckpt 180 python 04_gan_finetune.py $SDXL --benchmark_steps $N --batch 4 --batch_per_device 4 --grad_ckpt
-# --fsdp (no R1: FSDP2 refuses its double backward): on one GPU it only shows that the sharded path runs;
+# --fsdp: on one GPU it only shows that the sharded path runs (sd15_s2_b16_fsdp1 was measured without R1, when
+# --fsdp refused it; sd15_s2_b16_fsdp1_r1 has it every 2 steps);
 # SDXL stage 2 needs 2 or more 80 GB GPUs (model state 92.5 GB / NGPU), or one GPU with more memory (an H200):
 # there its held_gb and peak_gb give the per-GPU arithmetic for N GPUs (README)
 run sd15_s2_b16_fsdp1 150 $TR=1 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --grad_ckpt --r1_gamma 0 --fsdp
+run sd15_s2_b16_fsdp1_r1 150 $TR=1 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --grad_ckpt --r1_every 2 --fsdp
 GPU_GB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
 if [ "${GPU_GB:-0}" -ge 120000 ]; then
   run sdxl_s2_b4_fsdp1 300 $TR=1 04_gan_finetune.py $SDXL --benchmark_steps $N --batch 4 --batch_per_device 4 --grad_ckpt --fsdp

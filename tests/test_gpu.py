@@ -142,8 +142,8 @@ def test_torchrun_nccl_stage1_and_stage2(tmp_path):
     s1, s2 = logs(tmp_path / "distill" / "metrics.jsonl"), logs(tmp_path / "gan" / "metrics.jsonl")
     assert len(s1) == 6 and finite(*[l["loss"] for l in s1])
     assert [l["step"] for l in s2 if l["r1"] is not None] == [0, 2] and all(finite(l["loss_d"], l["loss_g"]) for l in s2)
-    # issue 13: the same under --fsdp (FSDP2 on NCCL; R1 is refused with it), resumed from its own checkpoint
-    for script, run_name, extra in (("03_ode_distill.py", "distill_fsdp", []), ("04_gan_finetune.py", "gan_fsdp", ["--r1_gamma", 0])):
+    # issue 13: the same under --fsdp (FSDP2 on NCCL; R1 with D kept gathered), resumed from its own checkpoint
+    for script, run_name, extra in (("03_ode_distill.py", "distill_fsdp", []), ("04_gan_finetune.py", "gan_fsdp", ["--r1_every", 1])):
         for more in ([], ["--resume"]):
             p = run_script(script, "--out_dir", tmp_path, "--run_name", run_name, "--steps", 4, "--max_steps_this_run", 2,
                            "--batch", 16, "--batch_per_device", 8, *extra, *more, "--fsdp", "--lpips_ckpt", tmp_path / "lp.pt",
@@ -151,6 +151,7 @@ def test_torchrun_nccl_stage1_and_stage2(tmp_path):
             assert "backend nccl" in p.stdout and "FSDP2:" in p.stdout, p.stdout[-500:]
         log = logs(tmp_path / run_name / "metrics.jsonl")
         assert [l["step"] for l in log] == [0, 1, 2, 3] and (tmp_path / run_name / "grid_000004.png").exists()
+        assert script.startswith("03") or all(l["r1"] is not None and finite(l["r1"]) and l["r1"] > 0 for l in log)
 
 
 def test_speed_benchmark_small(tiny_sd15, tmp_path):

@@ -140,7 +140,7 @@ def test_stage2_ddp_and_fsdp_equal_single_process(toy_run):
     D's gradients all-reduced by hand (DDP) or G and D sharded (FSDP2, issue 13, with
     gradient checkpointing, stopped and resumed), so
     both ranks must also start from the same D (its readout heads are random). R1 is
-    off: it takes one sample per device, and FSDP refuses it."""
+    off there (it takes one real sample per device); FSDP with R1 is compared with DDP."""
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
     args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 2, "--r1_gamma", 0, "--log_every", 1,
             "--ckpt_every", 100, "--grid_every", 100]
@@ -162,8 +162,18 @@ def test_stage2_ddp_and_fsdp_equal_single_process(toy_run):
             assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(logs["gan_one"], logs[r])) < 1e-3, (r, key)
     a, b = weights(toy_run / "gan_two" / "ckpt_latest.pt"), weights(toy_run / "gan_fsdp" / "ckpt_latest.pt")
     close_weights(a, b, ("model", "ema", "D"), 1e-3)
-    p = run_script("04_gan_finetune.py", *args, "--run_name", "gan_r1", "--fsdp", "--r1_gamma", 0.01, check=False)
-    assert p.returncode != 0 and "--fsdp with R1" in p.stderr and "Traceback" not in p.stderr
+    # R1 (one real sample per process, so not comparable with one process): FSDP keeps D gathered through its
+    # double backward and must equal DDP
+    r1 = [*args[:2], "--steps", 2, *args[4:8], "--r1_gamma", 0.01, "--r1_every", 1, *args[10:]]
+    run_script("04_gan_finetune.py", *r1, "--run_name", "gan_two_r1", torchrun=2)
+    run_script("04_gan_finetune.py", *r1, "--run_name", "gan_fsdp_r1", "--fsdp", "--grad_ckpt", torchrun=2)
+    la, lb = ([json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in ("gan_two_r1", "gan_fsdp_r1"))
+    print("R1, DDP:", [l["r1"] for l in la], "FSDP:", [l["r1"] for l in lb])
+    assert len(la) == len(lb) == 2 and all(l["r1"] > 0 for l in la)
+    for key in ("loss_d", "loss_g", "r1"):
+        assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-6) for x, y in zip(la, lb)) < 1e-3, key
+    close_weights(weights(toy_run / "gan_two_r1" / "ckpt_latest.pt"), weights(toy_run / "gan_fsdp_r1" / "ckpt_latest.pt"),
+                  ("model", "ema", "D"), 1e-3)
     p = run_script("03_ode_distill.py", *args[:8], "--run_name", "no_torchrun", "--fsdp", check=False)
     assert p.returncode != 0 and "launch with torchrun" in p.stderr.strip().splitlines()[-1]
 

@@ -203,6 +203,7 @@ def test_sizing_mode_reports_on_a_tiny_config(script, tiny_sd15, tmp_path):
                    "--batch_per_device", 2, "--lpips_width", 0.125, "--benchmark_steps", 4, "--grad_ckpt", *extra)
     rep = json.loads(p.stdout.split("benchmark: ")[-1].splitlines()[0])
     assert rep["peak_gb"] > 0 and rep["step_s"] > 0 and rep["steps_timed"] == 2 and rep["grad_ckpt"] is True
+    assert rep["held_gb"] is None and rep["fsdp"] is False  # held_gb: GPU only (memory allocated between steps)
     assert rep["img_s_total"] == pytest.approx(4 / rep["step_s"], rel=0.01) and rep["batch_per_device"] == 2
     assert rep["params_m"]["G"] > 0 and (script.startswith("03") or rep["params_m"]["D"] > 0)
     assert not (tmp_path / ("distill" if script.startswith("03") else "gan")).exists()  # nothing written
