@@ -136,44 +136,33 @@ def test_stage2_resume_is_exact_and_seeded(toy_run):
 
 
 def test_stage2_ddp_and_fsdp_equal_single_process(toy_run):
-    """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes, with
-    D's gradients all-reduced by hand (DDP) or G and D sharded (FSDP2, issue 13, with
-    gradient checkpointing, stopped and resumed), so
-    both ranks must also start from the same D (its readout heads are random). R1 is
-    off there (it takes one real sample per device); FSDP with R1 is compared with DDP."""
+    """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes x 2, with
+    D's gradients all-reduced by hand (DDP), so both ranks must also start from the
+    same D (its readout heads are random). R1 takes one real sample per device, so
+    that comparison runs without it. Then FSDP2 (issue 13) against DDP, both with R1
+    every step: FSDP keeps D gathered through R1's double backward. The FSDP run has
+    gradient checkpointing and a grid every step, and stops after 1 step and resumes
+    (G's no-grad forward for the grid's "stage 1" row comes before the resume)."""
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
-    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 2, "--r1_gamma", 0, "--log_every", 1,
+    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 2, "--log_every", 1,
             "--ckpt_every", 100, "--grid_every", 100]
-    run_script("04_gan_finetune.py", *args, "--run_name", "gan_one")
-    run_script("04_gan_finetune.py", *args, "--run_name", "gan_two", torchrun=2)
-    # with gradient checkpointing too: FSDP's gathers then also run inside the recomputation
-    # stopped after 2 steps and resumed (G's no-grad forward for the grid's "stage 1" row comes before the resume),
-    # with a grid every step
-    fsdp = [*args, "--run_name", "gan_fsdp", "--fsdp", "--grad_ckpt", "--grid_every", 1]
-    p = run_script("04_gan_finetune.py", *fsdp, "--max_steps_this_run", 2, torchrun=2)
+    run_script("04_gan_finetune.py", *args, "--r1_gamma", 0, "--run_name", "gan_one")
+    run_script("04_gan_finetune.py", *args, "--r1_gamma", 0, "--run_name", "gan_two", torchrun=2)
+    r1 = [*args, "--r1_gamma", 0.01, "--r1_every", 1, "--steps", 2]
+    run_script("04_gan_finetune.py", *r1, "--run_name", "gan_two_r1", torchrun=2)
+    fsdp = [*r1, "--run_name", "gan_fsdp_r1", "--fsdp", "--grad_ckpt", "--grid_every", 1]
+    p = run_script("04_gan_finetune.py", *fsdp, "--max_steps_this_run", 1, torchrun=2)
     assert "FSDP2: Discriminator in 23 units, sharded over 2 processes" in p.stdout
     p = run_script("04_gan_finetune.py", *fsdp, "--resume", torchrun=2)
-    assert "resumed from" in p.stdout and "at step 2" in p.stdout
-    logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in ("gan_one", "gan_two", "gan_fsdp")}
-    print({r: [l["loss_d"] for l in v] for r, v in logs.items()})
-    for r in ("gan_two", "gan_fsdp"):
-        assert len(logs[r]) == 4, r
-        for key in ("loss_d", "loss_g", "logit_real", "logit_fake"):
-            assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(logs["gan_one"], logs[r])) < 1e-3, (r, key)
-    a, b = weights(toy_run / "gan_two" / "ckpt_latest.pt"), weights(toy_run / "gan_fsdp" / "ckpt_latest.pt")
-    close_weights(a, b, ("model", "ema", "D"), 1e-3)
-    # R1 (one real sample per process, so not comparable with one process): FSDP keeps D gathered through its
-    # double backward and must equal DDP
-    r1 = [*args[:2], "--steps", 2, *args[4:8], "--r1_gamma", 0.01, "--r1_every", 1, *args[10:]]
-    run_script("04_gan_finetune.py", *r1, "--run_name", "gan_two_r1", torchrun=2)
-    run_script("04_gan_finetune.py", *r1, "--run_name", "gan_fsdp_r1", "--fsdp", "--grad_ckpt", torchrun=2)
-    la, lb = ([json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in ("gan_two_r1", "gan_fsdp_r1"))
-    print("R1, DDP:", [l["r1"] for l in la], "FSDP:", [l["r1"] for l in lb])
-    assert len(la) == len(lb) == 2 and all(l["r1"] > 0 for l in la)
-    for key in ("loss_d", "loss_g", "r1"):
-        assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-6) for x, y in zip(la, lb)) < 1e-3, key
-    close_weights(weights(toy_run / "gan_two_r1" / "ckpt_latest.pt"), weights(toy_run / "gan_fsdp_r1" / "ckpt_latest.pt"),
-                  ("model", "ema", "D"), 1e-3)
+    assert "resumed from" in p.stdout and "at step 1" in p.stdout
+    logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in ("gan_one", "gan_two", "gan_two_r1", "gan_fsdp_r1")}
+    print({r: [(l["loss_d"], l["r1"]) for l in v] for r, v in logs.items()})
+    assert all(l["r1"] > 0 for l in logs["gan_two_r1"])
+    for a, b, steps, keys in (("gan_one", "gan_two", 4, ()), ("gan_two_r1", "gan_fsdp_r1", 2, ("r1",))):
+        assert len(logs[a]) == len(logs[b]) == steps, b
+        for key in ("loss_d", "loss_g", "logit_real", "logit_fake", *keys):
+            assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(logs[a], logs[b])) < 1e-3, (b, key)
+        close_weights(weights(toy_run / a / "ckpt_latest.pt"), weights(toy_run / b / "ckpt_latest.pt"), ("model", "ema", "D"), 1e-3)
     p = run_script("03_ode_distill.py", *args[:8], "--run_name", "no_torchrun", "--fsdp", check=False)
     assert p.returncode != 0 and "launch with torchrun" in p.stderr.strip().splitlines()[-1]
 
