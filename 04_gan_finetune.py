@@ -81,8 +81,8 @@ STAGE2 = {
 STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
 # micro-batches (H100-measured, README "Before booking a cluster"): SD1.5 at the paper's 16 per GPU needs gradient
 # checkpointing (51.7 GB; without it D's forward runs out of memory). SDXL does not fit one 80 GB GPU under DDP at
-# any micro-batch (92.5 GB of model state): it needs --fsdp over 2 or more GPUs (its Table A1 row has no R1); at
-# the paper's 4 per GPU one H200 peaked at 91.0 GB unsharded, 69.5 of them state that --fsdp divides by the GPUs.
+# any micro-batch (92.5 GB of model state): it needs --fsdp over 2 or more GPUs. At the paper's 4 per GPU, one
+# H200 (--fsdp over one process) peaked at 91.0 GB, 86.1 of it state that --fsdp divides by the number of GPUs.
 # settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
