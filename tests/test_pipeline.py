@@ -60,18 +60,15 @@ def close_weights(a, b, parts, tol):
 
 def test_stage1_ddp_and_fsdp_equal_single_process(toy_run):
     """Same global batch (8): 1 process x 4 accumulation steps vs 2 processes x 2, under
-    DDP and under FSDP2 (issue 13), the FSDP run stopped after 2 steps and resumed from
-    its own checkpoint; the FSDP checkpoint is the same full state dict."""
+    DDP and under FSDP2 (issue 13); the FSDP checkpoint is the same full state dict."""
     args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 2, "--log_every", 1, "--ckpt_every", 100,
             "--grid_every", 100]
     run_script("03_ode_distill.py", *args, "--run_name", "one")
     run_script("03_ode_distill.py", *args, "--run_name", "two", torchrun=2)
-    # a grid every step: the EMA's no-grad forward leaves FSDP's root unit gathered, and the EMA update must still work
-    fsdp = [*args, "--run_name", "fsdp", "--fsdp", "--grid_every", 1]
-    p = run_script("03_ode_distill.py", *fsdp, "--max_steps_this_run", 2, torchrun=2)
+    # a grid every step: the EMA's no-grad forward leaves FSDP's root unit gathered, and the EMA update must still
+    # work (an FSDP stop and resume: the stage-2 test)
+    p = run_script("03_ode_distill.py", *args, "--run_name", "fsdp", "--fsdp", "--grid_every", 1, torchrun=2)
     assert "FSDP2: Student in 23 units, sharded over 2 processes" in p.stdout
-    p = run_script("03_ode_distill.py", *fsdp, "--resume", torchrun=2)
-    assert "resumed from" in p.stdout and "at step 2" in p.stdout
     loss = {r: [json.loads(l)["loss"] for l in open(toy_run / r / "metrics.jsonl")] for r in ("one", "two", "fsdp")}
     print(loss)
     for r in ("two", "fsdp"):
