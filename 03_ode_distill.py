@@ -175,7 +175,7 @@ def main(argv=None):
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
             grid(step + 1)
     if bench:
-        timer.report(cfg, world, dict(G=G), ("preset", "batch_per_device", "dtype", "grad_ckpt", "loss", "lpips_augment"))
+        timer.report(cfg, world, dict(G=G), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"))
     elif viewer and end == cfg["steps"]:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

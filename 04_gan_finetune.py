@@ -528,7 +528,7 @@ def main(argv=None):
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
             grid(step + 1)
     if bench:
-        timer.report(cfg, world, dict(G=G, D=D), ("preset", "batch_per_device", "dtype", "grad_ckpt", "loss", "lpips_augment",
+        timer.report(cfg, world, dict(G=G, D=D), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment",
                                                   "z_cond", "multiscale", "r1_gamma", "r1_every", "mix_match", "noise_aug"))
     elif viewer and end == cfg["steps"]:
         with torch.no_grad():

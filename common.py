@@ -1597,8 +1597,7 @@ class StepTimer:
             import resource
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         out = dict(peak_gb=round(peak, 2), held_gb=held, step_s=round(step_s, 4), img_s_per_device=round(cfg["batch"] / world / step_s, 2),
-                   img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=len(kept), world=world, fsdp=cfg.get("fsdp", False),
-                   device=str(self.device),
+                   img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=len(kept), world=world, device=str(self.device),
                    gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
                    params_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for k, m in models.items()},
                    **{k: cfg[k] for k in keys})
@@ -1721,8 +1720,9 @@ def lr_at(step, steps, lr, lr_end):
 
 @torch.no_grad()
 def update_ema(ema, model, beta):
-    """EMA of the weights; buffers are copied."""
-    for pe, p in zip(resharded(ema).parameters(), resharded(model).parameters()):
+    """EMA of the weights; buffers are copied. (Under --fsdp only the EMA can be left
+    gathered here, by a grid's forward; the trained model was resharded by its backward.)"""
+    for pe, p in zip(resharded(ema).parameters(), model.parameters()):
         pe.lerp_(p.detach(), 1 - beta)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
