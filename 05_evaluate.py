@@ -18,7 +18,7 @@ Output: <out_dir>/eval/{metrics.json, results.md, compare.png, diversity.png}
 Toy (CPU, ~1 min):   python 05_evaluate.py
 Extra rows:          python 05_evaluate.py --students "mse=runs/toy/distill_mse/student_ema.pt,latent=..."
 SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 05_evaluate.py --preset sd15 --coco /data/coco2014 --num_samples 30000
-Speed (Fig. 3):      python 05_evaluate.py --preset sd15 --speed      (random-weight SD1.5 shapes when no checkpoint)
+Speed (Fig. 3):      python 05_evaluate.py --preset sd15 --speed      (without --teacher: the preset's U-Net, random weights)
 """
 import hashlib
 import json
@@ -485,40 +485,28 @@ def markdown_table(rows):
 
 
 @torch.no_grad()
-def benchmark_speed(cfg, device):
+def benchmark_speed(cfg, device, teacher_given):
     """Fig. 3: one-step student vs the teacher's full solver on the same device.
-    With --teacher DIR it times that teacher; otherwise random-weight SD1.5 shapes
-    (U-Net 860M, CLIP ViT-L text encoder), for benchmarking only. Reports time
-    per image, the achieved ratio, and that ratio over the ideal ratio from
-    per-call U-Net times (1.0 = no overhead). (Fig. 4's loss benchmark: 02 --speed.)"""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    It times --teacher (a diffusers folder or hub id) when given; otherwise the
+    preset's real architecture with random weights (--teacher random), for
+    benchmarking only. Reports time per image, the achieved ratio, and that ratio
+    over the ideal ratio from per-call U-Net times (1.0 = no overhead). (Fig. 4's
+    loss benchmark: 02 --speed.)"""
     steps = cfg.get("speed_steps") or cfg["num_steps"]
     if cfg["family"] != "ldm":
         C.fail("--speed measures the SD1.5/SDXL student vs DDIM teacher; use --preset sd15 or sdxl")
-    if cfg.get("teacher") and os.path.isdir(cfg["teacher"]):
-        teacher = C.LDMTeacher(dict(cfg, num_steps=steps), device, load_vae=False)
-        unet, latent, sched = teacher.unet, teacher.z_shape, teacher.scheduler
-        encode, uncond = (lambda n: teacher.encode_prompts(["a photo"] * n)), teacher.encode_uncond
-    else:
-        torch.manual_seed(0)
-        dtype = getattr(torch, cfg["dtype"])
-        arch = C.SD_ARCH["sd15"]
-        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **arch["unet"]).to(device, dtype).eval()
-        te = CLIPTextModel(CLIPTextConfig(max_position_embeddings=77, **arch["text"][0])).to(device, dtype).eval()
-        ids = torch.zeros(1, 77, dtype=torch.long, device=device)
-        encode = uncond = lambda n: dict(encoder_hidden_states=te(ids.repeat(n, 1))[0])
-        latent = (4, 64, 64)
-        sched = C.sd_ddim_scheduler()
-        sched.set_timesteps(steps)
+    teacher = C.LDMTeacher(dict(cfg, num_steps=steps, teacher=cfg["teacher"] if teacher_given else "random"),
+                           device, load_vae=False)
+    unet, sched = teacher.unet, teacher.scheduler
+    encode, uncond = (lambda n: teacher.encode_prompts(["a photo"] * n)), teacher.encode_uncond
     dt = next(unet.parameters()).dtype
-    z = torch.randn(1, *latent, device=device)
+    z = torch.randn(1, *teacher.z_shape, device=device)
     T = int(sched.timesteps[0])
     alpha_bar = sched.alphas_cumprod[T].to(device)
 
     def student():  # Eq. 8: one U-Net call
         eps = unet(z.to(dt), T, **encode(1)).sample.float()
-        return C.x0_from_model_output(eps, z, alpha_bar)
+        return C.x0_from_model_output(eps, z, alpha_bar, teacher.prediction_type)
 
     def teacher_solve():  # DDIM + CFG, cond and uncond batched
         cond = C.cat_cond(uncond(1), encode(1))
@@ -657,7 +645,7 @@ def main(argv=None):
     validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:
-        res = benchmark_speed(cfg, device)
+        res = benchmark_speed(cfg, device, "teacher" in given)
         if rank == 0:
             C.atomic_write_json(res, os.path.join(cfg["out_dir"], "eval", "speed.json"))
             print(json.dumps(res, indent=2))
