@@ -489,14 +489,14 @@ def benchmark_speed(cfg, device, teacher_given):
     """Fig. 3: one-step student vs the teacher's full solver on the same device.
     It times --teacher (a diffusers folder or hub id) when given; otherwise the
     preset's real architecture with random weights (--teacher random), for
-    benchmarking only. Reports time per image, the achieved ratio, and that ratio
-    over the ideal ratio from per-call U-Net times (1.0 = no overhead). (Fig. 4's
-    loss benchmark: 02 --speed.)"""
+    benchmarking only. Reports time per latent, the achieved ratio, and that ratio
+    over the ideal ratio from per-call U-Net times (1.0 = no overhead); then, with
+    the VAE decode that both need added, per image, as Fig. 3 times them (0.09 s vs
+    2.59 s for SD1.5 on an A100). (Fig. 4's loss benchmark: 02 --speed.)"""
     steps = cfg.get("speed_steps") or cfg["num_steps"]
     if cfg["family"] != "ldm":
         C.fail("--speed measures the SD1.5/SDXL student vs DDIM teacher; use --preset sd15 or sdxl")
-    teacher = C.LDMTeacher(dict(cfg, num_steps=steps, teacher=cfg["teacher"] if teacher_given else "random"),
-                           device, load_vae=False)
+    teacher = C.LDMTeacher(dict(cfg, num_steps=steps, teacher=cfg["teacher"] if teacher_given else "random"), device)
     unet, sched = teacher.unet, teacher.scheduler
     encode, uncond = (lambda n: teacher.encode_prompts(["a photo"] * n)), teacher.encode_uncond
     dt = next(unet.parameters()).dtype
@@ -523,13 +523,18 @@ def benchmark_speed(cfg, device, teacher_given):
     t_text1, t_text2 = C.timed(lambda: encode(1), device, 3), C.timed(lambda: C.cat_cond(uncond(1), encode(1)), device, 3)
     u1 = C.timed(lambda: unet(z.to(dt), T, **cond1), device, 3)
     u2 = C.timed(lambda: unet(torch.cat([z, z]).to(dt), T, **cond2), device, 3)
+    x0 = student()
+    t_decode = C.timed(lambda: teacher.decode(x0), device, 3)
     ideal = (steps * u2 + t_text2) / (u1 + t_text1)
     out = dict(student_s_per_img=round(t_student, 4), teacher_s_per_img=round(t_teacher, 4), teacher_steps=steps,
                speedup=round(t_teacher / t_student, 2), ideal_speedup_from_unet_calls=round(ideal, 2),
                achieved_over_ideal=round(t_teacher / t_student / ideal, 3),
                teacher_overhead_over_unet_calls=round((t_teacher - t_text2) / (steps * u2) - 1, 4),
                student_overhead_over_unet_call=round((t_student - t_text1) / u1 - 1, 4),
-               unet_call_s=dict(batch1=round(u1, 4), batch2=round(u2, 4)), text_encode_s=round(t_text1, 4), device=str(device))
+               unet_call_s=dict(batch1=round(u1, 4), batch2=round(u2, 4)), text_encode_s=round(t_text1, 4), device=str(device),
+               vae_decode_s=round(t_decode, 4), with_decode=dict(
+                   student_s_per_img=round(t_student + t_decode, 4), teacher_s_per_img=round(t_teacher + t_decode, 4),
+                   speedup=round((t_teacher + t_decode) / (t_student + t_decode), 2)))
     return out
 
 

@@ -8,7 +8,7 @@ set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 N=${N:-5}
-ROWS=${ROWS:-"sd15_s1_b32 sd15_s2_b16 sd15_s2_b16_ckpt sd15_s2_b8 sd15_pairs sdxl_s1_b8_ckpt sdxl_s2_b4_ckpt sd15_s2_b16_fsdp1 sd15_s2_b16_fsdp1_r1 sdxl_s2_b4_fsdp1 sdxl_s2_b4_fsdp"}
+ROWS=${ROWS:-"sd15_s1_b32 sd15_s2_b16 sd15_s2_b16_ckpt sd15_s2_b8 sd15_pairs sdxl_s1_b8_ckpt sdxl_s2_b4_ckpt sd15_s2_b16_fsdp1 sd15_s2_b16_fsdp1_r1 sdxl_s2_b4_fsdp1 sdxl_s2_b4_fsdp sd15_speed sdxl_speed"}
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 TR="torchrun --standalone --nproc_per_node"
 printf 'a photo of a cat\na red car on a street\n' > /tmp/prompts.txt
@@ -46,3 +46,9 @@ if [ "$NGPU" -ge 2 ]; then
 else
   [[ " $ROWS " == *" sdxl_s2_b4_fsdp "* ]] && echo "sdxl_s2_b4_fsdp: skipped, this machine has $NGPU GPU(s)"
 fi
+# Fig. 3: the one-step student vs 50-step DDIM + CFG, per latent and per image (VAE decode added to both)
+run sd15_speed 200 python 05_evaluate.py $SD15 --speed
+run sdxl_speed 300 python 05_evaluate.py $SDXL --speed
+for k in sd15 sdxl; do  # 05 writes its report as indented JSON: one line of it per kind
+  [[ " $ROWS " == *" ${k}_speed "* ]] && [ -f runs/size_$k/eval/speed.json ] && echo "${k}_speed: $(tr -d ' \n' < runs/size_$k/eval/speed.json)" || true
+done

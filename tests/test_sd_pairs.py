@@ -133,4 +133,6 @@ def test_speed_benchmark_times_the_presets_teacher(tiny_sd15, tiny_sdxl, tmp_pat
         res = json.load(open(out / "eval" / "speed.json"))
         print(kind, res)  # about 10x on an idle 2-core CPU; the bounds leave room for a busy machine
         assert res["teacher_steps"] == 8 and res["ideal_speedup_from_unet_calls"] > 4 and res["speedup"] > 1.2, res
+        img = res["with_decode"]  # the same VAE decode added to both: a smaller ratio
+        assert res["vae_decode_s"] > 0 and 1 < img["speedup"] <= res["speedup"], res
     assert built == ["sdxl"]
