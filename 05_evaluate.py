@@ -60,7 +60,8 @@ FLAGS = {
         ("diversity_seeds", 16, C.INT_POS, "diversity.png: one condition, this many seeds"),
     ],
     "speed (Fig. 3)": [
-        ("speed", False, None, "time the one-step student against the teacher's solver (SD shapes) and exit"),
+        ("speed", False, None, "time the one-step student against the teacher's DDIM + CFG, per latent and per image, "
+                               "and exit (without --teacher: the preset's architecture with random weights)"),
         ("speed_steps", 0, C.INT_NONNEG, "teacher steps to time (0: the preset's)"),
     ],
 }
