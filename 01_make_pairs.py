@@ -139,13 +139,13 @@ def benchmark_pairs(cfg, device, batches=2):
     z, prompts = teacher.noise_and_condition(seeds, seeds)
     pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"], guidance_scale=cfg["guidance"],
                height=teacher.pixel_res, width=teacher.pixel_res, output_type="latent")  # warm-up
-    ours_t = C.timed(lambda: teacher.solve(z, prompts), device, batches)
-    theirs_t = C.timed(lambda: pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"],
+    ours_t, _ = C.timed(lambda: teacher.solve(z, prompts), device, batches)
+    theirs_t, _ = C.timed(lambda: pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"],
                                    guidance_scale=cfg["guidance"], height=teacher.pixel_res, width=teacher.pixel_res,
                                    output_type="latent"), device, batches)
     cond = C.cat_cond(teacher.encode_uncond(B), teacher.encode_prompts(prompts)) if cfg["guidance"] > 1 else teacher.encode_prompts(prompts)
     x2 = torch.cat([z, z]).to(device, teacher.dtype) if cfg["guidance"] > 1 else z.to(device, teacher.dtype)
-    unet_t = C.timed(lambda: [teacher.unet(x2, t, **cond) for t in teacher.timesteps], device, batches)
+    unet_t, _ = C.timed(lambda: [teacher.unet(x2, t, **cond) for t in teacher.timesteps], device, batches)
     out = dict(ours_pairs_s=B / ours_t, diffusers_pairs_s=B / theirs_t, unet_only_pairs_s=B / unet_t,
                ours_over_diffusers=theirs_t / ours_t, ours_over_unet_only=unet_t / ours_t, batch=B, steps=cfg["num_steps"],
                unet_params_m=sum(p.numel() for p in teacher.unet.parameters()) / 1e6, device=str(device))

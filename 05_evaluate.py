@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import time
 
 import numpy as np
 import torch
@@ -248,11 +247,8 @@ def generate(models, teacher, cfg, seeds, conds, device, rank, world):
         z, _ = teacher.noise_and_condition([seeds[j] for j in part], part)
         cond = conds[part] if torch.is_tensor(conds) else [conds[j] for j in part]
         for name, fn in models.items():
-            t = time.perf_counter()
-            x = fn(z.to(device), cond)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            secs[name] += time.perf_counter() - t
+            sec, x = C.timed(lambda: fn(z.to(device), cond), device)
+            secs[name] += sec
             outs[name].append(x.float().cpu())
     outs = {n: gather_by_rank(torch.cat(v), len(seeds), world) for n, v in outs.items()}
     return outs, {n: s / max(1, len(mine)) for n, s in secs.items()}
@@ -402,9 +398,8 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
             real.append(nets["inception"](torch.stack([C.load_image(real_paths[j], 256) for j in part]).to(device)).cpu())
             imgs = {}
             for name, fn in models.items():
-                t = time.perf_counter()
-                x = fn(z.to(device), cond)
-                acc[name]["sec"] += time.perf_counter() - t
+                sec, x = C.timed(lambda: fn(z.to(device), cond), device)  # GPU synchronised: the time of the work
+                acc[name]["sec"] += sec
                 imgs[name] = teacher.to_images(x.float())
                 acc[name]["inc"].append(nets["inception"](imgs[name]).cpu())
                 acc[name]["clip"].append(nets["clip"](imgs[name], cond).cpu())
@@ -498,45 +493,36 @@ def benchmark_speed(cfg, device, teacher_given):
     if cfg["family"] != "ldm":
         C.fail("--speed measures the SD1.5/SDXL student vs DDIM teacher; use --preset sd15 or sdxl")
     teacher = C.LDMTeacher(dict(cfg, num_steps=steps, teacher=cfg["teacher"] if teacher_given else "random"), device)
-    unet, sched = teacher.unet, teacher.scheduler
-    encode, uncond = (lambda n: teacher.encode_prompts(["a photo"] * n)), teacher.encode_uncond
+    unet, encode = teacher.unet, (lambda n: teacher.encode_prompts(["a photo"] * n))
     dt = next(unet.parameters()).dtype
     z = torch.randn(1, *teacher.z_shape, device=device)
-    T = int(sched.timesteps[0])
-    alpha_bar = sched.alphas_cumprod[T].to(device)
+    T, alpha_bar = teacher.T, teacher.alphas_cumprod[teacher.T].to(device)
 
     def student():  # Eq. 8: one U-Net call
         eps = unet(z.to(dt), T, **encode(1)).sample.float()
         return C.x0_from_model_output(eps, z, alpha_bar, teacher.prediction_type)
-
-    def teacher_solve():  # DDIM + CFG, cond and uncond batched
-        cond = C.cat_cond(uncond(1), encode(1))
-        x = z.clone()
-        for t in sched.timesteps:
-            e = unet(torch.cat([x, x]).to(dt), t, **cond).sample.float()
-            eu, ec = e.chunk(2)
-            x = sched.step(eu + cfg["guidance"] * (ec - eu), t, x).prev_sample
-        return x
+    teacher_solve = lambda: teacher.solve(z, ["a photo"])  # DDIM + CFG, exactly as 01 makes the pairs
+    cfg_on = cfg["guidance"] != 1  # then the teacher's U-Net calls carry cond and uncond (batch 2)
+    text = (lambda: C.cat_cond(teacher.encode_uncond(1), encode(1))) if cfg_on else (lambda: encode(1))
     cond1 = encode(1)
-    cond2 = C.cat_cond(cond1, cond1)
+    cond_t = C.cat_cond(cond1, cond1) if cfg_on else cond1
     x0, _ = student(), teacher_solve()  # warm-up (x0: the latent the decode below is timed on)
-    t_student, t_teacher = C.timed(student, device, 3), C.timed(teacher_solve, device, 1)
-    t_text1, t_text2 = C.timed(lambda: encode(1), device, 3), C.timed(lambda: C.cat_cond(uncond(1), encode(1)), device, 3)
-    u1 = C.timed(lambda: unet(z.to(dt), T, **cond1), device, 3)
-    u2 = C.timed(lambda: unet(torch.cat([z, z]).to(dt), T, **cond2), device, 3)
-    t_decode = C.timed(lambda: teacher.decode(x0), device, 3)
-    ideal = (steps * u2 + t_text2) / (u1 + t_text1)
+    (t_student, _), (t_teacher, _) = C.timed(student, device, 3), C.timed(teacher_solve, device, 1)
+    (t_text1, _), (t_text_t, _) = C.timed(lambda: encode(1), device, 3), C.timed(text, device, 3)
+    u1, _ = C.timed(lambda: unet(z.to(dt), T, **cond1), device, 3)
+    u_t, _ = C.timed(lambda: unet(torch.cat([z] * (2 if cfg_on else 1)).to(dt), T, **cond_t), device, 3)
+    t_decode, _ = C.timed(lambda: teacher.decode(x0), device, 3)
+    ideal = (steps * u_t + t_text_t) / (u1 + t_text1)
     out = dict(student_s_per_img=round(t_student, 4), teacher_s_per_img=round(t_teacher, 4), teacher_steps=steps,
                speedup=round(t_teacher / t_student, 2), ideal_speedup_from_unet_calls=round(ideal, 2),
                achieved_over_ideal=round(t_teacher / t_student / ideal, 3),
-               teacher_overhead_over_unet_calls=round((t_teacher - t_text2) / (steps * u2) - 1, 4),
+               teacher_overhead_over_unet_calls=round((t_teacher - t_text_t) / (steps * u_t) - 1, 4),
                student_overhead_over_unet_call=round((t_student - t_text1) / u1 - 1, 4),
-               unet_call_s=dict(batch1=round(u1, 4), batch2=round(u2, 4)), text_encode_s=round(t_text1, 4), device=str(device),
+               unet_call_s=dict(batch1=round(u1, 4), teacher=round(u_t, 4)), text_encode_s=round(t_text1, 4), device=str(device),
                vae_decode_s=round(t_decode, 4), with_decode=dict(
                    student_s_per_img=round(t_student + t_decode, 4), teacher_s_per_img=round(t_teacher + t_decode, 4),
                    speedup=round((t_teacher + t_decode) / (t_student + t_decode), 2)))
     return out
-
 
 
 def _need(pkg, pip_name, what):

@@ -1802,15 +1802,16 @@ def mid_guidance(cfg):
 # 11. Timing (01 --benchmark, 05 --speed).
 
 def timed(fn, device, repeats=1):
+    """fn() run `repeats` times, the GPU synchronised around each call (CUDA runs
+    asynchronously: without it the clock stops at kernel launch). Returns the median
+    seconds and the last call's result."""
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
-        fn()
+        out = fn()
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
+    return sorted(times)[len(times) // 2], out
