@@ -298,7 +298,7 @@ def classifier_path(cfg):
     return cfg["classifier"] or os.path.join(cfg["out_dir"], "eval", "toy_classifier.pt" if seed == 0 else f"toy_classifier_s{seed}.pt")
 
 
-def toy_classifier(cfg, eval_dir, device):
+def toy_classifier(cfg, device):
     return train_toy_classifier(classifier_path(cfg), seed=cfg["classifier_seed"], log=C.print0).to(device)
 
 
@@ -320,7 +320,7 @@ def teacher_cache(cfg, teacher, seeds, device, world):
 
 def evaluate_toy(cfg, teacher, device, rank, world):
     eval_dir = os.path.join(cfg["out_dir"], "eval")
-    clf = toy_classifier(cfg, eval_dir, device)
+    clf = toy_classifier(cfg, device)
     models, nfe = model_table(cfg, teacher, device)
     n = cfg["num_samples"]
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
@@ -438,7 +438,7 @@ def guidance_sweep(cfg, teacher, device, n=500):
     at each guidance scale w, for every student; grid rows w, columns alternate
     teacher | student for a few classes (guidance.png)."""
     eval_dir = os.path.join(cfg["out_dir"], "eval")
-    clf = toy_classifier(cfg, eval_dir, device)
+    clf = toy_classifier(cfg, device)
     models, _ = model_table(cfg, teacher, device)
     seeds = list(range(EVAL_SEED0 + 20_000_000, EVAL_SEED0 + 20_000_000 + n))
     z, labels = teacher.noise_and_condition(seeds)
