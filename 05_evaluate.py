@@ -413,8 +413,8 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
             z = C.seed_noise([EVAL_SEED0 + 50_000_000 + 8 * p + s for s in range(8)], teacher.z_shape)
             for name, fn in models.items():
                 img = teacher.to_images(fn(z.to(device), [prompts[p]] * 8).float())
-                d = [nets["dreamsim"](img[a:a + 1], img[b:b + 1]) for a in range(8) for b in range(a + 1, 8)]
-                div[name].append(torch.cat(d).mean().cpu().view(1))
+                a, b = torch.triu_indices(8, 8, 1)  # the 28 pairs of the prompt's 8 images, in one batch
+                div[name].append(nets["dreamsim"](img[a], img[b]).mean().cpu().view(1))
     real = gather_by_rank(torch.cat(real), n, world)
     rows = {}
     for name in models:
