@@ -270,9 +270,6 @@ def save_curves_and_images(curves, images, path, title, labels=None, size=(420, 
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------
-
-
 # --- Fig. 4: speed and memory of E-LatentLPIPS vs decode + LPIPS ---------------------
 def sd15_vae_decoder_config():
     """SD1.5's VAE architecture (random weights: for benchmarking only)."""
@@ -288,7 +285,8 @@ def _peak_mem(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS (bytes, Linux)
 
 
-def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout"):
+@torch.enable_grad()  # callers may run under no_grad; this benchmark times backward passes
+def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout", latent_size=64):
     """Fig. 4: one forward+backward at batch 1 on SD1.5 shapes, random weights.
       pixel:  latent 4x64x64 -> SD1.5 VAE decoder -> 3x512x512 -> VGG16-bn LPIPS
       latent: latent 4x64x64 -> E-LatentLPIPS (our VGG16-bn, 4 channels, 3 pools removed)
@@ -296,32 +294,20 @@ def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout"):
     on CUDA; on CPU it is the growth of the process' peak RSS (latent path runs first)."""
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
-    with torch.enable_grad():  # callers may run under no_grad; this benchmark times backward passes
-        return _lpips_speed(device, repeats, augment, AutoencoderKL)
-
-
-def _lpips_speed(device, repeats, augment, AutoencoderKL):
-    target, x0 = torch.randn(1, 4, 64, 64, device=device), torch.randn(1, 4, 64, 64, device=device)
+    target, x0 = (torch.randn(1, 4, latent_size, latent_size, device=device) for _ in range(2))
     latent = C.RegressionLoss("elatent", C.LatentLPIPS(4, 1.0, 3).to(device), augment)
-    pixel_lpips = C.LatentLPIPS(3, 1.0, 0).to(device)
     vae = AutoencoderKL(**sd15_vae_decoder_config()).to(device).eval().requires_grad_(False)
-    pixel = C.RegressionLoss("lpips", decode=lambda z: vae.decode(z / 0.18215).sample, pixel_lpips=pixel_lpips)
+    pixel = C.RegressionLoss("lpips", decode=lambda z: vae.decode(z / 0.18215).sample, pixel_lpips=C.LatentLPIPS(3, 1.0, 0).to(device))
     res = {}
     for name, fn in (("e_latent_lpips", latent), ("pixel_lpips", pixel)):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
         base = _peak_mem(device) if device.type != "cuda" else torch.cuda.memory_allocated(device)
-        times = []
-        for i in range(repeats + 1):
-            x = x0.clone().requires_grad_(True)
-            t = time.perf_counter()
-            fn(x, target).sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t)
-        res[name] = dict(ms=round(1000 * sorted(times)[len(times) // 2], 1), mem_gb=round((_peak_mem(device) - base) / 2 ** 30, 3))
+        step = lambda: fn(x0.clone().requires_grad_(True), target).sum().backward()
+        step()  # warm-up
+        sec, _ = C.timed(step, device, repeats)
+        res[name] = dict(ms=round(1000 * sec, 1), mem_gb=round((_peak_mem(device) - base) / 2 ** 30, 3))
     res["time_ratio"] = round(res["pixel_lpips"]["ms"] / res["e_latent_lpips"]["ms"], 2)
     res["mem_ratio"] = round(res["pixel_lpips"]["mem_gb"] / max(res["e_latent_lpips"]["mem_gb"], 1e-3), 2)
     res["device"] = str(device)

@@ -238,3 +238,11 @@ def test_official_l1_term_is_off_by_default(lp):
     a, b = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     base, with_l1 = C.RegressionLoss("latent", lp), C.RegressionLoss("latent", lp, l1=True)
     assert torch.allclose(with_l1(a, b) - base(a, b), (a - b).abs().mean((1, 2, 3)))
+
+
+def test_fig4_benchmark_runs_and_the_latent_loss_is_cheaper():
+    """02 --speed (Fig. 4), on CPU at a small latent: both losses run forward and
+    backward, and decode + pixel LPIPS costs more time than E-LatentLPIPS."""
+    import importlib
+    res = importlib.import_module("02_train_latent_lpips").benchmark_lpips_speed(torch.device("cpu"), repeats=1, latent_size=8)
+    assert res["e_latent_lpips"]["ms"] > 0 and res["time_ratio"] > 2, res
