@@ -576,13 +576,12 @@ def load_coco(root, n, seed):
         C.fail(f"COCO captions not found at '{ann}' (pass --coco ROOT with annotations/ and val2014/)")
     try:
         data = json.load(open(ann))
-        files = {im["id"]: im["file_name"] for im in data["images"]}
-    except (ValueError, KeyError, TypeError) as e:
+        files = {im["id"]: os.path.join(root, "val2014", im["file_name"]) for im in data["images"]}
+        caps = {}
+        for a in data["annotations"]:
+            caps.setdefault(a["image_id"], a["caption"].strip())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         C.fail(f"'{ann}' is not a COCO captions file ({type(e).__name__}: {e})")
-    files = {im["id"]: os.path.join(root, "val2014", im["file_name"]) for im in data["images"]}
-    caps = {}
-    for a in data["annotations"]:
-        caps.setdefault(a["image_id"], a["caption"].strip())
     ids = sorted(caps)
     g = torch.Generator().manual_seed(seed)
     pick = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n].tolist()]

@@ -121,6 +121,9 @@ def test_missing_and_corrupt_inputs(toy_run, tmp_path, capsys, request):
     """Each input file of each script, missing or corrupt: one error line naming it."""
     d = copy_run(toy_run, tmp_path / "run")
     lp, s1 = d / "lpips" / "latent_lpips.pt", d / "distill" / "student_ema.pt"
+    bad_coco = tmp_path / "bad_coco"  # valid JSON, but an annotation without its caption
+    os.makedirs(bad_coco / "annotations")
+    (bad_coco / "annotations" / "captions_val2014.json").write_text('{"images": [], "annotations": [{"image_id": 1}]}')
     cases = [
         ("01_make_pairs", ["--teacher", tmp_path / "nope.safetensors"], "nope.safetensors"),
         ("01_make_pairs", ["--teacher", corrupt(tmp_path / "bad.safetensors"), "--out_dir", tmp_path / "o1"], "bad.safetensors"),
@@ -135,6 +138,7 @@ def test_missing_and_corrupt_inputs(toy_run, tmp_path, capsys, request):
         ("05_evaluate", ["--out_dir", d, "--students", f"x={tmp_path / 'no_x.pt'}"], "no_x.pt"),
         ("05_evaluate", ["--out_dir", d, "--students", "x"], "--students"),
         ("05_evaluate", ["--preset", "sd15", "--coco", tmp_path / "no_coco"], "no_coco"),
+        ("05_evaluate", ["--preset", "sd15", "--coco", bad_coco], "captions_val2014.json"),
         ("05_evaluate", ["--out_dir", d, "--eval_w", "1,x"], "--eval_w"),
     ]
     # the same run with one file corrupted at a time
