@@ -798,9 +798,11 @@ def load_prompts(path):
                         obj = json.loads(line)
                     except ValueError as e:
                         fail(f"'{fn}': a .jsonl line is not JSON ({e})")
-                    line = obj if isinstance(obj, str) else next((obj[k] for k in ("prompt", "caption", "text") if k in obj), None)
-                    if line is None:
-                        fail(f"'{fn}': a .jsonl line has none of the keys prompt/caption/text")
+                    if isinstance(obj, dict):
+                        obj = next((obj[k] for k in ("prompt", "caption", "text") if k in obj), None)
+                    if not isinstance(obj, str):
+                        fail(f"'{fn}': a .jsonl line is neither a string nor an object with a string prompt/caption/text")
+                    line = obj
                 prompts.append(line)
     if not prompts:
         fail(f"no prompts found in '{path}' (empty file, or a folder without .txt/.jsonl files)")

@@ -107,6 +107,21 @@ def test_sd_bad_input(tiny_sd15, tiny_sdxl, prompt_file, tmp_path):
     assert C.load_shard(C.shard_path(tmp_path / "cyc" / "pairs", 0))["prompts"][4] == C.load_prompts(prompt_file)[0]
 
 
+def test_prompt_files(tmp_path):
+    """--prompts: a .txt, a .jsonl of strings or objects (prompt/caption/text), or a folder
+    of them in name order; a .jsonl line of another shape stops with the file named."""
+    d = tmp_path / "prompts"
+    d.mkdir()
+    (d / "a.txt").write_text("a cat\n\nthe sea\n")
+    (d / "b.jsonl").write_text('"a string"\n{"caption": "a caption", "id": 7}\n{"text": "a text"}\n')
+    (d / "c.csv").write_text("ignored\n")
+    assert C.load_prompts(str(d)) == ["a cat", "the sea", "a string", "a caption", "a text"]
+    for i, line in enumerate(['3', 'null', '{"prompt": 3}', '{"title": "x"}', '["a", "b"]', '{"prompt": "ok"']):
+        (tmp_path / f"bad{i}.jsonl").write_text(line + "\n")
+        with pytest.raises(SystemExit, match=f"bad{i}.jsonl"):
+            C.load_prompts(str(tmp_path / f"bad{i}.jsonl"))
+
+
 def test_hub_id_offline_and_unreachable(prompt_file, tmp_path):
     import time
     base = ["--preset", "sd15", "--teacher", "nobody/not-a-cached-model", "--prompts", prompt_file, "--out_dir", tmp_path]
