@@ -322,7 +322,8 @@ def load_ldm_vae(cfg, device):
     if not os.path.isdir(os.path.join(path, "vae")):
         C.fail(f"teacher folder '{path}' is missing the 'vae' component")
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).eval().requires_grad_(False)
+    vae = C.pretrained_part(cfg["teacher"], "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae"))
+    vae = vae.to(device).eval().requires_grad_(False)
     return vae, vae.config.scaling_factor
 
 

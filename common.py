@@ -770,6 +770,16 @@ def _build_random_teacher(kind, folder, device):
     return folder
 
 
+def pretrained_part(src, part, load):
+    """load() one part of a diffusers folder. A missing, truncated or corrupt file (an
+    interrupted download) stops the run with one line naming the teacher and the part."""
+    try:
+        return load()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"teacher '{src}': its {part} does not load ({type(e).__name__}: {e}); download it again, "
+             f"or pass a complete diffusers folder with --teacher")
+
+
 def detect_ldm_kind(path):
     """'sdxl' if the folder has SDXL's second text encoder or text_time conditioning."""
     ucfg = os.path.join(path, "unet", "config.json")
@@ -836,7 +846,7 @@ class LDMTeacher:
         src = cfg["teacher"]
         path = random_teacher(self.kind, cfg["out_dir"], device) if src == "random" else resolve_pretrained(src)
         self.path = path
-        found = detect_ldm_kind(path)
+        found = pretrained_part(src, "unet config", lambda: detect_ldm_kind(path))
         if found != self.kind:
             fail(f"teacher '{src}' is an {found.upper()} model but --preset is {cfg['preset']} (a {self.kind} preset); use --preset {found}")
         for comp in LDM_COMPONENTS[self.kind]:
@@ -846,18 +856,21 @@ class LDMTeacher:
                 fail(f"teacher folder '{path}' is missing the '{comp}' component needed by {self.kind}")
         self.dtype = getattr(torch, cfg.get("dtype") or "float32")
         frozen = dict(torch_dtype=self.dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **frozen).to(device).eval().requires_grad_(False)
-        self.scheduler = DDIMScheduler.from_config(json.load(open(os.path.join(path, "scheduler", "scheduler_config.json"))))
+        unet = pretrained_part(src, "unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **frozen))
+        self.unet = unet.to(device).eval().requires_grad_(False)
+        self.scheduler = pretrained_part(src, "scheduler", lambda: DDIMScheduler.from_config(
+            json.load(open(os.path.join(path, "scheduler", "scheduler_config.json")))))
         self.vae = None
         if load_vae:  # SDXL's VAE overflows in fp16: keep it fp32 when its config asks (force_upcast)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+            vae = pretrained_part(src, "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae"))
             self.vae = vae.to(device, torch.float32 if vae.config.get("force_upcast", False) else self.dtype).eval().requires_grad_(False)
         self.tokenizers, self.text_encoders = [], []
         suffixes = ["", "_2"] if self.kind == "sdxl" else [""]
         for sfx in suffixes:
-            tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer" + sfx)
+            tok = pretrained_part(src, "tokenizer" + sfx, lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer" + sfx))
             te_cls = CLIPTextModelWithProjection if sfx == "_2" else CLIPTextModel
-            te = te_cls.from_pretrained(path, subfolder="text_encoder" + sfx, **frozen).to(device).eval().requires_grad_(False)
+            te = pretrained_part(src, "text_encoder" + sfx, lambda: te_cls.from_pretrained(path, subfolder="text_encoder" + sfx, **frozen))
+            te = te.to(device).eval().requires_grad_(False)
             vocab = te.config.vocab_size
             if len(tok) > vocab or len(tok) < vocab // 2:
                 fail(f"tokenizer{sfx} of '{src}' has {len(tok)} tokens but text_encoder{sfx} expects {vocab}: the "
@@ -866,9 +879,9 @@ class LDMTeacher:
             self.tokenizers.append(tok)
             self.text_encoders.append(te)
         index = os.path.join(path, "model_index.json")
-        self.force_zeros_uncond = self.kind == "sdxl" and (json.load(open(index)).get("force_zeros_for_empty_prompt", True)
-                                                            if os.path.isfile(index) else True)
-        vae_cfg = json.load(open(os.path.join(path, "vae", "config.json")))
+        self.force_zeros_uncond = self.kind == "sdxl" and pretrained_part(src, "model_index.json", lambda: json.load(open(index)).get(
+            "force_zeros_for_empty_prompt", True) if os.path.isfile(index) else True)
+        vae_cfg = pretrained_part(src, "vae config", lambda: json.load(open(os.path.join(path, "vae", "config.json"))))
         self.vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         self.scaling_factor = vae_cfg.get("scaling_factor", 0.18215)
         self.pixel_res = cfg["resolution"]

@@ -107,6 +107,26 @@ def test_sd_bad_input(tiny_sd15, tiny_sdxl, prompt_file, tmp_path):
     assert C.load_shard(C.shard_path(tmp_path / "cyc" / "pairs", 0))["prompts"][4] == C.load_prompts(prompt_file)[0]
 
 
+def test_broken_teacher_folder(tiny_sd15, prompt_file, tmp_path):
+    """A teacher folder with one part missing, truncated or corrupt (an interrupted
+    download) stops 01 with one error line naming that part, not a traceback."""
+    import shutil
+
+    def truncate(f):
+        f.write_bytes(f.read_bytes()[:1000])
+    for part, spoil in [("unet config", lambda d: (d / "unet" / "config.json").write_text('{"broken')),
+                        ("unet", lambda d: truncate(d / "unet" / "diffusion_pytorch_model.safetensors")),
+                        ("scheduler", lambda d: (d / "scheduler" / "scheduler_config.json").unlink()),
+                        ("vae", lambda d: (d / "vae" / "config.json").write_text("x")),
+                        ("text_encoder", lambda d: (d / "text_encoder" / "config.json").write_text("{"))]:
+        d = tmp_path / part.replace(" ", "_")
+        shutil.copytree(tiny_sd15, d)
+        spoil(d)
+        msg = _fails("--preset", "sd15", "--teacher", d, "--prompts", prompt_file, "--out_dir", tmp_path / "out",
+                     "--resolution", 16, "--num_steps", 2)
+        assert msg.startswith("error: ") and f"its {part} does not load" in msg, (part, msg)
+
+
 def test_prompt_files(tmp_path):
     """--prompts: a .txt, a .jsonl of strings or objects (prompt/caption/text), or a folder
     of them in name order; a .jsonl line of another shape stops with the file named."""
