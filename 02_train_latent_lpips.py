@@ -358,7 +358,11 @@ def cached_image_latents(cfg, device, shard=1024):
     manifest = dict(images=os.path.abspath(cfg["images"]), n=len(items), image_size=cfg["image_size"], teacher=cfg["teacher"])
     mpath = os.path.join(cache, "manifest.json")
     if os.path.isfile(mpath):
-        found = json.load(open(mpath))
+        try:
+            found = json.load(open(mpath))
+            found.get("n")
+        except (ValueError, AttributeError) as e:
+            C.fail(f"latent cache manifest '{mpath}' is corrupt ({type(e).__name__}: {e}); delete '{cache}' to re-encode")
         diff = [k for k in manifest if found.get(k) != manifest[k]]
         if diff:
             C.fail(f"latent cache '{cache}' was made from other images/settings (differs in {diff}); use another --out_dir")
@@ -428,7 +432,11 @@ def bapps_files(cfg, split):
             refs.append(os.path.join(root, sub, "ref", nm + ".png"))
             p0s.append(os.path.join(root, sub, "p0", nm + ".png"))
             p1s.append(os.path.join(root, sub, "p1", nm + ".png"))
-            judges.append(float(np.load(os.path.join(root, sub, "judge", nm + ".npy")).reshape(-1)[0]))
+            judge = os.path.join(root, sub, "judge", nm + ".npy")
+            try:
+                judges.append(float(np.load(judge).reshape(-1)[0]))
+            except (OSError, ValueError, IndexError) as e:
+                C.fail(f"BAPPS judgment '{judge}' is unreadable ({type(e).__name__}: {e})")
     missing = [p for p in refs + p0s + p1s if not os.path.isfile(p)]
     if missing or not judges:
         C.fail(f"BAPPS split '{root}' is incomplete: " + (f"'{missing[0]}' is missing" if missing else "no judge/*.npy files"))

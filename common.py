@@ -352,7 +352,10 @@ def file_sha256(path, chunk=1 << 20):
 def load_image(path, size):
     """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
     from PIL import Image
-    im = Image.open(path).convert("RGB")
+    try:
+        im = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:  # not an image, truncated, or missing
+        fail(f"image '{path}' is unreadable ({type(e).__name__}: {e}); replace or remove it")
     s = size / min(im.size)
     im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
     l, t = (im.width - size) // 2, (im.height - size) // 2

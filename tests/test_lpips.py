@@ -136,6 +136,14 @@ def test_bapps_layout_loads(tmp_path):
         np.save(sub / "judge" / f"{i:06d}.npy", np.array([0.25 * (i + 1)]))
     ref, p0, p1, j = lpips_script().load_bapps(dict(bapps=str(tmp_path / "bapps"), family="edm", resolution=16), "val", torch.device("cpu"))
     assert ref.shape == (2, 3, 16, 16) and torch.allclose(j, torch.tensor([0.25, 0.5], dtype=j.dtype))
+    # a corrupt image, then a corrupt judgment: one error line naming the file
+    args = (dict(bapps=str(tmp_path / "bapps"), family="edm", resolution=16), "val", torch.device("cpu"))
+    (sub / "p0" / "000001.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="000001.png"):
+        lpips_script().load_bapps(*args)
+    (sub / "judge" / "000000.npy").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="000000.npy"):
+        lpips_script().load_bapps(*args)
 
 
 def test_02_toy_smoke(tmp_path):
@@ -199,6 +207,10 @@ def test_02_sd_path(tiny_sd15, tmp_path):
     p = run_script("02_train_latent_lpips.py", *args, "--bapps", tmp_path / "nope", check=False)
     assert p.returncode != 0 and "BAPPS folder" in p.stderr and "phase 1:" not in p.stdout
     assert not (tmp_path / "run" / "lpips" / "classifier.pt").exists()
+    # a corrupt latent-cache manifest stops the rerun, naming it
+    (tmp_path / "run" / "lpips" / "latents" / "manifest.json").write_text("{")
+    p = run_script("02_train_latent_lpips.py", *args, "--bapps", tmp_path / "bapps", check=False)
+    assert p.returncode != 0 and "manifest.json" in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
 
 
 def test_augmentation_distributions_match_the_official_formulas():
