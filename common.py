@@ -1755,8 +1755,16 @@ class MetricsLog:
         if is_main() and path:
             lines = []
             if resume_step and os.path.isfile(path):
-                lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= resume_step]
+                lines = [l.rstrip("\n") + "\n" for l in open(path) if self._step(l) <= resume_step]
             atomic_write_text("".join(lines), path)
+
+    @staticmethod
+    def _step(line):
+        """A line's step; a line that a kill cut short (appends are not atomic) counts as past the resume."""
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return math.inf
 
     def write(self, **kw):
         if is_main() and self.path:

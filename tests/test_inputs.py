@@ -234,3 +234,16 @@ def test_checkpoint_that_does_not_fit_is_refused():
         C.load_full_state(m, dict(sd, **{"0.weight": torch.zeros(5, 5)}), what="checkpoint 'x.pt'")
     with pytest.raises(SystemExit, match=r"or its optimiser \(KeyError"):
         C.load_full_state(m, sd, opt, opt.state_dict())  # keyed by index, as before issue 13
+
+
+def test_resume_survives_a_metrics_line_cut_by_a_kill(tmp_path):
+    """metrics.jsonl is appended to, so a kill can leave its last line cut short; --resume
+    keeps the lines up to the resumed step and drops the torn one instead of stopping."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "loss": 1.0}\n{"step": 10, "loss": 0.5}\n{"step": 20, "loss": 0.25}\n{"step": 30, "lo')
+    log = C.MetricsLog(str(path), resume_step=20)
+    log.write(step=21, loss=0.2)
+    assert [json.loads(l)["step"] for l in open(path)] == [0, 10, 20, 21]
+    path.write_text('{"step": 0, "loss": 1.0}')  # whole, but its newline was not written
+    C.MetricsLog(str(path), resume_step=5).write(step=6, loss=0.9)
+    assert [json.loads(l)["step"] for l in open(path)] == [0, 6]
