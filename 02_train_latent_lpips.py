@@ -51,6 +51,9 @@ FLAGS = {
         ("cls_steps", None, C.INT_POS, "training steps"),
         ("cls_batch", None, C.INT_POS, "global batch"),
         ("cls_lr", None, C.POS, "learning rate (one-cycle)"),
+        ("cls_ckpt_every", 5000, C.INT_POS, "save the resumable phase-1 state (<out_dir>/lpips/classifier_latest.pt) this often"),
+        ("resume", False, None, "continue phase 1 from that state (refused if a CLS_RESUME_KEYS setting changed)"),
+        ("max_steps_this_run", 0, C.INT_NONNEG, "stop phase 1 after this many steps (0: run to --cls_steps), for time-limited jobs"),
     ],
     "phase 2: 2AFC calibration (Table A3)": [
         ("bapps", None, None, "BAPPS root holding 2afc/{train,val}/<subset>/{ref,p0,p1,judge} (required for sd15/sdxl)"),
@@ -80,15 +83,37 @@ def phase1_data(cfg, device):
     return cached_image_latents(cfg, device)
 
 
-def train_classifier(cfg, x, y, xv, yv, device, rank, world):
+# settings a phase-1 --resume must not change (world: each process keeps its own sampling generator)
+CLS_RESUME_KEYS = ("cls_steps", "cls_batch", "cls_lr", "lpips_width", "lpips_pools_removed", "seed", "world", "images", "image_size",
+                   "val_frac")
+
+
+def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
+    """Phase 1. Returns (net, held-out top-1), or (None, None) when --max_steps_this_run
+    stopped it early (its state is saved at `state_path`; --resume continues it)."""
     torch.manual_seed(cfg["seed"])
     net = C.LatentVGG(x.shape[1], cfg["lpips_width"], cfg["lpips_pools_removed"], int(y.max()) + 1).to(device)
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["cls_lr"], weight_decay=1e-4)
     steps, B = cfg["cls_steps"], cfg["cls_batch"] // world
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["cls_lr"], total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-    for step in tqdm(range(steps), desc="phase 1: classifier", disable=rank != 0):
+    start, settings = 0, {k: cfg[k] for k in CLS_RESUME_KEYS if k != "world"} | dict(world=world)
+    if cfg["resume"] and os.path.isfile(state_path):
+        ck = C.load_checkpoint(state_path, "phase-1 state")
+        changed = [f"{k}: saved {ck['settings'].get(k)!r}, now {v!r}" for k, v in settings.items() if ck["settings"].get(k) != v]
+        if changed:
+            C.fail(f"--resume: '{state_path}' was trained with other settings ({'; '.join(changed)}); "
+                   f"use them, or delete it to start phase 1 again")
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        g.set_state(ck["rng"][rank])
+        start = ck["step"]
+        C.print0(f"phase 1: resumed from '{state_path}' at step {start}")
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    end = steps if not cfg["max_steps_this_run"] else min(steps, start + cfg["max_steps_this_run"])
+    bar = tqdm(range(start, end), initial=start, total=steps, desc="phase 1: classifier", disable=rank != 0)
+    for step in bar:
         idx = torch.randint(len(x), (B,), generator=g)
         xb = x[idx].float()
         xb = torch.where(torch.rand(B, 1, 1, 1, generator=g) < 0.5, xb.flip(3), xb) if cfg["family"] == "ldm" else xb
@@ -97,10 +122,28 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world):
         loss.backward()
         opt.step()
         sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg["cls_ckpt_every"] == 0 or step + 1 == end:
+            save_phase1_state(net, opt, sched, g, step + 1, settings, state_path, world)
+    if end < steps:
+        return None, None
     net.eval()
     with torch.no_grad():
         pred = torch.cat([net(xv[i:i + 256].float().to(device)).argmax(1).cpu() for i in range(0, len(xv), 256)])
     return net, pred.eq(yv).float().mean().item()
+
+
+def save_phase1_state(net, opt, sched, g, step, settings, path, world):
+    """The resumable phase-1 state, with every process's sampling generator (rank 0 writes)."""
+    rng = [g.get_state()]
+    if world > 1:
+        import torch.distributed as dist
+        rng = [None] * world
+        dist.all_gather_object(rng, g.get_state())
+    if C.is_main():
+        C.atomic_torch_save(dict(net=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), rng=rng, step=step,
+                                 settings=settings), path)
 
 
 # --- phase 2: 2AFC calibration ---------------------------------------------------
@@ -455,6 +498,9 @@ def validate(cfg):
         return None
     if cfg["calibrate_only"] and not os.path.isfile(os.path.join(lp_dir, "classifier.pt")):
         C.fail(f"--calibrate_only needs the phase-1 classifier '{lp_dir}/classifier.pt' (run 02 once without it)")
+    state = os.path.join(lp_dir, "classifier_latest.pt")
+    if cfg["resume"] and not cfg["calibrate_only"] and os.path.isfile(state):
+        C.load_checkpoint(state, "phase-1 state (delete it to start phase 1 again)", mmap=True)
     needs_images = cfg["arch"] != "toy" and not cfg["calibrate_only"]
     if needs_images and not os.path.isfile(os.path.join(lp_dir, "latents", "manifest.json")):
         image_folder(cfg["images"])  # a missing or empty --images stops here
@@ -495,7 +541,10 @@ def main(argv=None):
     else:
         x, y, xv, yv = phase1_data(cfg, device)
         C.print0(f"phase 1: {len(x)} train / {len(xv)} held-out samples of shape {tuple(x.shape[1:])}, {int(y.max()) + 1} classes")
-        net, acc = train_classifier(cfg, x, y, xv, yv, device, rank, world)
+        net, acc = train_classifier(cfg, x, y, xv, yv, device, rank, world, os.path.join(lp_dir, "classifier_latest.pt"))
+        if net is None:
+            C.print0("phase 1 stopped early (--max_steps_this_run); rerun with --resume to continue it")
+            return C.cleanup()
         C.print0(f"phase 1: held-out top-1 {acc:.4f}")
         ncls, in_ch = int(y.max()) + 1, x.shape[1]
         if rank == 0:

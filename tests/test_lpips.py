@@ -163,6 +163,36 @@ def test_02_toy_smoke(tmp_path):
     assert torch.load(tmp_path / "lpips" / "latent_lpips.pt", weights_only=True)["metrics"]["top1"] == m["top1"]
 
 
+def test_02_phase1_stopped_and_resumed_equals_straight(tmp_path):
+    """Phase 1 (days at SD scale) saves a resumable state: stopped by --max_steps_this_run
+    and continued with --resume, it gives the straight run's classifier exactly; a
+    changed setting is refused, naming it."""
+    base = ["--cls_steps", 12, "--cls_ckpt_every", 4, "--num_triplets", 100, "--cal_steps", 5]
+    run_script("02_train_latent_lpips.py", "--out_dir", tmp_path / "a", *base)
+    p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path / "b", *base, "--max_steps_this_run", 6)
+    assert "stopped early" in p.stdout and not (tmp_path / "b" / "lpips" / "classifier.pt").exists()
+    assert torch.load(tmp_path / "b" / "lpips" / "classifier_latest.pt", weights_only=False)["step"] == 6
+    p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path / "b", *base, "--resume")
+    assert "resumed from" in p.stdout and "at step 6" in p.stdout
+    a, b = (torch.load(tmp_path / r / "lpips" / "classifier.pt", weights_only=True)["state_dict"] for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path / "b", *base, "--resume", "--cls_lr", 1e-3, check=False)
+    assert p.returncode != 0 and "cls_lr" in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_02_phase1_resume_under_torchrun(tmp_path):
+    """The same under torchrun with 2 processes (DDP; each rank's sampling generator is
+    saved and restored): stopped and resumed equals straight."""
+    base = ["--cls_steps", 8, "--cls_batch", 16, "--cls_ckpt_every", 4, "--num_triplets", 100, "--cal_steps", 5]
+    run_script("02_train_latent_lpips.py", "--out_dir", tmp_path / "a", *base, torchrun=2)
+    run_script("02_train_latent_lpips.py", "--out_dir", tmp_path / "b", *base, "--max_steps_this_run", 3, torchrun=2)
+    assert len(torch.load(tmp_path / "b" / "lpips" / "classifier_latest.pt", weights_only=False)["rng"]) == 2
+    run_script("02_train_latent_lpips.py", "--out_dir", tmp_path / "b", *base, "--resume", torchrun=2)
+    a, b = (torch.load(tmp_path / r / "lpips" / "classifier.pt", weights_only=True)["state_dict"] for r in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _image_tree(root, classes=2, per_class=4, size=24):
     import numpy as np
     from PIL import Image
