@@ -527,7 +527,11 @@ def main(argv=None):
             target, decode = first_cached_latent(cfg, device)
         res, png = reconstruct(cfg, lp, device, target, decode)
         if rank == 0:
-            m = json.load(open(metrics_path)) if os.path.isfile(metrics_path) else {}
+            try:  # add to phase 1-2's metrics; an unreadable file is replaced, and said so
+                m = json.load(open(metrics_path)) if os.path.isfile(metrics_path) else {}
+            except ValueError:
+                print(f"warning: '{metrics_path}' is unreadable; rewriting it with the reconstruction's metrics only")
+                m = {}
             C.atomic_write_json({**m, **res}, metrics_path)
             print(json.dumps(res), f"\nwrote {png}")
         return C.cleanup()

@@ -247,3 +247,10 @@ def test_resume_survives_a_metrics_line_cut_by_a_kill(tmp_path):
     path.write_text('{"step": 0, "loss": 1.0}')  # whole, but its newline was not written
     C.MetricsLog(str(path), resume_step=5).write(step=6, loss=0.9)
     assert [json.loads(l)["step"] for l in open(path)] == [0, 6]
+
+
+def test_reconstruct_replaces_an_unreadable_metrics_file(toy_run, tmp_path):
+    d = copy_run(toy_run, tmp_path / "run")
+    (d / "lpips" / "metrics.json").write_text("{")
+    p = run_script("02_train_latent_lpips.py", "--out_dir", d, "--reconstruct", "--recon_steps", 2)
+    assert "is unreadable" in p.stdout and json.load(open(d / "lpips" / "metrics.json"))
