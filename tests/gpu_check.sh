@@ -15,7 +15,7 @@ echo "== 1. python -m pytest -q -m gpu"
 t0=$SECONDS
 timeout ${PYTEST_LIMIT:-540} python -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest -m gpu: exit $? in $((SECONDS - t0)) s"
-grep -E "passed|failed|error|Eq. 8|export on CUDA|'speedup'" "$OUT/pytest_gpu.log" | cut -c1-400 | tail -14
+grep -E "passed|failed|error|Eq. 8|export on CUDA|'speedup'|fig4:" "$OUT/pytest_gpu.log" | cut -c1-400 | tail -14
 
 if [ -n "${ROWS:-}" ]; then
   echo "== 2. sizing rows: $ROWS"

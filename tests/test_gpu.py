@@ -2,7 +2,7 @@
 skipped without CUDA; run on a GPU machine with `python -m pytest -q -m gpu`.
 A few minutes on one GPU: the toy pipeline 01 -> 05 at small settings; tiny SD1.5
 and SDXL in bf16 through 01 -> 03 -> 04 (every D part on) -> --export -> the
-diffusers pipeline on CUDA; torchrun on NCCL for 03 and 04; 05 --speed; Eq. 8 at
+diffusers pipeline on CUDA; torchrun on NCCL for 03 and 04; 05 --speed; 02 --speed; Eq. 8 at
 init on CUDA in float32."""
 import importlib
 import json
@@ -160,3 +160,11 @@ def test_speed_benchmark_small(tiny_sd15, tmp_path):
     res = json.load(open(tmp_path / "eval" / "speed.json"))
     print(res)
     assert res["device"].startswith("cuda") and res["speedup"] > 2
+
+
+def test_fig4_loss_benchmark_on_cuda():
+    """02 --speed (Fig. 4) at SD1.5 shapes on the GPU: decode + pixel LPIPS against
+    E-LatentLPIPS, forward and backward (paper, A100: 117 ms vs 12.1 ms, 15 vs 0.6 GB)."""
+    res = importlib.import_module("02_train_latent_lpips").benchmark_lpips_speed(CUDA)
+    print("fig4:", res)
+    assert res["device"].startswith("cuda") and res["time_ratio"] > 2 and res["mem_ratio"] > 2
