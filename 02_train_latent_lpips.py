@@ -97,13 +97,10 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
     steps, B = cfg["cls_steps"], cfg["cls_batch"] // world
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["cls_lr"], total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-    start, settings = 0, {k: cfg[k] for k in CLS_RESUME_KEYS if k != "world"} | dict(world=world)
+    start, settings = 0, dict(cfg, world=world)
     if cfg["resume"] and os.path.isfile(state_path):
         ck = C.load_checkpoint(state_path, "phase-1 state")
-        changed = [f"{k}: saved {ck['settings'].get(k)!r}, now {v!r}" for k, v in settings.items() if ck["settings"].get(k) != v]
-        if changed:
-            C.fail(f"--resume: '{state_path}' was trained with other settings ({'; '.join(changed)}); "
-                   f"use them, or delete it to start phase 1 again")
+        C.check_resume(ck["settings"], settings, CLS_RESUME_KEYS, f"use those settings, or delete '{state_path}' to start phase 1 again")
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -125,7 +122,7 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg["cls_ckpt_every"] == 0 or step + 1 == end:
-            save_phase1_state(net, opt, sched, g, step + 1, settings, state_path, world)
+            save_phase1_state(net, opt, sched, g, step + 1, {k: settings[k] for k in CLS_RESUME_KEYS}, state_path, world)
     if end < steps:
         return None, None
     net.eval()

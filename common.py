@@ -1561,14 +1561,13 @@ def training_setup(cfg, world, device):
     return accum, run_dir, os.path.join(run_dir, "ckpt_latest.pt"), teacher, data
 
 
-def check_resume(saved, cfg, keys):
+def check_resume(saved, cfg, keys, remedy="start a new --run_name, or pass --allow_config_change if the change is deliberate"):
     """--resume continues the same run: a setting that changes the run (batch, loss,
     learning rates, pairs, seed, ...) is refused, naming each field, unless
-    --allow_config_change says the change is deliberate."""
+    --allow_config_change (03, 04) says the change is deliberate."""
     changed = [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
-    if changed and not cfg["allow_config_change"]:
-        fail("--resume would continue with changed settings (" + "; ".join(changed) +
-             "); start a new --run_name, or pass --allow_config_change if the change is deliberate")
+    if changed and not cfg.get("allow_config_change"):
+        fail("--resume would continue with changed settings (" + "; ".join(changed) + f"); {remedy}")
     if changed:
         print0("warning: resuming with changed settings: " + "; ".join(changed))
 
