@@ -99,7 +99,7 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
     start, settings = 0, dict(cfg, world=world)
     if cfg["resume"] and os.path.isfile(state_path):
-        ck = C.load_checkpoint(state_path, "phase-1 state")
+        ck = C.load_checkpoint(state_path, "phase-1 state", keys=("net", "opt", "sched", "rng", "step", "settings"))
         C.check_resume(ck["settings"], settings, CLS_RESUME_KEYS, f"use those settings, or delete '{state_path}' to start phase 1 again")
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
@@ -536,7 +536,8 @@ def main(argv=None):
     cls_path = os.path.join(lp_dir, "classifier.pt")
     t0 = time.time()
     if cfg["calibrate_only"]:  # phase 1 was run before: its classifier is saved on its own
-        ck = C.load_checkpoint(cls_path, "phase-1 classifier (run 02 once without --calibrate_only)")
+        ck = C.load_checkpoint(cls_path, "phase-1 classifier (run 02 once without --calibrate_only)",
+                               keys=("state_dict", "top1", "num_classes", "in_ch"))
         net, acc, ncls, in_ch = None, ck["top1"], ck["num_classes"], ck["in_ch"]
         C.print0(f"phase 2 only: classifier '{cls_path}' (held-out top-1 {acc:.4f})")
     else:

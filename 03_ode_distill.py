@@ -64,6 +64,7 @@ STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1
 # settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "optimizer", "lr", "lr_end", "betas", "weight_decay",
                "attn_weight_decay", "dropout", "ema_start", "ema_beta", "seed", "pairs_id", "teacher", "dtype")
+RESUME_CKPT_KEYS = ("model", "ema", "opt", "step", "config")  # what ckpt_latest.pt holds
 
 
 def get_config(argv=None):
@@ -79,6 +80,9 @@ def validate(cfg):
     if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
         C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
     C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
+    ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
+    if cfg["resume"] and os.path.isfile(ckpt):
+        C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS)
 
 
 def main(argv=None):
@@ -98,7 +102,7 @@ def main(argv=None):
                            cfg["lr"], tuple(float(b) for b in cfg["betas"].split(",")))
     step, bench = 0, cfg["benchmark_steps"] > 0
     if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, "checkpoint")
+        ck = C.load_checkpoint(ckpt_path, "stage-1 checkpoint", keys=RESUME_CKPT_KEYS)
         C.check_resume(ck["config"], cfg, RESUME_KEYS)
         C.load_full_state(G, ck["model"], opt, ck["opt"], what=f"checkpoint '{ckpt_path}'")
         C.load_full_state(ema, ck["ema"], what=f"checkpoint '{ckpt_path}'")

@@ -88,6 +88,7 @@ RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
                "mix_match", "noise_aug", "d_sigma", "d_timestep", "ema_start", "ema_beta", "seed", "pairs_id", "teacher",
                "init", "dtype")
+RESUME_CKPT_KEYS = ("model", "ema", "D", "opt", "opt_d", "step", "config")  # what ckpt_latest.pt holds
 
 
 # ----------------------------------------------------------------------------
@@ -367,9 +368,13 @@ def validate(cfg):
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
     if not os.path.isfile(init):
         C.fail(f"stage-1 student not found at '{init}'; run 03_ode_distill.py first or pass --init")
+    C.load_checkpoint(init, "stage-1 student (03's student_ema.pt)", mmap=True, keys=("ema", "config", "teacher"))
     if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
         C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
     C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
+    ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
+    if cfg["resume"] and os.path.isfile(ckpt):
+        C.load_checkpoint(ckpt, "stage-2 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS)
 
 
 def main(argv=None):
@@ -381,13 +386,14 @@ def main(argv=None):
             C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
         if rank == 0:  # the student's T (Eq. 8) is the first step of the schedule its pairs were made with
             path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
-            ck = C.load_checkpoint(path, "student")
+            ck = C.load_checkpoint(path, "student (student_ema.pt)", keys=("ema", "config", "teacher"))
             cfg["num_steps"] = ck["config"]["num_steps"]
             export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False), path, ck)
         return C.cleanup()
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
-    s1 = None if bench else C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student")
+    s1 = None if bench else C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student (03's student_ema.pt)",
+                                        keys=("ema", "config", "teacher"))
     if s1 and s1.get("teacher") != teacher.teacher_id:
         C.fail(f"stage-1 student was distilled from '{s1.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
     for k in ("loss", "lpips_augment"):  # the regression term stays stage 1's unless a flag changes it
@@ -419,7 +425,7 @@ def main(argv=None):
             x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
     step = 0
     if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, "checkpoint")
+        ck = C.load_checkpoint(ckpt_path, "stage-2 checkpoint", keys=RESUME_CKPT_KEYS)
         C.check_resume(ck["config"], cfg, RESUME_KEYS)
         for net, key, opt, opt_key in ((G, "model", opt_g, "opt"), (D, "D", opt_d, "opt_d"), (ema, "ema", None, None)):
             C.load_full_state(net, ck[key], opt, ck.get(opt_key), what=f"checkpoint '{ckpt_path}'")

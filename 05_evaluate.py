@@ -223,7 +223,7 @@ def classify(model, x, batch=512):
 # Sampling every model from the same seeds.
 
 def load_student(path, teacher, cfg, device):
-    ck = C.load_checkpoint(path, "student")
+    ck = C.load_checkpoint(path, "student (student_ema.pt of 03/04)", keys=("ema", "config", "teacher"))
     if ck["config"].get("num_steps", cfg["num_steps"]) != cfg["num_steps"]:
         C.fail(f"student '{path}' learned a {ck['config']['num_steps']}-step teacher but --num_steps is {cfg['num_steps']}; "
                f"pass --num_steps {ck['config']['num_steps']}")
@@ -315,7 +315,7 @@ def teacher_cache(cfg, teacher, seeds, device, world):
     if not os.path.isfile(path):
         return path, None
     C.print0(f"teacher samples: read from '{path}' (same teacher, solver, guidance, seeds, dtype, device, batch)")
-    return path, C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)")
+    return path, C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)", keys=("x", "sec_per_img"))
 
 
 def evaluate_toy(cfg, teacher, device, rank, world):
@@ -614,9 +614,7 @@ def validate(cfg):
             continue  # the stage 1 / stage 2 rows appear when their runs exist
         if not os.path.isfile(path):
             C.fail(f"--students: '{name}' checkpoint '{path}' does not exist")
-        ck = C.load_checkpoint(path, f"{name} student", mmap=True)
-        if not isinstance(ck, dict) or "ema" not in ck or "config" not in ck:
-            C.fail(f"'{path}' ({name}) is not a student checkpoint of 03/04 (no 'ema' and 'config')")
+        C.load_checkpoint(path, f"student of 03/04 ({name})", mmap=True, keys=("ema", "config", "teacher"))
     if cfg["arch"] == "toy" and os.path.exists(classifier_path(cfg)):
         C.load_checkpoint(classifier_path(cfg), "toy classifier (delete it to retrain)", mmap=True)
     if cfg["eval_w"]:

@@ -1787,15 +1787,21 @@ def finite_or_stop(value, step, ckpt_path, what="loss"):
         fail(f"{what} became {value} at step {step}; stopping ({kept}). Try a lower --lr or --grad_clip")
 
 
-def load_checkpoint(path, what, mmap=False):
-    """A torch checkpoint, or a one-line error naming it. mmap=True only maps the
-    file (cheap at any size): what the up-front checks use."""
+def load_checkpoint(path, what, mmap=False, keys=()):
+    """A torch checkpoint, or a one-line error naming it: missing, unreadable, or (with
+    `keys`) a dict without the entries this kind of checkpoint has, i.e. another file.
+    mmap=True only maps the file (cheap at any size): what the up-front checks use."""
     if not os.path.isfile(path):
         fail(f"{what} not found at '{path}'")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:
         fail(f"{what} '{path}' is unreadable ({type(e).__name__}: {e})")
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        fail(f"'{path}' is not a {what}: it has no {', '.join(map(repr, missing))} {'entries' if len(missing) > 1 else 'entry'} "
+             f"(another kind of file?)")
+    return ck
 
 
 @torch.no_grad()

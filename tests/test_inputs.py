@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import time
 
 import pytest
@@ -112,7 +113,6 @@ def corrupt(path):
 
 
 def copy_run(src, dst):
-    import shutil
     shutil.copytree(src, dst)
     return dst
 
@@ -140,7 +140,14 @@ def test_missing_and_corrupt_inputs(toy_run, tmp_path, capsys, request):
         ("05_evaluate", ["--preset", "sd15", "--coco", tmp_path / "no_coco"], "no_coco"),
         ("05_evaluate", ["--preset", "sd15", "--coco", bad_coco], "captions_val2014.json"),
         ("05_evaluate", ["--out_dir", d, "--eval_w", "1,x"], "--eval_w"),
+        # a readable checkpoint of another kind, where a student or a training state belongs
+        ("04_gan_finetune", ["--out_dir", d, "--init", lp], "latent_lpips.pt"),
+        ("04_gan_finetune", ["--out_dir", d, "--init", d / "distill" / "ckpt_latest.pt"], "ckpt_latest.pt"),
+        ("05_evaluate", ["--out_dir", d, "--students", f"x={d / 'distill' / 'ckpt_latest.pt'}"], "ckpt_latest.pt"),
+        ("03_ode_distill", ["--out_dir", d, "--run_name", "wrong", "--resume"], "ckpt_latest.pt"),
     ]
+    os.makedirs(d / "wrong")  # its ckpt_latest.pt is a student file
+    shutil.copy(s1, d / "wrong" / "ckpt_latest.pt")
     # the same run with one file corrupted at a time
     for target, script, argv in [
         (d / "pairs" / "manifest.json", "03_ode_distill", ["--out_dir", d]),
