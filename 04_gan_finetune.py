@@ -368,7 +368,7 @@ def validate(cfg):
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
     if not os.path.isfile(init):
         C.fail(f"stage-1 student not found at '{init}'; run 03_ode_distill.py first or pass --init")
-    C.load_checkpoint(init, "stage-1 student (03's student_ema.pt)", mmap=True, keys=("ema", "config", "teacher"))
+    C.load_checkpoint(init, "stage-1 student (03's student_ema.pt)", mmap=True, keys=C.STUDENT_KEYS)
     if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
         C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
     C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
@@ -386,14 +386,14 @@ def main(argv=None):
             C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
         if rank == 0:  # the student's T (Eq. 8) is the first step of the schedule its pairs were made with
             path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
-            ck = C.load_checkpoint(path, "student (student_ema.pt)", keys=("ema", "config", "teacher"))
+            ck = C.load_checkpoint(path, "student (student_ema.pt)", keys=C.STUDENT_KEYS)
             cfg["num_steps"] = ck["config"]["num_steps"]
             export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False), path, ck)
         return C.cleanup()
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
-    s1 = None if bench else C.load_checkpoint(cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt"), "stage-1 student (03's student_ema.pt)",
-                                        keys=("ema", "config", "teacher"))
+    init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
+    s1 = None if bench else C.load_checkpoint(init, "stage-1 student (03's student_ema.pt)", keys=C.STUDENT_KEYS)
     if s1 and s1.get("teacher") != teacher.teacher_id:
         C.fail(f"stage-1 student was distilled from '{s1.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
     for k in ("loss", "lpips_augment"):  # the regression term stays stage 1's unless a flag changes it

@@ -882,8 +882,8 @@ class LDMTeacher:
             self.tokenizers.append(tok)
             self.text_encoders.append(te)
         index = os.path.join(path, "model_index.json")
-        self.force_zeros_uncond = self.kind == "sdxl" and pretrained_part(src, "model_index.json", lambda: json.load(open(index)).get(
-            "force_zeros_for_empty_prompt", True) if os.path.isfile(index) else True)
+        pipe_cfg = pretrained_part(src, "model_index.json", lambda: json.load(open(index))) if os.path.isfile(index) else {}
+        self.force_zeros_uncond = self.kind == "sdxl" and pipe_cfg.get("force_zeros_for_empty_prompt", True)
         vae_cfg = pretrained_part(src, "vae config", lambda: json.load(open(os.path.join(path, "vae", "config.json"))))
         self.vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         self.scaling_factor = vae_cfg.get("scaling_factor", 0.18215)
@@ -1787,6 +1787,9 @@ def finite_or_stop(value, step, ckpt_path, what="loss"):
         fail(f"{what} became {value} at step {step}; stopping ({kept}). Try a lower --lr or --grad_clip")
 
 
+STUDENT_KEYS = ("ema", "config", "teacher")  # what a student_ema.pt holds (03 and 04 write it; 04 and 05 read it)
+
+
 def load_checkpoint(path, what, mmap=False, keys=()):
     """A torch checkpoint, or a one-line error naming it: missing, unreadable, or (with
     `keys`) a dict without the entries this kind of checkpoint has, i.e. another file.
@@ -1830,7 +1833,7 @@ def mid_guidance(cfg):
 
 
 # ----------------------------------------------------------------------------
-# 11. Timing (01 --benchmark, 05 --speed).
+# 11. Timing (01 --benchmark, 02 and 05 --speed).
 
 def timed(fn, device, repeats=1):
     """fn() run `repeats` times, the GPU synchronised around each call (CUDA runs
