@@ -86,6 +86,7 @@ def phase1_data(cfg, device):
 # settings a phase-1 --resume must not change (world: each process keeps its own sampling generator)
 CLS_RESUME_KEYS = ("cls_steps", "cls_batch", "cls_lr", "lpips_width", "lpips_pools_removed", "seed", "world", "images", "image_size",
                    "val_frac")
+PHASE1_STATE_KEYS = ("net", "opt", "sched", "rng", "step", "settings")  # what lpips/classifier_latest.pt holds
 
 
 def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
@@ -99,7 +100,7 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
     start, settings = 0, dict(cfg, world=world)
     if cfg["resume"] and os.path.isfile(state_path):
-        ck = C.load_checkpoint(state_path, "phase-1 state", keys=("net", "opt", "sched", "rng", "step", "settings"))
+        ck = C.load_checkpoint(state_path, "phase-1 state", keys=PHASE1_STATE_KEYS)
         C.check_resume(ck["settings"], settings, CLS_RESUME_KEYS, f"use those settings, or delete '{state_path}' to start phase 1 again")
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
@@ -400,9 +401,10 @@ def cached_image_latents(cfg, device, shard=1024):
     if os.path.isfile(mpath):
         try:
             found = json.load(open(mpath))
-            found.get("n")
-        except (ValueError, AttributeError) as e:
-            C.fail(f"latent cache manifest '{mpath}' is corrupt ({type(e).__name__}: {e}); delete '{cache}' to re-encode")
+        except ValueError as e:
+            found = f"{type(e).__name__}: {e}"
+        if not isinstance(found, dict):
+            C.fail(f"latent cache manifest '{mpath}' is corrupt ({found}); delete '{cache}' to re-encode")
         diff = [k for k in manifest if found.get(k) != manifest[k]]
         if diff:
             C.fail(f"latent cache '{cache}' was made from other images/settings (differs in {diff}); use another --out_dir")
@@ -497,7 +499,7 @@ def validate(cfg):
         C.fail(f"--calibrate_only needs the phase-1 classifier '{lp_dir}/classifier.pt' (run 02 once without it)")
     state = os.path.join(lp_dir, "classifier_latest.pt")
     if cfg["resume"] and not cfg["calibrate_only"] and os.path.isfile(state):
-        C.load_checkpoint(state, "phase-1 state (delete it to start phase 1 again)", mmap=True)
+        C.load_checkpoint(state, "phase-1 state (delete it to start phase 1 again)", mmap=True, keys=PHASE1_STATE_KEYS)
     needs_images = cfg["arch"] != "toy" and not cfg["calibrate_only"]
     if needs_images and not os.path.isfile(os.path.join(lp_dir, "latents", "manifest.json")):
         image_folder(cfg["images"])  # a missing or empty --images stops here
