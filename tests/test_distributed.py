@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 
+import pytest
 import torch
 
 import common as C
@@ -52,6 +53,7 @@ def test_quickstart_one_liner_fails_loudly(tmp_path):
     assert len((tmp_path / "log").read_text().splitlines()) == 5
 
 
+@pytest.mark.slow  # ~20 s: two torchrun launches
 def test_05_features_under_torchrun_equal_one_process(tiny_sd15, tmp_path):
     """05 under torchrun: each rank samples and extracts the features of its own
     seeds (no DataParallel); the gathered metrics equal a 1-process run."""
