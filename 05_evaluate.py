@@ -13,7 +13,8 @@ grids of the teacher and the students from the same noise.
            transformers CLIP), precision/recall, DreamDiv and DreamSim-5k
            (dreamsim); each optional package is imported only when used.
 
-Output: <out_dir>/eval/{metrics.json, results.md, compare.png, diversity.png}
+Output: <out_dir>/eval/{metrics.json, results.md, compare.png, diversity.png}, and the
+teacher's samples (teacher_samples_*.pt: read back by later evaluations of the same setup)
 
 Toy (CPU, ~1 min):   python 05_evaluate.py
 Extra rows:          python 05_evaluate.py --students "mse=runs/toy/distill_mse/student_ema.pt,latent=..."
@@ -302,20 +303,21 @@ def toy_classifier(cfg, device):
     return train_toy_classifier(classifier_path(cfg), seed=cfg["classifier_seed"], log=C.print0).to(device)
 
 
-def teacher_cache(cfg, teacher, seeds, device, world):
+def teacher_cache(cfg, teacher, seeds, device, world, keys=("x", "sec_per_img"), **more):
     """The teacher's samples depend only on what made them: teacher, solver, guidance,
-    seeds, dtype, device type, batch and ranks (batching changes float rounding). They
-    are solved once (1000 x 35 NFE for the toy) and read back by later evaluations.
+    seeds, dtype, device type, batch and ranks (batching changes float rounding), and
+    `more` (SD: the prompts, the rank). They are solved once (toy: 1000 x 35 NFE; SD:
+    30k x 100 NFE, about 20 minutes on 8 H100s) and read back by later evaluations.
     Returns (path, the cached dict or None)."""
     key = dict(teacher=teacher.teacher_id, solver=teacher.solver_name(), guidance=cfg["guidance"], seed0=seeds[0],
                n=len(seeds), dtype=cfg["dtype"], device=device.type, batch=cfg["batch_per_device"], world=world,
-               torch=torch.__version__)
+               torch=torch.__version__, **more)
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cfg["out_dir"], "eval", f"teacher_samples_{h}.pt")
     if not os.path.isfile(path):
         return path, None
     C.print0(f"teacher samples: read from '{path}' (same teacher, solver, guidance, seeds, dtype, device, batch)")
-    return path, C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)", keys=("x", "sec_per_img"))
+    return path, C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)", keys=keys)
 
 
 def evaluate_toy(cfg, teacher, device, rank, world):
@@ -387,9 +389,15 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
     models, nfe = model_table(cfg, teacher, device)
     n, B = cfg["num_samples"], cfg["batch_per_device"]
     prompts, real_paths = load_coco(cfg["coco"], n, cfg["seed"])
-    mine = list(range(n))[rank::world]
+    mine, k = list(range(n))[rank::world], min(cfg["div_prompts"], n)
     acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
     real, keep = [], {name: [] for name in models}
+    # this rank's teacher latents (its seeds, then DreamDiv's), solved once per setup and cached
+    cache, cached = teacher_cache(cfg, teacher, range(EVAL_SEED0, EVAL_SEED0 + n), device, world, keys=("x", "div_x", "sec_per_img"),
+                                  rank=rank, div_prompts=k, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16])
+    solved = dict(x=[], div_x=[])
+    if cached:
+        acc["teacher"]["sec"] = cached["sec_per_img"] * len(mine)
     with torch.no_grad():
         for i in tqdm(range(0, len(mine), B), desc="sampling", disable=rank != 0):
             part = mine[i:i + B]
@@ -398,8 +406,13 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
             real.append(nets["inception"](torch.stack([C.load_image(real_paths[j], 256) for j in part]).to(device)).cpu())
             imgs = {}
             for name, fn in models.items():
-                sec, x = C.timed(lambda: fn(z.to(device), cond), device)  # GPU synchronised: the time of the work
-                acc[name]["sec"] += sec
+                if name == "teacher" and cached:
+                    x = cached["x"][i:i + len(part)].to(device)
+                else:
+                    sec, x = C.timed(lambda: fn(z.to(device), cond), device)  # GPU synchronised: the time of the work
+                    acc[name]["sec"] += sec
+                    if name == "teacher":
+                        solved["x"].append(x.float().cpu())
                 imgs[name] = teacher.to_images(x.float())
                 acc[name]["inc"].append(nets["inception"](imgs[name]).cpu())
                 acc[name]["clip"].append(nets["clip"](imgs[name], cond).cpu())
@@ -408,13 +421,20 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
             for name in models:  # DreamSim-5k: distance to the teacher's image from the same z
                 acc[name]["dsim"].append(nets["dreamsim"](imgs[name], imgs["teacher"]).cpu())
         div = {name: [] for name in models}
-        k = min(cfg["div_prompts"], n)
-        for p in tqdm(list(range(k))[rank::world], desc="DreamDiv", disable=rank != 0):
+        for q, p in enumerate(tqdm(list(range(k))[rank::world], desc="DreamDiv", disable=rank != 0)):
             z = C.seed_noise([EVAL_SEED0 + 50_000_000 + 8 * p + s for s in range(8)], teacher.z_shape)
             for name, fn in models.items():
-                img = teacher.to_images(fn(z.to(device), [prompts[p]] * 8).float())
+                if name == "teacher" and cached:
+                    x = cached["div_x"][q].to(device)
+                else:
+                    x = fn(z.to(device), [prompts[p]] * 8).float()
+                    if name == "teacher":
+                        solved["div_x"].append(x.cpu())
+                img = teacher.to_images(x)
                 a, b = torch.triu_indices(8, 8, 1)  # the 28 pairs of the prompt's 8 images, in one batch
                 div[name].append(nets["dreamsim"](img[a], img[b]).mean().cpu().view(1))
+    if not cached and mine:
+        C.atomic_torch_save(dict(x=torch.cat(solved["x"]), div_x=solved["div_x"], sec_per_img=acc["teacher"]["sec"] / len(mine)), cache)
     real = gather_by_rank(torch.cat(real), n, world)
     rows = {}
     for name in models:

@@ -143,10 +143,20 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     stand_in = stand_in_nets()
     ev = importlib.import_module("05_evaluate")
     monkeypatch.setattr(ev, "load_feature_nets", lambda cfg, device: stand_in)
-    ev.main(["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
-             "--coco", str(coco), "--num_samples", "6", "--batch_per_device", "3", "--div_prompts", "2", "--grid_rows", "3",
-             "--diversity_seeds", "3"])
+    argv = ["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
+            "--coco", str(coco), "--num_samples", "6", "--batch_per_device", "3", "--div_prompts", "2", "--grid_rows", "3",
+            "--diversity_seeds", "3"]
+    solved, solve = [], C.LDMTeacher.solve  # samples the teacher solves, per evaluation
+    monkeypatch.setattr(C.LDMTeacher, "solve", lambda self, z, *a, **kw: solved.append(len(z)) or solve(self, z, *a, **kw))
+    ev.main(argv)
     m = json.load(open(tmp_path / "eval" / "metrics.json"))
+    # a second evaluation reads the teacher's samples back (COCO's and DreamDiv's): it solves only
+    # diversity.png's 3 seeds, and every metric is the same
+    assert sum(solved) == 6 + 2 * 8 + 3
+    solved.clear()
+    ev.main(argv)
+    again = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert sum(solved) == 3 and all(again[r][k] == m[r][k] for r in m for k in m[r] if k != "sec_per_img")
     assert set(m) == {"teacher", "stage 1"}
     for row in m.values():
         for k in ("fid", "clip", "precision", "recall", "dreamdiv", "dreamsim_to_teacher"):
