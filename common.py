@@ -1802,8 +1802,7 @@ def load_checkpoint(path, what, mmap=False, keys=()):
         fail(f"{what} '{path}' is unreadable ({type(e).__name__}: {e})")
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
     if missing:
-        fail(f"'{path}' is not a {what}: it has no {', '.join(map(repr, missing))} {'entries' if len(missing) > 1 else 'entry'} "
-             f"(another kind of file?)")
+        fail(f"'{path}' is not a {what}: it lacks {', '.join(map(repr, missing))} (another kind of file?)")
     return ck
 
 
