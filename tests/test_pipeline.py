@@ -133,35 +133,49 @@ def test_stage2_resume_is_exact_and_seeded(toy_run):
     assert [(l["loss_d"], l["r1"]) for l in la] == [(l["loss_d"], l["r1"]) for l in lb] and len(la) == 4
 
 
-def test_stage2_ddp_and_fsdp_equal_single_process(toy_run):
+STAGE2_ARGS = ["--steps", 4, "--batch", 8, "--batch_per_device", 2, "--log_every", 1, "--ckpt_every", 100, "--grid_every", 100]
+
+
+def _close_runs(toy_run, a, b, steps, keys=()):
+    """Two stage-2 runs log the same losses and end with the same G, EMA and D (relative 1e-3)."""
+    logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in (a, b)}
+    print({r: [(l["loss_d"], l["r1"]) for l in v] for r, v in logs.items()})
+    assert len(logs[a]) == len(logs[b]) == steps, b
+    for key in ("loss_d", "loss_g", "logit_real", "logit_fake", *keys):
+        assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(logs[a], logs[b])) < 1e-3, (b, key)
+    close_weights(weights(toy_run / a / "ckpt_latest.pt"), weights(toy_run / b / "ckpt_latest.pt"), ("model", "ema", "D"), 1e-3)
+    return logs
+
+
+@pytest.mark.slow  # ~20 s; the FSDP test below compares against the same DDP path (with R1)
+def test_stage2_ddp_equals_single_process(toy_run):
     """Same global batch (8): 1 process x 2 accumulation steps vs 2 processes x 2, with
     D's gradients all-reduced by hand (DDP), so both ranks must also start from the
     same D (its readout heads are random). R1 takes one real sample per device, so
-    that comparison runs without it. Then FSDP2 (issue 13) against DDP, both with R1
-    every step: FSDP keeps D gathered through R1's double backward. The FSDP run has
-    gradient checkpointing and a grid every step, and stops after 1 step and resumes
-    (G's no-grad forward for the grid's "stage 1" row comes before the resume)."""
+    this comparison runs without it."""
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
-    args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 2, "--log_every", 1,
-            "--ckpt_every", 100, "--grid_every", 100]
-    run_script("04_gan_finetune.py", *args, "--r1_gamma", 0, "--run_name", "gan_one")
-    run_script("04_gan_finetune.py", *args, "--r1_gamma", 0, "--run_name", "gan_two", torchrun=2)
-    r1 = [*args, "--r1_gamma", 0.01, "--r1_every", 1, "--steps", 2]
+    args = ["--out_dir", toy_run, *STAGE2_ARGS, "--r1_gamma", 0]
+    run_script("04_gan_finetune.py", *args, "--run_name", "gan_one")
+    run_script("04_gan_finetune.py", *args, "--run_name", "gan_two", torchrun=2)
+    _close_runs(toy_run, "gan_one", "gan_two", 4)
+
+
+def test_stage2_fsdp_equals_ddp_with_r1(toy_run):
+    """FSDP2 (issue 13) against DDP (2 processes each, batch 8 as 2 x 2 accumulation),
+    both with R1 every step: FSDP keeps D gathered through R1's double backward. The
+    FSDP run has gradient checkpointing and a grid every step, and stops after 1 step
+    and resumes (G's no-grad forward for the grid's "stage 1" row comes before the resume)."""
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)
+    r1 = ["--out_dir", toy_run, *STAGE2_ARGS, "--r1_gamma", 0.01, "--r1_every", 1, "--steps", 2]
     run_script("04_gan_finetune.py", *r1, "--run_name", "gan_two_r1", torchrun=2)
     fsdp = [*r1, "--run_name", "gan_fsdp_r1", "--fsdp", "--grad_ckpt", "--grid_every", 1]
     p = run_script("04_gan_finetune.py", *fsdp, "--max_steps_this_run", 1, torchrun=2)
     assert "FSDP2: Discriminator in 23 units, sharded over 2 processes" in p.stdout
     p = run_script("04_gan_finetune.py", *fsdp, "--resume", torchrun=2)
     assert "resumed from" in p.stdout and "at step 1" in p.stdout
-    logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in ("gan_one", "gan_two", "gan_two_r1", "gan_fsdp_r1")}
-    print({r: [(l["loss_d"], l["r1"]) for l in v] for r, v in logs.items()})
+    logs = _close_runs(toy_run, "gan_two_r1", "gan_fsdp_r1", 2, ("r1",))
     assert all(l["r1"] > 0 for l in logs["gan_two_r1"])
-    for a, b, steps, keys in (("gan_one", "gan_two", 4, ()), ("gan_two_r1", "gan_fsdp_r1", 2, ("r1",))):
-        assert len(logs[a]) == len(logs[b]) == steps, b
-        for key in ("loss_d", "loss_g", "logit_real", "logit_fake", *keys):
-            assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(logs[a], logs[b])) < 1e-3, (b, key)
-        close_weights(weights(toy_run / a / "ckpt_latest.pt"), weights(toy_run / b / "ckpt_latest.pt"), ("model", "ema", "D"), 1e-3)
-    p = run_script("03_ode_distill.py", *args[:8], "--run_name", "no_torchrun", "--fsdp", check=False)
+    p = run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, "--run_name", "no_torchrun", "--fsdp", check=False)
     assert p.returncode != 0 and "launch with torchrun" in p.stderr.strip().splitlines()[-1]
 
 
