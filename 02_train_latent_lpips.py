@@ -98,7 +98,7 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
     steps, B = cfg["cls_steps"], cfg["cls_batch"] // world
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["cls_lr"], total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-    start, settings = 0, dict(cfg, world=world)
+    start, settings = 0, dict({k: cfg.get(k) for k in CLS_RESUME_KEYS}, world=world)
     if cfg["resume"] and os.path.isfile(state_path):
         ck = C.load_checkpoint(state_path, "phase-1 state", keys=PHASE1_STATE_KEYS)
         C.check_resume(ck["settings"], settings, CLS_RESUME_KEYS, f"use those settings, or delete '{state_path}' to start phase 1 again")
@@ -122,26 +122,19 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % cfg["cls_ckpt_every"] == 0 or step + 1 == end:
-            save_phase1_state(net, opt, sched, g, step + 1, {k: settings[k] for k in CLS_RESUME_KEYS}, state_path, world)
+        if (step + 1) % cfg["cls_ckpt_every"] == 0 or step + 1 == end:  # the resumable state, every rank's generator in it
+            rng = [g.get_state()] * world
+            if world > 1:
+                torch.distributed.all_gather_object(rng, g.get_state())
+            if rank == 0:
+                C.atomic_torch_save(dict(net=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), rng=rng,
+                                         step=step + 1, settings=settings), state_path)
     if end < steps:
         return None, None
     net.eval()
     with torch.no_grad():
         pred = torch.cat([net(xv[i:i + 256].float().to(device)).argmax(1).cpu() for i in range(0, len(xv), 256)])
     return net, pred.eq(yv).float().mean().item()
-
-
-def save_phase1_state(net, opt, sched, g, step, settings, path, world):
-    """The resumable phase-1 state, with every process's sampling generator (rank 0 writes)."""
-    rng = [g.get_state()]
-    if world > 1:
-        import torch.distributed as dist
-        rng = [None] * world
-        dist.all_gather_object(rng, g.get_state())
-    if C.is_main():
-        C.atomic_torch_save(dict(net=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), rng=rng, step=step,
-                                 settings=settings), path)
 
 
 # --- phase 2: 2AFC calibration ---------------------------------------------------

@@ -393,11 +393,11 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
     acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
     real, keep = [], {name: [] for name in models}
     # this rank's teacher latents (its seeds, then DreamDiv's), solved once per setup and cached
-    cache, cached = teacher_cache(cfg, teacher, range(EVAL_SEED0, EVAL_SEED0 + n), device, world, keys=("x", "div_x", "sec_per_img"),
+    cache, cached = teacher_cache(cfg, teacher, range(EVAL_SEED0, EVAL_SEED0 + n), device, world, keys=("x", "div_x", "sec"),
                                   rank=rank, div_prompts=k, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16])
     solved = dict(x=[], div_x=[])
     if cached:
-        acc["teacher"]["sec"] = cached["sec_per_img"] * len(mine)
+        acc["teacher"]["sec"] = cached["sec"]
     with torch.no_grad():
         for i in tqdm(range(0, len(mine), B), desc="sampling", disable=rank != 0):
             part = mine[i:i + B]
@@ -434,7 +434,7 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
                 a, b = torch.triu_indices(8, 8, 1)  # the 28 pairs of the prompt's 8 images, in one batch
                 div[name].append(nets["dreamsim"](img[a], img[b]).mean().cpu().view(1))
     if not cached and mine:
-        C.atomic_torch_save(dict(x=torch.cat(solved["x"]), div_x=solved["div_x"], sec_per_img=acc["teacher"]["sec"] / len(mine)), cache)
+        C.atomic_torch_save(dict(x=torch.cat(solved["x"]), div_x=solved["div_x"], sec=acc["teacher"]["sec"]), cache)
     real = gather_by_rank(torch.cat(real), n, world)
     rows = {}
     for name in models:
