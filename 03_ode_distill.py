@@ -64,7 +64,7 @@ STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1
 # settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
 RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "optimizer", "lr", "lr_end", "betas", "weight_decay",
                "attn_weight_decay", "dropout", "ema_start", "ema_beta", "seed", "pairs_id", "teacher", "dtype")
-RESUME_CKPT_KEYS = ("model", "ema", "opt", "step", "config")  # what ckpt_latest.pt holds
+RESUME_CKPT_KEYS = ("model", "ema", "opt", "step", "config", "teacher", "stage")  # what ckpt_latest.pt holds
 
 
 def get_config(argv=None):
@@ -108,6 +108,8 @@ def main(argv=None):
         C.load_full_state(ema, ck["ema"], what=f"checkpoint '{ckpt_path}'")
         step = ck["step"]
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
+        if rank == 0:
+            C.repair_student(ck, run_dir)
     model = G  # DDP without a 2nd copy of the grads; FSDP reduces the grads itself
     if world > 1 and not cfg["fsdp"]:
         model = torch.nn.parallel.DistributedDataParallel(G, gradient_as_bucket_view=True)
@@ -123,9 +125,7 @@ def main(argv=None):
     def save(step):  # the resumable state, and the EMA student that 04 and 05 read (also from a run stopped early)
         (g, o), e = C.full_state(G, opt), C.full_state(ema)
         if rank == 0:
-            C.atomic_torch_save(dict(model=g, ema=e, opt=o, step=step, config=cfg), ckpt_path)
-            C.atomic_torch_save(dict(ema=e, config=cfg, teacher=teacher.teacher_id, stage=1, step=step),
-                                os.path.join(run_dir, "student_ema.pt"))
+            C.save_training_state(dict(model=g, ema=e, opt=o, step=step, config=cfg, teacher=teacher.teacher_id, stage=1), run_dir)
 
     def grid(step):
         if viewer:
@@ -138,6 +138,9 @@ def main(argv=None):
 
     end = cfg["steps"] if not cfg["max_steps_this_run"] else min(cfg["steps"], step + cfg["max_steps_this_run"])
     end = cfg["benchmark_steps"] if bench else end
+    if step >= end and not bench:
+        C.print0(f"already complete at step {step} of {cfg['steps']}: nothing to run ({run_dir}/student_ema.pt is that step's student)")
+    start = step
     bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 1", disable=rank != 0)
     t0, seen, timer = time.time(), 0, C.StepTimer(device)
     if bench:
@@ -180,7 +183,7 @@ def main(argv=None):
             grid(step + 1)
     if bench:
         timer.report(cfg, world, dict(G=G), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"))
-    elif viewer and end == cfg["steps"]:
+    elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
         fid = (x_st - x_ho).pow(2).mean().item()

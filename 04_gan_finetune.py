@@ -88,7 +88,7 @@ RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_
                "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
                "mix_match", "noise_aug", "d_sigma", "d_timestep", "ema_start", "ema_beta", "seed", "pairs_id", "teacher",
                "init", "dtype")
-RESUME_CKPT_KEYS = ("model", "ema", "D", "opt", "opt_d", "step", "config")  # what ckpt_latest.pt holds
+RESUME_CKPT_KEYS = ("model", "ema", "D", "opt", "opt_d", "step", "config", "teacher", "stage")  # what ckpt_latest.pt holds
 
 
 # ----------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def validate(cfg):
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
     if not os.path.isfile(init):
         C.fail(f"stage-1 student not found at '{init}'; run 03_ode_distill.py first or pass --init")
-    C.load_checkpoint(init, "stage-1 student (03's student_ema.pt)", mmap=True, keys=C.STUDENT_KEYS)
+    C.load_student_file(init, "stage-1 student (03's student_ema.pt)")
     if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
         C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
     C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
@@ -386,14 +386,14 @@ def main(argv=None):
             C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
         if rank == 0:  # the student's T (Eq. 8) is the first step of the schedule its pairs were made with
             path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
-            ck = C.load_checkpoint(path, "student (student_ema.pt)", keys=C.STUDENT_KEYS)
+            ck = C.load_student_file(path, "student (student_ema.pt)")
             cfg["num_steps"] = ck["config"]["num_steps"]
             export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False), path, ck)
         return C.cleanup()
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
     bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
-    s1 = None if bench else C.load_checkpoint(init, "stage-1 student (03's student_ema.pt)", keys=C.STUDENT_KEYS)
+    s1 = None if bench else C.load_student_file(init, "stage-1 student (03's student_ema.pt)")
     if s1 and s1.get("teacher") != teacher.teacher_id:
         C.fail(f"stage-1 student was distilled from '{s1.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
     for k in ("loss", "lpips_augment"):  # the regression term stays stage 1's unless a flag changes it
@@ -431,6 +431,8 @@ def main(argv=None):
             C.load_full_state(net, ck[key], opt, ck.get(opt_key), what=f"checkpoint '{ckpt_path}'")
         step = ck["step"]
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
+        if rank == 0:
+            C.repair_student(ck, run_dir)
     C.print0(f"D: {len(D.heads)} readout heads, z_cond={cfg['z_cond']}, multiscale={cfg['multiscale']}, "
              f"R1 gamma={cfg['r1_gamma']} every {cfg['r1_every']}, mix-and-match={cfg['mix_match']}, noise_aug={cfg['noise_aug']}")
     log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
@@ -441,9 +443,8 @@ def main(argv=None):
     def save(step):  # the resumable state, and the EMA student that 05 reads (also from a run stopped early)
         (g, o), (d, od), e = C.full_state(G, opt_g), C.full_state(D, opt_d), C.full_state(ema)
         if rank == 0:
-            C.atomic_torch_save(dict(model=g, ema=e, D=d, opt=o, opt_d=od, step=step, config=cfg), ckpt_path)
-            C.atomic_torch_save(dict(ema=e, config=cfg, teacher=teacher.teacher_id, stage=2, step=step),
-                                os.path.join(run_dir, "student_ema.pt"))
+            C.save_training_state(dict(model=g, ema=e, D=d, opt=o, opt_d=od, step=step, config=cfg, teacher=teacher.teacher_id,
+                                       stage=2), run_dir)
 
     def grid(step):  # rows: teacher | stage 1 | stage 2 (same z)
         if viewer:
@@ -456,6 +457,9 @@ def main(argv=None):
 
     end = cfg["steps"] if not cfg["max_steps_this_run"] else min(cfg["steps"], step + cfg["max_steps_this_run"])
     end = cfg["benchmark_steps"] if bench else end
+    if step >= end and not bench:
+        C.print0(f"already complete at step {step} of {cfg['steps']}: nothing to run ({run_dir}/student_ema.pt is that step's student)")
+    start = step
     bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 2", disable=rank != 0)
     t0, seen, d_wins, timer = time.time(), 0, 0, C.StepTimer(device)
     if bench:
@@ -536,7 +540,7 @@ def main(argv=None):
     if bench:
         timer.report(cfg, world, dict(G=G, D=D), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment",
                                                   "z_cond", "multiscale", "r1_gamma", "r1_every", "mix_match", "noise_aug"))
-    elif viewer and end == cfg["steps"]:
+    elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
         C.print0(f"held-out fidelity (MSE student vs teacher, same z): stage 1 {(x_s1.cpu() - x_ho).pow(2).mean():.5f}, "

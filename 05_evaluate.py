@@ -224,7 +224,7 @@ def classify(model, x, batch=512):
 # Sampling every model from the same seeds.
 
 def load_student(path, teacher, cfg, device):
-    ck = C.load_checkpoint(path, "student (student_ema.pt of 03/04)", keys=C.STUDENT_KEYS)
+    ck = C.load_student_file(path, "student (student_ema.pt of 03/04)")
     if ck["config"].get("num_steps", cfg["num_steps"]) != cfg["num_steps"]:
         C.fail(f"student '{path}' learned a {ck['config']['num_steps']}-step teacher but --num_steps is {cfg['num_steps']}; "
                f"pass --num_steps {ck['config']['num_steps']}")
@@ -634,7 +634,7 @@ def validate(cfg):
             continue  # the stage 1 / stage 2 rows appear when their runs exist
         if not os.path.isfile(path):
             C.fail(f"--students: '{name}' checkpoint '{path}' does not exist")
-        C.load_checkpoint(path, f"student of 03/04 ({name})", mmap=True, keys=C.STUDENT_KEYS)
+        C.load_student_file(path, f"student of 03/04 ({name})")
     if cfg["arch"] == "toy" and os.path.exists(classifier_path(cfg)):
         C.load_checkpoint(classifier_path(cfg), "toy classifier (delete it to retrain)", mmap=True)
     if cfg["eval_w"]:

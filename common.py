@@ -1787,7 +1787,43 @@ def finite_or_stop(value, step, ckpt_path, what="loss"):
         fail(f"{what} became {value} at step {step}; stopping ({kept}). Try a lower --lr or --grad_clip")
 
 
-STUDENT_KEYS = ("ema", "config", "teacher")  # what a student_ema.pt holds (03 and 04 write it; 04 and 05 read it)
+STUDENT_KEYS = ("ema", "config", "teacher", "stage", "step")  # what a student_ema.pt holds (03 and 04 write it; 04 and 05 read it)
+
+
+def student_of(ck):
+    """The student_ema.pt that a training checkpoint implies (its EMA, config, teacher, stage and step)."""
+    return {k: ck[k] for k in STUDENT_KEYS}
+
+
+def save_training_state(ck, run_dir):
+    """ckpt_latest.pt, then the student_ema.pt it implies. A kill between the two writes
+    leaves an older student beside a newer checkpoint: --resume repairs it (repair_student),
+    and load_student_file refuses it."""
+    atomic_torch_save(ck, os.path.join(run_dir, "ckpt_latest.pt"))
+    atomic_torch_save(student_of(ck), os.path.join(run_dir, "student_ema.pt"))
+
+
+def repair_student(ck, run_dir):
+    """On --resume: rewrite student_ema.pt from the checkpoint when it is missing or at
+    another step (the run was killed between save_training_state's two writes)."""
+    path = os.path.join(run_dir, "student_ema.pt")
+    old = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("step") if os.path.isfile(path) else None
+    if old != ck["step"]:
+        atomic_torch_save(student_of(ck), path)
+        print0(f"rewrote '{path}' from ckpt_latest.pt (step {ck['step']}; it held step {old})")
+
+
+def load_student_file(path, what):
+    """A student_ema.pt, refused when the ckpt_latest.pt beside it is at another step:
+    that student is not the one its run implies."""
+    ck = load_checkpoint(path, what, mmap=True, keys=STUDENT_KEYS)
+    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "ckpt_latest.pt")
+    if os.path.isfile(sibling):
+        step = load_checkpoint(sibling, "training checkpoint beside it", mmap=True, keys=("step",))["step"]
+        if step != ck["step"]:
+            fail(f"'{path}' holds step {ck['step']} but '{sibling}' is at step {step} (the run was stopped between "
+                 f"its two writes); rerun that stage with --resume to rewrite the student")
+    return ck
 
 
 def load_checkpoint(path, what, mmap=False, keys=()):

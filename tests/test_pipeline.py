@@ -48,6 +48,32 @@ def test_stage1_resume_is_exact(toy_run):
     assert (toy_run / "straight" / "student_ema.pt").exists() and (toy_run / "straight" / "grid_000006.png").exists()
 
 
+def test_resume_repairs_a_student_older_than_its_checkpoint(toy_run):
+    """A kill between the two writes of a checkpoint (ckpt_latest.pt at step 4, then
+    student_ema.pt) leaves the step-2 student beside the step-4 checkpoint. 04 --init and
+    05 --students refuse that student; --resume, with no step left to run, says so,
+    rewrites the student from the checkpoint and claims no other write."""
+    import shutil
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)  # the stage-1 student that 04 starts from
+    for script, run in (("03_ode_distill.py", "stale_s1"), ("04_gan_finetune.py", "stale_s2")):
+        args = ["--out_dir", toy_run, "--run_name", run, "--steps", 4, "--batch", 8, "--batch_per_device", 8,
+                "--ckpt_every", 2, "--grid_every", 100]
+        run_script(script, *args, "--max_steps_this_run", 2)
+        student, ckpt = toy_run / run / "student_ema.pt", toy_run / run / "ckpt_latest.pt"
+        shutil.copy(student, toy_run / run / "step2.pt")
+        run_script(script, *args, "--resume")
+        shutil.copy(toy_run / run / "step2.pt", student)  # what the kill leaves
+        assert weights(student)["step"] == 2 and weights(ckpt)["step"] == 4
+        for reader in (["05_evaluate.py", "--out_dir", toy_run, "--students", f"x={student}"],
+                       ["04_gan_finetune.py", "--out_dir", toy_run, "--init", student, "--run_name", "unused"]):
+            p = run_script(*reader, check=False)
+            assert p.returncode != 0 and "rerun that stage with --resume" in p.stderr.strip().splitlines()[-1], p.stderr
+        p = run_script(script, *args, "--resume")
+        assert "already complete at step 4" in p.stdout and "rewrote" in p.stdout and "; wrote" not in p.stdout, p.stdout
+        s, ck = weights(student), weights(ckpt)
+        assert s["step"] == 4 and s.keys() == set(C.STUDENT_KEYS) and all(torch.equal(s["ema"][k], ck["ema"][k]) for k in ck["ema"])
+
+
 def close_weights(a, b, parts, tol):
     """Two checkpoints' state dicts agree key by key, to `tol` of each tensor's scale."""
     for part in parts:
@@ -247,14 +273,14 @@ def test_05_takes_the_teachers_guidance_from_the_students(tmp_path):
     teacher = C.EDMTeacher(cfg, torch.device("cpu"))
     G = C.Student(teacher, cfg)
     path = tmp_path / "w2.pt"
-    torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=2.0), teacher=teacher.teacher_id, stage=1), path)
+    torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=2.0), teacher=teacher.teacher_id, stage=1, step=0), path)
     cfg1 = dict(cfg, students=f"w2={path}")
     models, nfe = ev.model_table(cfg1, C.EDMTeacher(cfg1, torch.device("cpu")), torch.device("cpu"))
     assert cfg1["guidance"] == 2.0 and nfe["teacher"] == 70 and nfe["w2"] == 1
     cfg2 = dict(cfg, students=f"w2={path}", guidance_flag=1.5)
     with pytest.raises(SystemExit, match="--guidance 1.5 contradicts .*guidance 2.0"):
         ev.model_table(cfg2, C.EDMTeacher(cfg2, torch.device("cpu")), torch.device("cpu"))
-    torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=3.0), teacher=teacher.teacher_id, stage=1), tmp_path / "w3.pt")
+    torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=3.0), teacher=teacher.teacher_id, stage=1, step=0), tmp_path / "w3.pt")
     cfg3 = dict(cfg, students=f"w2={path},w3={tmp_path / 'w3.pt'}")
     with pytest.raises(SystemExit, match="different guidance scales"):
         ev.model_table(cfg3, C.EDMTeacher(cfg3, torch.device("cpu")), torch.device("cpu"))
