@@ -21,11 +21,13 @@ Throughput vs diffusers' pipeline (same teacher, prompts, z, steps, guidance):
                         python 01_make_pairs.py --preset sd15 --teacher DIR --prompts p.txt --benchmark
 """
 import copy
+import hashlib
 import json
 import os
 import time
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import common as C
@@ -84,14 +86,13 @@ def write_shard(path, x, seeds, labels=None, prompts=None, w=None):
     if w is not None:
         tensors["w"] = w.float()
     meta = {"prompts": json.dumps(prompts)} if prompts is not None else None
-    C.atomic_save_safetensors(tensors, path, metadata=meta)
+    C.atomic(path, lambda f: save_file(tensors, f, metadata=meta))
 
 
 def train_toy_teacher(cfg, device):
     """Train the toy EDM teacher with the EDM loss on the built-in data and write
     its EMA weights (float16) to cfg['teacher']. Label dropout 10% gives it an
     unconditional mode (null class) for classifier-free guidance."""
-    from safetensors.torch import save_file
     torch.manual_seed(cfg["seed"])
     D = C.build_toy_teacher().to(device).train()
     ema = copy.deepcopy(D).eval().requires_grad_(False)
@@ -115,35 +116,31 @@ def train_toy_teacher(cfg, device):
                 pe.lerp_(p, 1 - beta)
         if step % 500 == 0:
             tqdm.write(f"step {step} loss {loss.item():.4f}")
-    os.makedirs(os.path.dirname(os.path.abspath(cfg["teacher"])), exist_ok=True)
-    tmp = cfg["teacher"] + ".tmp"
-    save_file({k: v.half().contiguous() for k, v in ema.state_dict().items()}, tmp)
-    os.replace(tmp, cfg["teacher"])
+    C.atomic(cfg["teacher"], lambda f: save_file({k: v.half().contiguous() for k, v in ema.state_dict().items()}, f))
     print(f"wrote {cfg['teacher']}")
 
 
 @torch.no_grad()
-def benchmark_pairs(cfg, device, batches=2):
+def benchmark_pairs(cfg, prompts, device, batches=2):
     """Our pair generation vs diffusers' own pipeline making the same latents (same
     teacher, prompts, z, steps, guidance, batch), in one run; plus the pure-UNet
     time of the same calls, the floor for both."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    teacher = C.LDMTeacher(cfg, device, load_vae=False)
+    teacher = C.LDMTeacher(cfg, device)
     B = cfg["batch_per_device"]
     cls = StableDiffusionXLPipeline if teacher.kind == "sdxl" else StableDiffusionPipeline
     kw = dict(torch_dtype=teacher.dtype) if teacher.dtype != torch.float32 else {}
     pipe = cls.from_pretrained(teacher.path, **kw).to(device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    seeds = list(range(B))
-    z, prompts = teacher.noise_and_condition(seeds, seeds)
+    z, _ = teacher.noise_and_condition(range(B))
     pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"], guidance_scale=cfg["guidance"],
                height=teacher.pixel_res, width=teacher.pixel_res, output_type="latent")  # warm-up
     ours_t, _ = C.timed(lambda: teacher.solve(z, prompts), device, batches)
     theirs_t, _ = C.timed(lambda: pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"],
                                    guidance_scale=cfg["guidance"], height=teacher.pixel_res, width=teacher.pixel_res,
                                    output_type="latent"), device, batches)
-    cond = C.cat_cond(teacher.encode_uncond(B), teacher.encode_prompts(prompts)) if cfg["guidance"] > 1 else teacher.encode_prompts(prompts)
+    cond = teacher.encode_prompts(prompts, with_uncond=cfg["guidance"] > 1)
     x2 = torch.cat([z, z]).to(device, teacher.dtype) if cfg["guidance"] > 1 else z.to(device, teacher.dtype)
     unet_t, _ = C.timed(lambda: [teacher.unet(x2, t, **cond) for t in teacher.timesteps], device, batches)
     out = dict(ours_pairs_s=B / ours_t, diffusers_pairs_s=B / theirs_t, unet_only_pairs_s=B / unet_t,
@@ -152,47 +149,81 @@ def benchmark_pairs(cfg, device, batches=2):
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def load_prompts(path):
+    """Prompts from a .txt / .jsonl file or a folder of them, one per line. A
+    .jsonl line is a string or an object with 'prompt', 'caption' or 'text'."""
+    if path is None:
+        C.fail("--prompts is required for sd15/sdxl pairs (a .txt/.jsonl file or a folder of them)")
+    if not os.path.exists(path):
+        C.fail(f"prompt path '{path}' does not exist")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".txt", ".jsonl"))) \
+        if os.path.isdir(path) else [path]
+    prompts = []
+    for fn in files:
+        for line in open(fn, encoding="utf-8"):
+            line = line.strip()
+            if line and fn.endswith(".jsonl"):
+                with C.or_fail(f"'{fn}': a .jsonl line is not JSON"):
+                    line = json.loads(line)
+                if isinstance(line, dict):
+                    line = next((line[k] for k in ("prompt", "caption", "text") if k in line), None)
+                if not isinstance(line, str):
+                    C.fail(f"'{fn}': a .jsonl line is neither a string nor an object with a string prompt/caption/text")
+            if line:
+                prompts.append(line)
+    if not prompts:
+        C.fail(f"no prompts found in '{path}' (empty file, or a folder without .txt/.jsonl files)")
+    return prompts
+
+
 def validate(cfg):
-    """Every file this script reads, before any work (the flags' types checked the values)."""
+    """Every file this script reads, before any work (the flags' types checked the values).
+    Returns the prompts (sd15/sdxl) and the manifest of pairs already begun, read once here."""
     if cfg["train_teacher"]:
         if cfg["arch"] != "toy":
             C.fail("--train_teacher trains the toy teacher only")
-        return
+        return None, None
+    prompts = None
     if cfg["family"] == "ldm":
-        C.load_prompts(cfg["prompts"])  # missing, empty or malformed prompt files stop here
-    elif cfg["teacher"] and not os.path.exists(cfg["teacher"]) and cfg["family"] == "edm":
+        prompts = load_prompts(cfg["prompts"])  # missing, empty or malformed prompt files stop here
+        if len(prompts) < cfg["num_pairs"] and not cfg["cycle_prompts"]:
+            C.fail(f"'{cfg['prompts']}' has {len(prompts)} prompts but --num_pairs is {cfg['num_pairs']}; pass --cycle_prompts "
+                   f"to reuse them (pair i takes prompt i mod {len(prompts)}) or lower --num_pairs")
+    elif cfg["teacher"] and not os.path.exists(cfg["teacher"]):
         C.fail(f"--teacher not found at '{cfg['teacher']}'")
     if cfg["benchmark"] and cfg["family"] != "ldm":
         C.fail("--benchmark compares against diffusers' pipelines: use --preset sd15 or sdxl")
-    mpath = os.path.join(cfg["out_dir"], "pairs", "manifest.json")
-    if os.path.isfile(mpath):  # resuming: an unreadable manifest stops here
-        C.read_manifest(os.path.dirname(mpath))
+    pairs_dir = os.path.join(cfg["out_dir"], "pairs")
+    begun = os.path.isfile(os.path.join(pairs_dir, "manifest.json"))
+    return prompts, C.read_manifest(pairs_dir) if begun else None  # resuming: an unreadable manifest stops here
 
 
 def main(argv=None):
     cfg, _ = C.parse_config(__doc__, FLAGS, argv)
-    validate(cfg)
+    prompts, begun = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["train_teacher"]:
         return train_toy_teacher(cfg, device) if rank == 0 else None
 
     if cfg["benchmark"]:
-        print(json.dumps(benchmark_pairs(cfg, device), indent=2))
+        print(json.dumps(benchmark_pairs(cfg, [prompts[i % len(prompts)] for i in range(cfg["batch_per_device"])], device), indent=2))
         return C.cleanup()
     teacher = C.load_teacher(cfg, device)
     pairs_dir = os.path.join(cfg["out_dir"], "pairs")
     N, S = cfg["num_pairs"], cfg["shard_size"]
+    prompts_id = prompts and f"{os.path.basename(os.path.normpath(cfg['prompts']))}:n={len(prompts)}:sha256=" + \
+        hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
     manifest = dict(
         preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id, solver=teacher.solver_name(), num_steps=cfg["num_steps"],
-        nfe=teacher.nfe, guidance=cfg["guidance"], cfg_range=cfg["cfg_range"], z_shape=list(teacher.z_shape),
-        x_shape=list(teacher.z_shape), pair_dtype=cfg["pair_dtype"], num_pairs=N, shard_size=S, seed=cfg["seed"],
-        prompts=getattr(teacher, "prompts_id", None), num_classes=cfg["num_classes"], complete=False,
+        nfe=teacher.nfe, guidance=cfg["guidance"], cfg_range=cfg["cfg_range"], resolution=cfg["resolution"],
+        z_shape=list(teacher.z_shape), x_shape=list(teacher.z_shape), pair_dtype=cfg["pair_dtype"], num_pairs=N, shard_size=S,
+        seed=cfg["seed"], prompts=prompts_id, num_classes=cfg["num_classes"], complete=False,
     )
     mpath = os.path.join(pairs_dir, "manifest.json")
-    if os.path.isfile(mpath):  # resuming: refuse pairs from a different teacher / preset / setting
-        C.check_manifest(C.read_manifest(pairs_dir), manifest, f"the pairs in '{pairs_dir}'")
+    if begun:  # resuming: refuse pairs from a different teacher / preset / setting
+        C.check_manifest(begun, manifest, f"the pairs in '{pairs_dir}'")
     elif rank == 0:
-        C.atomic_write_json(manifest, mpath)
+        C.save_json(manifest, mpath)
     C.barrier()
 
     # Ranks take whole shards (shards[rank::world]); a shard's content depends only
@@ -204,6 +235,10 @@ def main(argv=None):
         C.open_shard(C.shard_path(pairs_dir, k), min(S, N - k * S))
     C.print0(f"{num_shards} shards of {S} pairs: {num_shards - len(todo) * world if world == 1 else 'some'} done, "
              f"{len(todo)} to make on this rank ({world} rank(s), batch_per_device {cfg['batch_per_device']})")
+    def conditions(seeds, idx):  # z from each seed; c the class label drawn from it, or prompt i (mod n) for pair i
+        z, c = teacher.noise_and_condition(seeds)
+        return z, c if prompts is None else [prompts[i % len(prompts)] for i in idx]
+
     t0, made = time.time(), 0
     dtype = getattr(torch, cfg["pair_dtype"])
     for k in tqdm(todo, desc="shards", disable=rank != 0):
@@ -212,9 +247,9 @@ def main(argv=None):
         w = pair_guidance(seeds, cfg["cfg_range"]) if cfg["cfg_range"] else None
         xs, B = [], cfg["batch_per_device"]
         for b in range(0, len(idx), B):
-            z, cond = teacher.noise_and_condition(seeds[b:b + B], idx[b:b + B])
+            z, cond = conditions(seeds[b:b + B], idx[b:b + B])
             xs.append(teacher.solve(z, cond, guidance=None if w is None else w[b:b + B]).to(dtype).cpu())
-        _, cond = teacher.noise_and_condition(seeds, idx)
+        _, cond = conditions(seeds, idx)
         write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, w=w, **teacher.shard_fields(cond))
         made += len(idx)
     dt = time.time() - t0
@@ -228,12 +263,12 @@ def main(argv=None):
             C.fail(f"shards {missing[:5]}... are missing after the run; rerun to finish them")
         first = C.load_shard(C.shard_path(pairs_dir, 0))
         n = min(cfg["grid"], len(first["seed"]))
-        z, _ = teacher.noise_and_condition(first["seed"][:n].tolist(), list(range(n)))
+        z, _ = teacher.noise_and_condition(first["seed"][:n].tolist())
         x_img = teacher.to_images(first["x"][:n].to(device)).cpu()
         z_img = torch.nn.functional.interpolate((z[:, :3] / 3).clamp(-1, 1), size=x_img.shape[-2:], mode="nearest")
         imgs = torch.cat([z_img, x_img])
         C.save_image_grid(imgs, os.path.join(pairs_dir, "pairs.png"), ncol=n, scale=max(1, 64 // imgs.shape[-1]))
-        C.atomic_write_json(dict(manifest, complete=True), mpath)
+        C.save_json(dict(manifest, complete=True), mpath)
         print(f"pairs complete: {N} in '{pairs_dir}' (grid: top z, bottom x = teacher(z))")
     C.cleanup()
 

@@ -23,6 +23,7 @@ SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 02_train_latent_lpips.py --pres
 Reconstruction:      python 02_train_latent_lpips.py --reconstruct
 Speed (Fig. 4):      python 02_train_latent_lpips.py --speed
 """
+import functools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import common as C
@@ -64,7 +66,7 @@ FLAGS = {
     "experiments (exit when done)": [
         ("reconstruct", False, None, "Fig. 5 / A1: reconstruct one image under MSE, LatentLPIPS and E-LatentLPIPS"),
         ("recon_steps", 400, C.INT_POS, "its optimisation steps"),
-        ("lpips_augment", None, None, "its E-LatentLPIPS augmentation (letters b, g, c, o, or bg+cutout)"),
+        ("lpips_augment", None, C.AUGMENT, "its E-LatentLPIPS augmentation (letters b, g, c, o, or bg+cutout)"),
         ("speed", False, None, "Fig. 4: time and memory of E-LatentLPIPS vs decode + pixel LPIPS (SD1.5 shapes)"),
     ],
 }
@@ -101,7 +103,7 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
     start, settings = 0, dict({k: cfg.get(k) for k in CLS_RESUME_KEYS}, world=world)
     if cfg["resume"] and os.path.isfile(state_path):
         ck = C.load_checkpoint(state_path, "phase-1 state", keys=PHASE1_STATE_KEYS)
-        C.check_resume(ck["settings"], settings, CLS_RESUME_KEYS, f"use those settings, or delete '{state_path}' to start phase 1 again")
+        C.check_resume(ck["settings"], settings, f"use those settings, or delete '{state_path}' to start phase 1 again")
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -127,8 +129,9 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
             if world > 1:
                 torch.distributed.all_gather_object(rng, g.get_state())
             if rank == 0:
-                C.atomic_torch_save(dict(net=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), rng=rng,
-                                         step=step + 1, settings=settings), state_path)
+                state = dict(net=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), rng=rng, step=step + 1,
+                             settings=settings)
+                C.atomic(state_path, lambda f: torch.save(state, f))
     if end < steps:
         return None, None
     net.eval()
@@ -298,20 +301,10 @@ def save_curves_and_images(curves, images, path, title, labels=None, size=(420, 
     out = Image.new("RGB", (max(W, strip.width), H + strip.height), "white")
     out.paste(canvas, (0, 0))
     out.paste(strip, (0, H))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = C._tmp_name(path) + ".png"
-    out.save(tmp)
-    os.replace(tmp, path)
+    C.atomic(path, lambda f: out.save(f, format="PNG"))
 
 
 # --- Fig. 4: speed and memory of E-LatentLPIPS vs decode + LPIPS ---------------------
-def sd15_vae_decoder_config():
-    """SD1.5's VAE architecture (random weights: for benchmarking only)."""
-    return dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-
-
 def _peak_mem(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -330,7 +323,8 @@ def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout", latent_size=64
     torch.manual_seed(0)
     target, x0 = (torch.randn(1, 4, latent_size, latent_size, device=device) for _ in range(2))
     latent = C.RegressionLoss("elatent", C.LatentLPIPS(4, 1.0, 3).to(device), augment)
-    vae = AutoencoderKL(**sd15_vae_decoder_config()).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_config(json.load(open(os.path.join(C.SD_CONFIGS, "sd15", "vae.json"))))  # SD1.5's VAE, random weights
+    vae = vae.to(device).eval().requires_grad_(False)
     pixel = C.RegressionLoss("lpips", decode=lambda z: vae.decode(z / 0.18215).sample, pixel_lpips=C.LatentLPIPS(3, 1.0, 0).to(device))
     res = {}
     for name, fn in (("e_latent_lpips", latent), ("pixel_lpips", pixel)):
@@ -351,12 +345,13 @@ def benchmark_lpips_speed(device, repeats=3, augment="bg+cutout", latent_size=64
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def load_ldm_vae(cfg, device):
-    path = C.resolve_pretrained(cfg["teacher"])
-    if not os.path.isdir(os.path.join(path, "vae")):
-        C.fail(f"teacher folder '{path}' is missing the 'vae' component")
+@functools.lru_cache(maxsize=1)
+def load_ldm_vae(teacher, device):
+    """The teacher's VAE, which defines the latent space (loaded once per run)."""
     from diffusers import AutoencoderKL
-    vae = C.pretrained_part(cfg["teacher"], "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae"))
+    path = C.resolve_pretrained(teacher)
+    with C.or_fail(f"teacher '{teacher}': its vae does not load", "pass a complete diffusers folder with --teacher"):
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
     vae = vae.to(device).eval().requires_grad_(False)
     return vae, vae.config.scaling_factor
 
@@ -392,28 +387,24 @@ def cached_image_latents(cfg, device, shard=1024):
     manifest = dict(images=os.path.abspath(cfg["images"]), n=len(items), image_size=cfg["image_size"], teacher=cfg["teacher"])
     mpath = os.path.join(cache, "manifest.json")
     if os.path.isfile(mpath):
-        try:
-            found = json.load(open(mpath))
-        except ValueError as e:
-            found = f"{type(e).__name__}: {e}"
-        if not isinstance(found, dict):
-            C.fail(f"latent cache manifest '{mpath}' is corrupt ({found}); delete '{cache}' to re-encode")
+        with C.or_fail(f"latent cache manifest '{mpath}' is corrupt", f"delete '{cache}' to re-encode"):
+            found = dict(json.load(open(mpath)))
         diff = [k for k in manifest if found.get(k) != manifest[k]]
         if diff:
             C.fail(f"latent cache '{cache}' was made from other images/settings (differs in {diff}); use another --out_dir")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if rank == 0:
-        C.atomic_write_json(manifest, mpath)
+        C.save_json(manifest, mpath)
     n_shards = (len(items) + shard - 1) // shard
     todo = [k for k in range(n_shards)[rank::world] if not os.path.isfile(os.path.join(cache, f"shard_{k:06d}.safetensors"))]
     if todo:
-        vae, scaling = load_ldm_vae(cfg, device)
+        vae, scaling = load_ldm_vae(cfg["teacher"], device)
         from tqdm import tqdm
         for k in tqdm(todo, desc="encoding images", disable=rank != 0):
             part = items[k * shard:(k + 1) * shard]
             imgs = torch.stack([C.load_image(p, cfg["image_size"]) for p, _ in part])
-            C.atomic_save_safetensors(dict(x=encode_images(vae, scaling, imgs, device).half(),
-                                         y=torch.tensor([l for _, l in part])), os.path.join(cache, f"shard_{k:06d}.safetensors"))
+            shard_k = dict(x=encode_images(vae, scaling, imgs, device).half().contiguous(), y=torch.tensor([l for _, l in part]))
+            C.atomic(os.path.join(cache, f"shard_{k:06d}.safetensors"), lambda f: save_file(shard_k, f))
     C.barrier()
     x, y = [], []
     for k in range(n_shards):
@@ -431,7 +422,7 @@ def first_cached_latent(cfg, device):
     path = os.path.join(cfg["out_dir"], "lpips", "latents", "shard_000000.safetensors")
     if not os.path.isfile(path):
         C.fail(f"no cached latents at '{path}'; run phase 1 with --images first")
-    vae, scaling = load_ldm_vae(cfg, device)
+    vae, scaling = load_ldm_vae(cfg["teacher"], device)
     return C.load_shard(path)["x"][:1].float().to(device), lambda z: vae.decode(z / scaling).sample.clamp(-1, 1)
 
 
@@ -441,7 +432,7 @@ def load_bapps(cfg, split, device, files=None):
     `files`: that split's `bapps_files`, when the up-front check has read them."""
     refs, p0s, p1s, judges = files or bapps_files(cfg, split)
     if cfg["family"] == "ldm":
-        vae, scaling = load_ldm_vae(cfg, device)
+        vae, scaling = load_ldm_vae(cfg["teacher"], device)
         conv = lambda paths: encode_images(vae, scaling, torch.stack([C.load_image(p, 64) for p in paths]), device)
     else:
         conv = lambda paths: torch.stack([C.load_image(p, cfg["resolution"]) for p in paths])
@@ -468,10 +459,8 @@ def bapps_files(cfg, split):
             p0s.append(os.path.join(root, sub, "p0", nm + ".png"))
             p1s.append(os.path.join(root, sub, "p1", nm + ".png"))
             judge = os.path.join(root, sub, "judge", nm + ".npy")
-            try:
+            with C.or_fail(f"BAPPS judgment '{judge}' is unreadable"):
                 judges.append(float(np.load(judge).reshape(-1)[0]))
-            except (OSError, ValueError, IndexError) as e:
-                C.fail(f"BAPPS judgment '{judge}' is unreadable ({type(e).__name__}: {e})")
     missing = [p for p in refs + p0s + p1s if not os.path.isfile(p)]
     if missing or not judges:
         C.fail(f"BAPPS split '{root}' is incomplete: " + (f"'{missing[0]}' is missing" if missing else "no judge/*.npy files"))
@@ -524,7 +513,7 @@ def main(argv=None):
             except ValueError:
                 print(f"warning: '{metrics_path}' is unreadable; rewriting it with the reconstruction's metrics only")
                 m = {}
-            C.atomic_write_json({**m, **res}, metrics_path)
+            C.save_json({**m, **res}, metrics_path)
             print(json.dumps(res), f"\nwrote {png}")
         return C.cleanup()
 
@@ -545,15 +534,14 @@ def main(argv=None):
         C.print0(f"phase 1: held-out top-1 {acc:.4f}")
         ncls, in_ch = int(y.max()) + 1, x.shape[1]
         if rank == 0:
-            C.atomic_torch_save(dict(state_dict=net.state_dict(), top1=acc, num_classes=ncls, in_ch=in_ch,
-                                     width=cfg["lpips_width"], pools_removed=cfg["lpips_pools_removed"]), cls_path)
+            cls = dict(state_dict=net.state_dict(), top1=acc, num_classes=ncls, in_ch=in_ch, width=cfg["lpips_width"],
+                       pools_removed=cfg["lpips_pools_removed"])
+            C.atomic(cls_path, lambda f: torch.save(cls, f))
     metrics = dict(top1=acc, phase1_seconds=round(time.time() - t0, 1))
     if rank == 0:
         lp = C.LatentLPIPS(in_ch, cfg["lpips_width"], cfg["lpips_pools_removed"], ncls)
-        try:
+        with C.or_fail(f"'{cls_path}' does not match --lpips_width/--lpips_pools_removed"):
             lp.net.load_state_dict(net.state_dict() if net is not None else ck["state_dict"])
-        except RuntimeError as e:
-            C.fail(f"'{cls_path}' does not match --lpips_width/--lpips_pools_removed ({str(e).splitlines()[0]})")
         lp = lp.to(device)
         t1 = time.time()
         if cfg["bapps"]:
@@ -562,8 +550,8 @@ def main(argv=None):
             n = cfg["num_triplets"]
             train, val = toy_triplets(n - n // 5, cfg["seed"] + 1), toy_triplets(n // 5, cfg["seed"] + 2)
         metrics.update(calibrate(lp, train, val, cfg, device), phase2_seconds=round(time.time() - t1, 1))
-        C.atomic_torch_save(dict(config=lp.config, state_dict=lp.state_dict(), metrics=metrics, preset=cfg["preset"]), ckpt)
-        C.atomic_write_json(metrics, metrics_path)
+        C.atomic(ckpt, lambda f: torch.save(dict(config=lp.config, state_dict=lp.state_dict(), metrics=metrics, preset=cfg["preset"]), f))
+        C.save_json(metrics, metrics_path)
         print(json.dumps(metrics, indent=2), f"\nwrote {ckpt}")
     C.cleanup()
 

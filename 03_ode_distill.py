@@ -11,7 +11,7 @@ Output: <out_dir>/distill/{student_ema.pt, ckpt_latest.pt, metrics.jsonl, grid_*
         student_ema.pt is what 04 and 05 read.
 
 Toy (CPU, ~3 min):   python 03_ode_distill.py
-CIFAR10 (1 GPU):     python 03_ode_distill.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl --pixel_lpips imagenet
+CIFAR10 (1 GPU):     python 03_ode_distill.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl   (pip install lpips)
 SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 03_ode_distill.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth --dtype bfloat16
 Table 1 ablation:    python 03_ode_distill.py --loss mse --out_dir runs/toy --run_name distill_mse
 """
@@ -29,9 +29,8 @@ FLAGS = {
     "run": C.RUN_FLAGS + [("run_name", "distill", None, "output subfolder of out_dir")] + C.TRAIN_RUN_FLAGS,
     "inputs": C.TRAIN_INPUT_FLAGS,
     "loss (Eq. 1-4, Table 1)": [
-        ("loss", None, C.LOSSES, "d in Eq. 1 (Table A1: elatent; SD-CFG-3 elatent+latent; CIFAR10 lpips)"),
-        ("lpips_augment", None, None, "E-LatentLPIPS augmentation T (Eq. 3): letters b, g, c, o (cutout), or bg+cutout"),
-        ("lpips_l1", False, None, "+ mean |G - x| (the official E-LatentLPIPS add_l1_loss; not in the paper)"),
+        ("loss", None, C.LOSS, "d in Eq. 1 (Table A1: elatent; SD-CFG-3 elatent+latent; CIFAR10 lpips)"),
+        ("lpips_augment", None, C.AUGMENT, "E-LatentLPIPS augmentation T (Eq. 3): letters b, g, c, o (cutout), or bg+cutout"),
     ],
     "optimisation (Table A1)": C.TRAIN_BATCH_FLAGS + [
         ("optimizer", None, ("adam", "radam"), "Adam(W), or RAdam (CIFAR10)"),
@@ -61,9 +60,6 @@ STAGE1 = {  # Table A1's stage-1 row per preset (toy: scaled to 2 CPU cores)
 # micro-batches: the paper's per-GPU batch where one 80 GB GPU holds it (measured on an H100, README "Before booking
 # a cluster": SD1.5 at 32 peaks at 57.4 GB; SDXL at 8 needs gradient checkpointing, 53.0 GB)
 STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
-# settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
-RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "optimizer", "lr", "lr_end", "betas", "weight_decay",
-               "attn_weight_decay", "dropout", "ema_start", "ema_beta", "seed", "pairs_id", "teacher", "dtype")
 RESUME_CKPT_KEYS = ("model", "ema", "opt", "step", "config", "teacher", "stage")  # what ckpt_latest.pt holds
 
 
@@ -72,26 +68,42 @@ def get_config(argv=None):
     return C.parse_config(__doc__, FLAGS, argv, STAGE1)[0]
 
 
+def set_dropout(net, rate):
+    """Set the dropout rate everywhere: torch Dropout layers (the toy U-Net) and the
+    float `dropout` attribute of the official NVlabs EDM blocks, which otherwise
+    keep the rate stored in the pickle (0.13 for CIFAR10). Prints the rate in effect."""
+    n = 0
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p, n = rate, n + 1
+        elif isinstance(vars(m).get("dropout"), float):  # an instance attribute (not a diffusers config value)
+            m.dropout, n = rate, n + 1
+    C.print0(f"student dropout: {rate} in {n} layers")
+    return n
+
+
 def validate(cfg):
     """Every file this stage reads, before any work (the flags' types checked the values;
-    training_setup checks the batch split before it builds anything)."""
+    training_setup checks the batch split before it builds anything), read once:
+    returns the pairs' manifest and the --resume checkpoint (memory-mapped)."""
     if cfg["benchmark_steps"]:
-        return
+        return None, None
     if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
         C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
-    C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
+    m = C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
     ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
-    if cfg["resume"] and os.path.isfile(ckpt):
-        C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS)
+    resume = cfg["resume"] and os.path.isfile(ckpt)
+    return m, C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None
 
 
 def main(argv=None):
     cfg = get_config(argv)
-    validate(cfg)
+    manifest, ck = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
-    accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
+    accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device, manifest)
     loss_fn = C.build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
+    set_dropout(G.net, cfg["dropout"])  # Table A1: CIFAR10 trains with dropout 0.1
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
     ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -101,9 +113,8 @@ def main(argv=None):
     opt = C.make_optimizer(cfg["optimizer"], C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]),
                            cfg["lr"], tuple(float(b) for b in cfg["betas"].split(",")))
     step, bench = 0, cfg["benchmark_steps"] > 0
-    if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, "stage-1 checkpoint", keys=RESUME_CKPT_KEYS)
-        C.check_resume(ck["config"], cfg, RESUME_KEYS)
+    if ck:
+        C.check_resume(ck["config"], cfg)
         C.load_full_state(G, ck["model"], opt, ck["opt"], what=f"checkpoint '{ckpt_path}'")
         C.load_full_state(ema, ck["ema"], what=f"checkpoint '{ckpt_path}'")
         step = ck["step"]
@@ -116,7 +127,7 @@ def main(argv=None):
     log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
     viewer = rank == 0 or cfg["fsdp"]  # the ranks that run the EMA for grids
     if rank == 0 and not bench:
-        C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
+        C.save_json(cfg, os.path.join(run_dir, "config.json"))
     if viewer and not bench:
         w_ho = C.mid_guidance(cfg)
         z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
@@ -142,10 +153,11 @@ def main(argv=None):
         C.print0(f"already complete at step {step} of {cfg['steps']}: nothing to run ({run_dir}/student_ema.pt is that step's student)")
     start = step
     bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 1", disable=rank != 0)
-    t0, seen, timer = time.time(), 0, C.StepTimer(device)
-    if bench:
-        timer.tick()
+    t0, seen = time.time(), 0
     for step in bar:
+        if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
+            C.synchronize(device)
+            t_bench, n_bench = time.perf_counter(), end - step
         lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"])
         for g in opt.param_groups:
             g["lr"] = lr
@@ -169,8 +181,6 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
-        if bench:  # the sizing timer synchronises the GPU: not in real runs
-            timer.tick()
         if step % cfg["log_every"] == 0 or step == cfg["steps"] - 1:
             rate = seen / (time.time() - t0)
             log.write(step=step, loss=total, img_s=rate, lr=lr)
@@ -182,7 +192,9 @@ def main(argv=None):
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
             grid(step + 1)
     if bench:
-        timer.report(cfg, world, dict(G=G), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"))
+        C.synchronize(device)
+        C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G),
+                        ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"))
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

@@ -6,10 +6,10 @@ stage-1 student with a conditional GAN whose discriminator is the teacher U-Net
     L_D = -log D(c, z, x) - log(1 - D(c, z, G(z, c)))        (Eq. 5, softplus form)
     L_G = d_E-LatentLPIPS(G(z, c), x) + lambda_GAN * -log D(c, z, G(z, c))   (Eq. 6)
 
-One D update per G update. Each Table 2 component is a flag:
-    --diffusion_d (always: D from the teacher's weights), --z_cond, --r1_gamma > 0
-    (single-sample, every --r1_every D steps), --multiscale, --mix_match FRACTION,
-    --noise_aug (SDXL preset).
+One D update per G update. D always starts from the teacher's weights (Table 2's
+"+ Diffusion D"); each further Table 2 component is a flag: --z_cond, --r1_gamma > 0
+(single-sample, every --r1_every D steps), --multiscale, --mix_match FRACTION, and
+--noise_aug (the SDXL preset's).
 
 Input:  <out_dir>/distill/student_ema.pt (03), <out_dir>/pairs, LatentLPIPS
 Output: <out_dir>/gan/{student_ema.pt, ckpt_latest.pt, metrics.jsonl, grid_*.png}
@@ -36,9 +36,8 @@ FLAGS = {
     ],
     "inputs": C.TRAIN_INPUT_FLAGS + [("init", None, None, "stage-1 student (default <out_dir>/distill/student_ema.pt)")],
     "generator loss (Eq. 6)": [
-        ("loss", None, C.LOSSES, "the regression term (default: the stage-1 student's loss)"),
-        ("lpips_augment", None, None, "E-LatentLPIPS augmentation (default: the stage-1 student's)"),
-        ("lpips_l1", False, None, "+ mean |G - x| (the official E-LatentLPIPS add_l1_loss; not in the paper)"),
+        ("loss", None, C.LOSS, "the regression term (default: the stage-1 student's loss)"),
+        ("lpips_augment", None, C.AUGMENT, "E-LatentLPIPS augmentation (default: the stage-1 student's)"),
         ("lambda_gan", None, C.NONNEG, "lambda_GAN (Table A1: 0.25 SD1.5, 1.0 SDXL)"),
     ],
     "discriminator (§3.3, Table 2, Fig. 7)": [
@@ -48,8 +47,7 @@ FLAGS = {
         ("r1_every", 16, C.INT_POS, "lazy R1: every this many D steps"),
         ("mix_match", None, C.FRACTION, "'+ mix-and-match': fraction of fakes replaced by mismatched real pairs"),
         ("noise_aug", None, bool, "diffuse D's input to a random t first (SDXL, Table A1)"),
-        ("d_sigma", 0.5, C.POS, "toy/EDM: D's noise level"),
-        ("d_timestep", 0, C.INT_NONNEG, "SD: D's timestep"),
+        ("d_t", None, C.NONNEG, "D's noise level without --noise_aug: EDM sigma (toy 0.5), SD timestep (0)"),
     ],
     "optimisation (Table A1)": C.TRAIN_BATCH_FLAGS + [
         ("lr", None, C.POS, "G learning rate (cosine decay to --lr_end)"),
@@ -69,13 +67,13 @@ FLAGS = {
 # 1.0 (SDXL's) give D enough signal in the toy budget (README, Table 2).
 STAGE2 = {
     "toy": dict(steps=300, batch=32, batch_per_device=32, grad_ckpt=False, lr=5e-5, lr_end=1e-5, d_lr=2e-4, d_lr_end=2e-4,
-                lambda_gan=1.0, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.0,0.99", weight_decay=0.0, attn_weight_decay=0.0,
+                lambda_gan=1.0, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_t=0.5, d_betas="0.0,0.99", weight_decay=0.0, attn_weight_decay=0.0,
                 ema_start=0, ema_beta=0.99, grid_every=100, ckpt_every=100),
     "sd15": dict(steps=10_000, batch=256, batch_per_device=16, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5,
-                 lambda_gan=0.25, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_betas="0.9,0.999", weight_decay=1e-2,
+                 lambda_gan=0.25, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_t=0, d_betas="0.9,0.999", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
     "sdxl": dict(steps=30_000, batch=512, batch_per_device=4, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5, lambda_gan=1.0,
-                 r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_betas="0.0,0.99", weight_decay=1e-2,
+                 r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_t=0, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
 STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
@@ -83,11 +81,6 @@ STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 20
 # checkpointing (51.7 GB; without it D's forward runs out of memory). SDXL does not fit one 80 GB GPU under DDP at
 # any micro-batch (92.5 GB of model state): it needs --fsdp over 2 or more GPUs. At the paper's 4 per GPU, one
 # H200 (--fsdp over one process) peaked at 91.0 GB, 86.1 of it state that --fsdp divides by the number of GPUs.
-# settings a --resume must not change silently (batch_per_device may: same global batch; --steps may, to extend a run)
-RESUME_KEYS = ("batch", "loss", "lpips_augment", "lpips_l1", "lr", "lr_end", "d_lr", "d_lr_end", "betas", "d_betas",
-               "weight_decay", "attn_weight_decay", "lambda_gan", "z_cond", "multiscale", "r1_gamma", "r1_every",
-               "mix_match", "noise_aug", "d_sigma", "d_timestep", "ema_start", "ema_beta", "seed", "pairs_id", "teacher",
-               "init", "dtype")
 RESUME_CKPT_KEYS = ("model", "ema", "D", "opt", "opt_d", "step", "config", "teacher", "stage")  # what ckpt_latest.pt holds
 
 
@@ -110,16 +103,16 @@ def zero_conv(cin, cout):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, teacher, z_cond=True, multiscale=True, d_sigma=0.5, d_timestep=0, noise_aug=False):
+    def __init__(self, teacher, z_cond=True, multiscale=True, d_t=None, noise_aug=False):
         super().__init__()
         self.family = teacher.family
         net = teacher.trainable_copy()  # float32, from the teacher's full-precision weights, on its device
         self.unet = (net.unet if self.family == "edm" else net).train().requires_grad_(True)
         dev = next(self.unet.parameters()).device  # nothing below assumes a device: D is built where the teacher is
         if self.family == "edm":
-            self.sigma_data, self.d_sigma = teacher.net.sigma_data, d_sigma
+            self.sigma_data, self.d_t = teacher.net.sigma_data, 0.5 if d_t is None else d_t  # EDM: a noise level sigma
         else:
-            self.d_timestep = d_timestep
+            self.d_t = int(d_t or 0)  # SD: a timestep
             self.register_buffer("alphas_cumprod", teacher.alphas_cumprod.to(dev, copy=True))
         self.noise_aug, self.multiscale = noise_aug, multiscale
         ch, widths = self.unet.config.in_channels, self.unet.config.block_out_channels
@@ -146,13 +139,13 @@ class Discriminator(nn.Module):
         block], or only the last block's output without multi-scale."""
         u, h = self.unet, x + self.z_conv(z) if self.z_conv is not None else x  # z enters with x
         if self.family == "edm":  # UNet2DModel at noise level sigma, EDM's c_in and c_noise
-            sigma = torch.full((len(x),), self.d_sigma, device=x.device) if t is None else t
+            sigma = torch.full((len(x),), self.d_t, device=x.device) if t is None else t
             h = 1 / (self.sigma_data ** 2 + sigma.view(-1, 1, 1, 1) ** 2).sqrt() * h
             emb = u.time_embedding(u.time_proj(sigma.log() / 4).to(u.dtype)) + u.class_embedding(cond).to(u.dtype)
             text = {}
         else:  # UNet2DConditionModel at timestep t, text (and SDXL's added) conditioning
-            t = torch.full((len(x),), self.d_timestep, device=x.device, dtype=torch.long) if t is None else t
-            cond = C.cast_cond(cond, u.dtype)
+            t = torch.full((len(x),), self.d_t, device=x.device, dtype=torch.long) if t is None else t
+            cond = C.map_cond(lambda v: v.to(u.dtype), cond)
             emb = u.time_embedding(u.get_time_embed(sample=h, timestep=t))
             aug = u.get_aug_embed(emb=emb, encoder_hidden_states=cond["encoder_hidden_states"],
                                   added_cond_kwargs=cond.get("added_cond_kwargs", {}))
@@ -243,6 +236,8 @@ def r1_penalty(D, x, z, cond, weight=None):
 
 
 MIX_KINDS = ("unrelated", "wrong_c", "wrong_z")
+LOSS_KEYS = ("loss", "lpips_augment", "lpips_ckpt")  # the regression loss's setup: stage 1's unless a flag sets it
+STATS = ("loss_g", "loss_reg", "loss_d", "logit_real", "logit_fake", "r1")  # what a step logs
 
 
 def mix_and_match_plan(seed, step, positions, own, frac, n):
@@ -278,28 +273,14 @@ def mix_and_match(x_fake, z, cond, plan, x_p, z_p, cond_p):
     """Apply a plan: fake k becomes the real latent x_j of its partner (row r of
     x_p, z_p, cond_p), with (z_k, c_k) unrelated, (z_j, c_k) wrong c, or (z_k, c_j)
     wrong z. All go into D's fake batch (labelled fake). Returns new (x, z, cond)."""
-    x, zz = x_fake.clone(), z.clone()
-    cc = cond.clone() if torch.is_tensor(cond) else {k: (v.clone() if torch.is_tensor(v) else {kk: vv.clone() for kk, vv in v.items()})
-                                                     for k, v in cond.items()}
+    x, zz, cc = x_fake.clone(), z.clone(), C.map_cond(torch.clone, cond)
     for r, (k, kind, _) in enumerate(plan):
         x[k] = x_p[r]
         if kind == "wrong_c":
             zz[k] = z_p[r]
         if kind == "wrong_z":
-            _set_cond(cc, cond_p, k, r)
+            C.map_cond(lambda dst, src: dst.__setitem__(k, src[r]), cc, cond_p)
     return x, zz, cc
-
-
-def _set_cond(dst, src, i, j):
-    if torch.is_tensor(src):
-        dst[i] = src[j]
-        return
-    for k, v in src.items():
-        if torch.is_tensor(v):
-            dst[k][i] = v[j]
-        else:
-            for kk, vv in v.items():
-                dst[k][kk][i] = vv[j]
 
 
 def sync_grads(model, bucket_mb=256):
@@ -323,13 +304,6 @@ def sync_grads(model, bucket_mb=256):
             p.grad.copy_(g.view_as(p))
 
 
-def cond_slice(cond, n):
-    """The first n samples of a condition (labels tensor or U-Net kwargs dict)."""
-    if torch.is_tensor(cond):
-        return cond[:n]
-    return {k: (v[:n] if torch.is_tensor(v) else {kk: vv[:n] for kk, vv in v.items()}) for k, v in cond.items()}
-
-
 def requires_grad(model, flag):
     for p in model.parameters():
         p.requires_grad_(flag)
@@ -350,7 +324,7 @@ def export_diffusers(cfg, teacher, path, ck):
     G.net.save_pretrained(os.path.join(cfg["export"], "unet"))
     LCMScheduler.from_config(teacher.scheduler.config).save_pretrained(os.path.join(cfg["export"], "scheduler"))
     call = dict(num_inference_steps=1, timesteps=[teacher.T], guidance_scale="w" if G.w_cond else 1.0)
-    C.atomic_write_json(dict(teacher=cfg["teacher"], student=path, pipeline_call=call), os.path.join(cfg["export"], "export.json"))
+    C.save_json(dict(teacher=cfg["teacher"], student=path, pipeline_call=call), os.path.join(cfg["export"], "export.json"))
     print(f"exported to {cfg['export']}: unet/, scheduler/ (LCMScheduler); call the pipeline with {call}")
 
 
@@ -362,24 +336,25 @@ def get_config(argv=None):
 
 def validate(cfg):
     """Every file this stage reads, before any work (the flags' types checked the values;
-    training_setup checks the batch split before it builds anything)."""
+    training_setup checks the batch split before it builds anything), read once:
+    returns the pairs' manifest, the stage-1 student and the --resume checkpoint."""
     if cfg["benchmark_steps"] or cfg["export"]:
-        return
+        return None, None, None
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
     if not os.path.isfile(init):
         C.fail(f"stage-1 student not found at '{init}'; run 03_ode_distill.py first or pass --init")
-    C.load_student_file(init, "stage-1 student (03's student_ema.pt)")
+    s1 = C.load_student_file(init, "stage-1 student (03's student_ema.pt)")
     if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
         C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
-    C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
+    m = C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
     ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
-    if cfg["resume"] and os.path.isfile(ckpt):
-        C.load_checkpoint(ckpt, "stage-2 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS)
+    resume = cfg["resume"] and os.path.isfile(ckpt)
+    return m, s1, C.load_checkpoint(ckpt, "stage-2 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None
 
 
 def main(argv=None):
     cfg, given = get_config(argv)
-    validate(cfg)
+    manifest, s1, ck = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["export"]:
         if cfg["family"] != "ldm":
@@ -388,25 +363,22 @@ def main(argv=None):
             path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
             ck = C.load_student_file(path, "student (student_ema.pt)")
             cfg["num_steps"] = ck["config"]["num_steps"]
-            export_diffusers(cfg, C.LDMTeacher(cfg, device, load_vae=False), path, ck)
+            export_diffusers(cfg, C.LDMTeacher(cfg, device), path, ck)
         return C.cleanup()
-    accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device)
+    accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device, manifest)
     bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
-    init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
-    s1 = None if bench else C.load_student_file(init, "stage-1 student (03's student_ema.pt)")
-    if s1 and s1.get("teacher") != teacher.teacher_id:
-        C.fail(f"stage-1 student was distilled from '{s1.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
-    for k in ("loss", "lpips_augment"):  # the regression term stays stage 1's unless a flag changes it
-        if s1 and k not in given:
-            cfg[k] = s1["config"][k]
-    C.print0(f"regression term: --loss {cfg['loss']}, --lpips_augment {cfg['lpips_augment']} "
-             f"({'flags' if {'loss', 'lpips_augment'} & given or not s1 else 'from the stage-1 student'})")
+    if s1 and s1["teacher"] != teacher.teacher_id:
+        C.fail(f"stage-1 student was distilled from '{s1['teacher']}', not from this teacher '{teacher.teacher_id}'")
+    taken = [k for k in LOSS_KEYS if s1 and k not in given]  # the regression term stays stage 1's unless a flag sets it
+    cfg.update({k: s1["config"][k] for k in taken})
+    C.print0("regression term: " + ", ".join(f"--{k} {cfg[k]}" for k in LOSS_KEYS) + (f" ({', '.join(taken)} from the stage-1 "
+             "student)" if taken else ""))
     loss_fn = C.build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
     if s1:
         G.load_state_dict(s1["ema"])
     ema = copy.deepcopy(G).eval().requires_grad_(False)
-    D = Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_sigma"], cfg["d_timestep"], cfg["noise_aug"]).to(device)
+    D = Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_t"], cfg["noise_aug"]).to(device)
     C.check_state_fits(device, G, D, shards=world if cfg["fsdp"] else 1)
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
@@ -424,9 +396,8 @@ def main(argv=None):
         with torch.no_grad():
             x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
     step = 0
-    if cfg["resume"] and not bench and os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, "stage-2 checkpoint", keys=RESUME_CKPT_KEYS)
-        C.check_resume(ck["config"], cfg, RESUME_KEYS)
+    if ck:
+        C.check_resume(ck["config"], cfg)
         for net, key, opt, opt_key in ((G, "model", opt_g, "opt"), (D, "D", opt_d, "opt_d"), (ema, "ema", None, None)):
             C.load_full_state(net, ck[key], opt, ck.get(opt_key), what=f"checkpoint '{ckpt_path}'")
         step = ck["step"]
@@ -437,7 +408,7 @@ def main(argv=None):
              f"R1 gamma={cfg['r1_gamma']} every {cfg['r1_every']}, mix-and-match={cfg['mix_match']}, noise_aug={cfg['noise_aug']}")
     log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
     if rank == 0 and not bench:
-        C.atomic_write_json(cfg, os.path.join(run_dir, "config.json"))
+        C.save_json(cfg, os.path.join(run_dir, "config.json"))
     teacher.release_unet()
 
     def save(step):  # the resumable state, and the EMA student that 05 reads (also from a run stopped early)
@@ -461,17 +432,18 @@ def main(argv=None):
         C.print0(f"already complete at step {step} of {cfg['steps']}: nothing to run ({run_dir}/student_ema.pt is that step's student)")
     start = step
     bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 2", disable=rank != 0)
-    t0, seen, d_wins, timer = time.time(), 0, 0, C.StepTimer(device)
-    if bench:
-        timer.tick()
+    t0, seen, d_wins = time.time(), 0, 0
     for step in bar:
+        if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
+            C.synchronize(device)
+            t_bench, n_bench = time.perf_counter(), end - step
         lr, d_lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"]), C.lr_at(step, cfg["steps"], cfg["d_lr"], cfg["d_lr_end"])
         for g in opt_g.param_groups:
             g["lr"] = lr
         for g in opt_d.param_groups:
             g["lr"] = d_lr
         do_r1 = cfg["r1_gamma"] > 0 and step % cfg["r1_every"] == 0
-        stats = torch.zeros(6, device=device)  # loss_g, loss_reg, loss_d, logit_real, logit_fake, r1
+        st = {k: torch.zeros((), device=device) for k in STATS}  # this step's statistics, summed over its micro-batches
         mixed = torch.zeros(3, device=device)  # mix-and-match fakes of each kind in this step (all ranks)
         for m, (chunk, idx) in enumerate(C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum)):
             torch.manual_seed(cfg["seed"] * 1_000_003 + step * 4099 + chunk)
@@ -498,19 +470,21 @@ def main(argv=None):
                 loss_d = gan_loss_d(lr_real, lr_fake)
             (loss_d / accum).backward()
             if do_r1 and m == 0:  # single-sample R1, lazy: scaled by the interval
-                stats[5] += r1_penalty(D, x_real[:1], z[:1], cond_slice(cond, 1), weight=0.5 * cfg["r1_gamma"] * cfg["r1_every"])
+                st["r1"] += r1_penalty(D, x_real[:1], z[:1], C.map_cond(lambda t: t[:1], cond),
+                                       weight=0.5 * cfg["r1_gamma"] * cfg["r1_every"])
             # G step (Eq. 6): regression + non-saturating GAN loss; D frozen
             requires_grad(D, False)
             with C.autocast(device, cfg["dtype"]):
                 loss_reg = loss_fn(x_fake, x_real).mean()
                 loss_g = loss_reg + cfg["lambda_gan"] * gan_loss_g(D(x_fake, z, cond))
             (loss_g / accum).backward()
-            stats[:5] += torch.stack([loss_g.detach(), loss_reg.detach(), loss_d.detach(), d_score(lr_real).mean().detach(),
-                                      d_score(lr_fake).mean().detach()]) / accum
-        stats = C.all_reduce_mean(stats).tolist()
+            for k, v in dict(loss_g=loss_g, loss_reg=loss_reg, loss_d=loss_d, logit_real=d_score(lr_real).mean(),
+                             logit_fake=d_score(lr_fake).mean()).items():
+                st[k] += v.detach() / accum
+        st = dict(zip(STATS, C.all_reduce_mean(torch.stack(list(st.values()))).tolist()))
         mixed = (C.all_reduce_mean(mixed) * world).round().int().tolist()
-        for name, v in zip(("loss_g", "loss_d", "r1"), (stats[0], stats[2], stats[5])):
-            C.finite_or_stop(v, step, ckpt_path, name)
+        for k in ("loss_g", "loss_d", "r1"):
+            C.finite_or_stop(st[k], step, ckpt_path, k)
         for model, opt in ((D, opt_d), (G, opt_g)):
             if not cfg["fsdp"]:  # FSDP reduce-scattered them in backward
                 sync_grads(model)
@@ -520,17 +494,16 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
-        if bench:  # the sizing timer synchronises the GPU: not in real runs
-            timer.tick()
-        d_wins = d_wins + 1 if stats[3] - stats[4] > 8 else 0
+        d_wins = d_wins + 1 if st["logit_real"] - st["logit_fake"] > 8 else 0
         if d_wins == 50:
-            C.print0(f"warning: step {step}: D separates real and fake by {stats[3] - stats[4]:.1f} logits for 50 steps "
+            C.print0(f"warning: step {step}: D separates real and fake by {st['logit_real'] - st['logit_fake']:.1f} logits for 50 steps "
                      f"(D is overpowering G: consider a larger --r1_gamma or a lower --d_lr)")
         if step % cfg["log_every"] == 0 or do_r1 or step == cfg["steps"] - 1:
             rate = seen / (time.time() - t0)
-            log.write(step=step, loss_g=stats[0], loss_reg=stats[1], loss_d=stats[2], logit_real=stats[3], logit_fake=stats[4],
-                      r1=stats[5] if do_r1 else None, mixed=dict(zip(MIX_KINDS, mixed)), img_s=rate, lr=lr, d_lr=d_lr)
-            bar.set_postfix(reg=f"{stats[1]:.4f}", d=f"{stats[2]:.3f}", real=f"{stats[3]:.2f}", fake=f"{stats[4]:.2f}")
+            log.write(step=step, **dict(st, r1=st["r1"] if do_r1 else None), mixed=dict(zip(MIX_KINDS, mixed)), img_s=rate, lr=lr,
+                      d_lr=d_lr)
+            bar.set_postfix(reg=f"{st['loss_reg']:.4f}", d=f"{st['loss_d']:.3f}", real=f"{st['logit_real']:.2f}",
+                            fake=f"{st['logit_fake']:.2f}")
         if bench:
             continue
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end:
@@ -538,8 +511,10 @@ def main(argv=None):
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
             grid(step + 1)
     if bench:
-        timer.report(cfg, world, dict(G=G, D=D), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment",
-                                                  "z_cond", "multiscale", "r1_gamma", "r1_every", "mix_match", "noise_aug"))
+        C.synchronize(device)
+        C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G, D=D),
+                        ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond", "multiscale",
+                         "r1_gamma", "r1_every", "mix_match", "noise_aug"))
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import common as C
 
+FLOATS = C.checked_type(lambda s: [float(v) for v in s.split(",")], bool, "comma-separated numbers", "1,x")
 FLAGS = {
     "run": C.RUN_FLAGS + [
         ("dtype", "float32", C.DTYPES, "dtype of the teacher and students while sampling"),
@@ -53,7 +54,7 @@ FLAGS = {
         ("classifier", None, None, "toy: the FID-toy feature classifier (default <out_dir>/eval/toy_classifier.pt, trained once); "
                                    "share one path across evaluations to compare their FID-toy"),
         ("classifier_seed", 0, C.INT_NONNEG, "toy: that classifier's seed (rerun with others to see FID-toy's spread)"),
-        ("eval_w", None, None, "toy guidance sweep, e.g. '1,2,3': fidelity of each student to the teacher at each w"),
+        ("eval_w", None, FLOATS, "toy guidance sweep, e.g. '1,2,3': fidelity of each student to the teacher at each w"),
     ],
     "grids": [
         ("grid_rows", 10, C.INT_POS, "rows of compare.png (one seed each; columns: teacher | students)"),
@@ -189,14 +190,12 @@ class ToyClassifier(nn.Module):
 
 
 def train_toy_classifier(path, steps=300, batch=128, seed=0, log=print):
-    """Train (or load a cached) ToyClassifier (~20 s on 2 CPU cores; 600 steps before issue 16)."""
+    """Train (or load a cached) ToyClassifier (~20 s on 2 CPU cores)."""
     torch.manual_seed(seed)  # before the model: its initialisation is part of what the seed fixes
     model = ToyClassifier()
     if os.path.exists(path):
-        try:
+        with C.or_fail(f"toy classifier '{path}' is unreadable or of another shape", "delete it to retrain"):
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as e:
-            C.fail(f"toy classifier '{path}' is unreadable or of another shape ({type(e).__name__}); delete it to retrain")
         return model.eval()
     x, y = C.toy_images(range(70_000_000, 70_000_000 + 12_000))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -211,7 +210,7 @@ def train_toy_classifier(path, steps=300, batch=128, seed=0, log=print):
     xv, yv = toy_dataset(2000, "val")
     acc = classify(model.eval(), xv).eq(yv).float().mean().item()
     log(f"toy classifier: held-out accuracy {acc:.4f}")
-    C.atomic_torch_save(model.state_dict(), path)
+    C.atomic(path, lambda f: torch.save(model.state_dict(), f))
     return model
 
 
@@ -223,8 +222,8 @@ def classify(model, x, batch=512):
 # ----------------------------------------------------------------------------
 # Sampling every model from the same seeds.
 
-def load_student(path, teacher, cfg, device):
-    ck = C.load_student_file(path, "student (student_ema.pt of 03/04)")
+def load_student(path, teacher, cfg, device, ck=None):
+    ck = ck or C.load_student_file(path, "student (student_ema.pt of 03/04)")
     if ck["config"].get("num_steps", cfg["num_steps"]) != cfg["num_steps"]:
         C.fail(f"student '{path}' learned a {ck['config']['num_steps']}-step teacher but --num_steps is {cfg['num_steps']}; "
                f"pass --num_steps {ck['config']['num_steps']}")
@@ -245,7 +244,7 @@ def generate(models, teacher, cfg, seeds, conds, device, rank, world):
     B = cfg["batch_per_device"]
     for i in tqdm(range(0, len(mine), B), desc="sampling", disable=rank != 0):
         part = mine[i:i + B]
-        z, _ = teacher.noise_and_condition([seeds[j] for j in part], part)
+        z, _ = teacher.noise_and_condition([seeds[j] for j in part])
         cond = conds[part] if torch.is_tensor(conds) else [conds[j] for j in part]
         for name, fn in models.items():
             sec, x = C.timed(lambda: fn(z.to(device), cond), device)
@@ -255,16 +254,13 @@ def generate(models, teacher, cfg, seeds, conds, device, rank, world):
     return outs, {n: s / max(1, len(mine)) for n, s in secs.items()}
 
 
-def model_table(cfg, teacher, device):
-    """name -> callable(z, cond) -> x, plus NFE per model."""
+def model_table(cfg, teacher, device, students):
+    """name -> callable(z, cond) -> x, plus NFE per model; `students` is validate's {name: (path, checkpoint)}."""
     models = {"teacher": lambda z, c, w=None: teacher.solve(z, c, guidance=w)}
     nfe = {"teacher": teacher.nfe}
     found = {}
-    for name, path in student_paths(cfg).items():
-        if not os.path.isfile(path):
-            C.print0(f"note: no {name} student at '{path}'; skipping that row")
-            continue
-        G = load_student(path, teacher, cfg, device)
+    for name, (path, ck) in students.items():
+        G = load_student(path, teacher, cfg, device, ck)
         if not G.w_cond:
             found[name] = G.cfg["guidance"]
         # a guidance-conditioned student takes w; a fixed-w student ignores it
@@ -320,10 +316,8 @@ def teacher_cache(cfg, teacher, seeds, device, world, keys=("x", "sec_per_img"),
     return path, C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)", keys=keys)
 
 
-def evaluate_toy(cfg, teacher, device, rank, world):
+def evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world):
     eval_dir = os.path.join(cfg["out_dir"], "eval")
-    clf = toy_classifier(cfg, device)
-    models, nfe = model_table(cfg, teacher, device)
     n = cfg["num_samples"]
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
     _, labels = teacher.noise_and_condition(seeds)
@@ -333,7 +327,7 @@ def evaluate_toy(cfg, teacher, device, rank, world):
     if cached:
         outs, secs["teacher"] = {"teacher": cached["x"], **outs}, cached["sec_per_img"]
     elif rank == 0:
-        C.atomic_torch_save(dict(x=outs["teacher"], sec_per_img=secs["teacher"]), cache)
+        C.atomic(cache, lambda f: torch.save(dict(x=outs["teacher"], sec_per_img=secs["teacher"]), f))
     if rank != 0:
         return None
     real, real_y = toy_dataset(n, "test")
@@ -374,21 +368,20 @@ def write_grids(outs, teacher, eval_dir, conds, cfg, models, device):
     scale = max(1, 64 // imgs.shape[-1])
     C.save_image_grid(imgs, os.path.join(eval_dir, "compare.png"), ncol=len(cols), scale=scale)
     seeds = list(range(EVAL_SEED0 + 10_000_000, EVAL_SEED0 + 10_000_000 + cfg["diversity_seeds"]))
-    z, _ = teacher.noise_and_condition(seeds, list(range(len(seeds))))
+    z, _ = teacher.noise_and_condition(seeds)
     one = conds[picks[0]].repeat(len(seeds)) if torch.is_tensor(conds) else [conds[picks[0]]] * len(seeds)
     rows = [teacher.to_images(fn(z.to(device), one).float()).cpu() for fn in models.values()]
     C.save_image_grid(torch.cat(rows), os.path.join(eval_dir, "diversity.png"), ncol=len(seeds), scale=scale)
-    C.atomic_write_text("compare.png columns: " + " | ".join(cols) + "\ndiversity.png rows: " + " | ".join(models) + "\n",
+    C.save_text("compare.png columns: " + " | ".join(cols) + "\ndiversity.png rows: " + " | ".join(models) + "\n",
                         os.path.join(eval_dir, "grids.txt"))
 
 
-def evaluate_text_to_image(cfg, teacher, device, rank, world):
+def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world):
     """FID (Inception), CLIP score, precision/recall, DreamSim-5k to the teacher
     and DreamDiv for every model, on COCO captions; seeds split across ranks."""
     nets = load_feature_nets(cfg, device)
-    models, nfe = model_table(cfg, teacher, device)
     n, B = cfg["num_samples"], cfg["batch_per_device"]
-    prompts, real_paths = load_coco(cfg["coco"], n, cfg["seed"])
+    prompts, real_paths = coco
     mine, k = list(range(n))[rank::world], min(cfg["div_prompts"], n)
     acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
     real, keep = [], {name: [] for name in models}
@@ -434,7 +427,7 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
                 a, b = torch.triu_indices(8, 8, 1)  # the 28 pairs of the prompt's 8 images, in one batch
                 div[name].append(nets["dreamsim"](img[a], img[b]).mean().cpu().view(1))
     if not cached and mine:
-        C.atomic_torch_save(dict(x=torch.cat(solved["x"]), div_x=solved["div_x"], sec=acc["teacher"]["sec"]), cache)
+        C.atomic(cache, lambda f: torch.save(dict(x=torch.cat(solved["x"]), div_x=solved["div_x"], sec=acc["teacher"]["sec"]), f))
     real = gather_by_rank(torch.cat(real), n, world)
     rows = {}
     for name in models:
@@ -447,23 +440,21 @@ def evaluate_text_to_image(cfg, teacher, device, rank, world):
                           sec_per_img=acc[name]["sec"] / max(1, len(mine)), nfe=nfe[name])
     if rank == 0:
         write_grids(keep, teacher, os.path.join(cfg["out_dir"], "eval"), [prompts[j] for j in mine[:B]], cfg, models, device)
-        C.atomic_write_text("\n".join(f"{i}: {prompts[j]}" for i, j in enumerate(mine[:cfg["grid_rows"]])) + "\n",
+        C.save_text("\n".join(f"{i}: {prompts[j]}" for i, j in enumerate(mine[:cfg["grid_rows"]])) + "\n",
                             os.path.join(cfg["out_dir"], "eval", "prompts.txt"))
     return rows
 
 
 @torch.no_grad()
-def guidance_sweep(cfg, teacher, device, n=500):
+def guidance_sweep(cfg, teacher, models, clf, device, n=500):
     """Beyond the paper: fidelity to the teacher (MSE, same z) and class accuracy
     at each guidance scale w, for every student; grid rows w, columns alternate
     teacher | student for a few classes (guidance.png)."""
     eval_dir = os.path.join(cfg["out_dir"], "eval")
-    clf = toy_classifier(cfg, device)
-    models, _ = model_table(cfg, teacher, device)
     seeds = list(range(EVAL_SEED0 + 20_000_000, EVAL_SEED0 + 20_000_000 + n))
     z, labels = teacher.noise_and_condition(seeds)
     table, rows = {}, []
-    for w in [float(v) for v in cfg["eval_w"].split(",")]:
+    for w in cfg["eval_w"]:
         out = {name: torch.cat([fn(z[i:i + 250].to(device), labels[i:i + 250], w).float().cpu() for i in range(0, n, 250)])
                for name, fn in models.items()}
         table[f"w={w:g}"] = {name: dict(fidelity_mse=fidelity(x.clamp(-1, 1), out["teacher"].clamp(-1, 1)),
@@ -523,9 +514,8 @@ def benchmark_speed(cfg, device, teacher_given):
         return C.x0_from_model_output(eps, z, alpha_bar, teacher.prediction_type)
     teacher_solve = lambda: teacher.solve(z, ["a photo"])  # DDIM + CFG, exactly as 01 makes the pairs
     cfg_on = cfg["guidance"] != 1  # then the teacher's U-Net calls carry cond and uncond (batch 2)
-    text = (lambda: C.cat_cond(teacher.encode_uncond(1), encode(1))) if cfg_on else (lambda: encode(1))
-    cond1 = encode(1)
-    cond_t = C.cat_cond(cond1, cond1) if cfg_on else cond1
+    text = lambda: teacher.encode_prompts(["a photo"], with_uncond=cfg_on)
+    cond1, cond_t = encode(1), text()
     x0, _ = student(), teacher_solve()  # warm-up (x0: the latent the decode below is timed on)
     (t_student, _), (t_teacher, _) = C.timed(student, device, 3), C.timed(teacher_solve, device, 1)
     (t_text1, _), (t_text_t, _) = C.timed(lambda: encode(1), device, 3), C.timed(text, device, 3)
@@ -594,14 +584,12 @@ def load_coco(root, n, seed):
     ann = os.path.join(root or "", "annotations", "captions_val2014.json")
     if not os.path.isfile(ann):
         C.fail(f"COCO captions not found at '{ann}' (pass --coco ROOT with annotations/ and val2014/)")
-    try:
+    with C.or_fail(f"'{ann}' is not a COCO captions file"):
         data = json.load(open(ann))
         files = {im["id"]: os.path.join(root, "val2014", im["file_name"]) for im in data["images"]}
         caps = {}
         for a in data["annotations"]:
             caps.setdefault(a["image_id"], a["caption"].strip())
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        C.fail(f"'{ann}' is not a COCO captions file ({type(e).__name__}: {e})")
     ids = sorted(caps)
     g = torch.Generator().manual_seed(seed)
     pick = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n].tolist()]
@@ -626,61 +614,60 @@ def student_paths(cfg, explicit_only=False):
 
 
 def validate(cfg):
-    """Every file this evaluation reads, before any sampling (the flags' types
-    checked the values): --students, --classifier, --coco, --eval_w."""
-    explicit = student_paths(cfg, explicit_only=True)
+    """Every file this evaluation reads, before any sampling (the flags' types checked
+    the values), read once: returns {name: (path, checkpoint)} of the students that
+    exist, the COCO captions and image paths (sd15/sdxl), and the toy's cached
+    evaluation classifier (None when it is still to be trained)."""
+    explicit, students = student_paths(cfg, explicit_only=True), {}
     for name, path in student_paths(cfg).items():
         if name not in explicit and not os.path.isfile(path):
-            continue  # the stage 1 / stage 2 rows appear when their runs exist
+            C.print0(f"note: no {name} student at '{path}'; skipping that row")  # stage 1 / 2 appear when their runs exist
+            continue
         if not os.path.isfile(path):
             C.fail(f"--students: '{name}' checkpoint '{path}' does not exist")
-        C.load_student_file(path, f"student of 03/04 ({name})")
-    if cfg["arch"] == "toy" and os.path.exists(classifier_path(cfg)):
-        C.load_checkpoint(classifier_path(cfg), "toy classifier (delete it to retrain)", mmap=True)
-    if cfg["eval_w"]:
-        try:
-            [float(v) for v in cfg["eval_w"].split(",")]
-        except ValueError:
-            C.fail(f"--eval_w '{cfg['eval_w']}' is not a comma-separated list of numbers")
-    if cfg["family"] == "ldm" and not cfg["speed"]:
-        load_coco(cfg["coco"], cfg["num_samples"], cfg["seed"])  # a wrong --coco stops here, before any sampling
+        students[name] = path, C.load_student_file(path, f"student of 03/04 ({name})")
+    coco = load_coco(cfg["coco"], cfg["num_samples"], cfg["seed"]) if cfg["family"] == "ldm" and not cfg["speed"] else None
+    cached = cfg["arch"] == "toy" and os.path.exists(classifier_path(cfg))
+    return students, coco, toy_classifier(cfg, torch.device("cpu")) if cached else None
 
 
 def main(argv=None):
     cfg, given = C.parse_config(__doc__, FLAGS, argv)
     cfg["guidance_flag"] = cfg["guidance"] if "guidance" in given else None  # else the students' checkpoints decide
     cfg["num_samples"] = cfg["num_samples"] or (1000 if cfg["arch"] == "toy" else 30_000)
-    validate(cfg)
+    students, coco, clf = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:
         res = benchmark_speed(cfg, device, "teacher" in given)
         if rank == 0:
-            C.atomic_write_json(res, os.path.join(cfg["out_dir"], "eval", "speed.json"))
+            C.save_json(res, os.path.join(cfg["out_dir"], "eval", "speed.json"))
             print(json.dumps(res, indent=2))
         return C.cleanup()
     teacher = C.load_teacher(cfg, device)
+    models, nfe = model_table(cfg, teacher, device, students)
     if cfg["family"] == "edm":
         if cfg["arch"] != "toy":
             C.fail("CIFAR10 FID needs Inception features: use the official EDM fid.py on the students' samples")
-        rows = evaluate_toy(cfg, teacher, device, rank, world)
+        clf = (clf or toy_classifier(cfg, device)).to(device)
+        rows = evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world)
         if cfg["eval_w"] and rank == 0:
-            sweep = guidance_sweep(cfg, teacher, device)
-            C.atomic_write_json(sweep, os.path.join(cfg["out_dir"], "eval", "guidance.json"))
+            sweep = guidance_sweep(cfg, teacher, models, clf, device)
+            C.save_json(sweep, os.path.join(cfg["out_dir"], "eval", "guidance.json"))
             print("guidance sweep (fidelity MSE to the teacher at each w):\n" + markdown_table(
                 {w: {name: r["fidelity_mse"] for name, r in t.items()} for w, t in sweep.items()}))
     else:
-        rows = evaluate_text_to_image(cfg, teacher, device, rank, world)
+        rows = evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
     if rank == 0:
         eval_dir = os.path.join(cfg["out_dir"], "eval")
         table = markdown_table(rows)
         groups = seed_groups(rows)
         if groups:
-            C.atomic_write_json(groups, os.path.join(eval_dir, "groups.json"))
+            C.save_json(groups, os.path.join(eval_dir, "groups.json"))
             table += "\nmean ± std over each row's checkpoints (groups.json):\n\n" + markdown_table(
                 {g: {c: f"{v['mean']:.4g} ± {v['std']:.2g}" for c, v in m.items()} | {"n": next(iter(m.values()))["n"]}
                  for g, m in groups.items()})
-        C.atomic_write_json(rows, os.path.join(eval_dir, "metrics.json"))
-        C.atomic_write_text(table, os.path.join(eval_dir, "results.md"))
+        C.save_json(rows, os.path.join(eval_dir, "metrics.json"))
+        C.save_text(table, os.path.join(eval_dir, "results.md"))
         print(table + f"wrote {eval_dir}/metrics.json, results.md, compare.png, diversity.png")
     C.cleanup()
 

@@ -23,8 +23,10 @@ import hashlib
 import json
 import math
 import os
+import pathlib
+import pickle
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -55,7 +57,7 @@ PRESETS = {
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
         num_pairs=1_000_000, shard_size=10_000, batch_per_device=512, pair_dtype="float32",
         lpips_width=1.0, lpips_pools_removed=0, cls_steps=100_000, cls_batch=256, cls_lr=1e-3,
-        loss="lpips", lpips_augment="",  # Table A1: LPIPS in pixels, no augmentation
+        loss="lpips", lpips_augment=None,  # Table A1: LPIPS in pixels, no augmentation
     ),
     "sd15": dict(
         family="ldm", arch="sd15", teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -84,8 +86,6 @@ PRESETS["sd15_cfg8"] = dict(PRESETS["sd15"], guidance=8.0, num_pairs=12_000_000,
 
 
 def get_preset(name):
-    if name not in PRESETS:
-        fail(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[name])
 
 
@@ -137,17 +137,15 @@ RUN_FLAGS = [  # every script's first group
 # the flags 03 and 04 share (each script adds its own around them)
 TRAIN_RUN_FLAGS = [
     ("dtype", "float32", DTYPES, "autocast dtype (Table A1: bfloat16 on GPUs; float16 is refused: no loss scaling)"),
-    ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting in RESUME_KEYS changed)"),
-    ("allow_config_change", False, None, "--resume even though a RESUME_KEYS setting changed (deliberately)"),
+    ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting outside RESUME_MAY_CHANGE changed)"),
+    ("allow_config_change", False, None, "--resume even though such a setting changed (deliberately)"),
     ("max_steps_this_run", 0, INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
     ("fsdp", False, None, "torchrun: shard G, its EMA (and D) over the processes with FSDP2, for what DDP cannot hold"),
 ]
 TRAIN_INPUT_FLAGS = [
-    ("teacher", None, None, "the teacher the pairs came from (App. A); its steps and guidance come from the pairs"),
-    ("resolution", None, INT_POS, "image size in pixels (sd15 512, sdxl 1024)"),
+    ("teacher", None, None, "the teacher the pairs came from (App. A); its steps, guidance and resolution come from the pairs"),
     ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
     ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one)"),
-    ("pixel_lpips", "imagenet", ("imagenet", "random"), "--loss lpips: the `lpips` package's VGG, or random (tests)"),
 ]
 TRAIN_BATCH_FLAGS = [
     ("steps", None, INT_POS, "training iterations"),
@@ -166,8 +164,10 @@ TRAIN_LOG_FLAGS = [
     ("grid_every", None, INT_POS, "grid PNG every this many steps"),
     ("ckpt_every", None, INT_POS, "checkpoint every this many steps"),
     ("benchmark_steps", 0, INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
-    ("lpips_width", None, POS, "sizing mode without a LatentLPIPS file: the width of its random F (1.0 = the paper's)"),
 ]
+# what --resume may change without --allow_config_change: every other setting is the run's and is compared
+RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_change", "batch_per_device", "log_every", "grid_every",
+                     "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "out_dir", "pairs", "lpips_ckpt")
 
 
 def parse_config(doc, flags, argv=None, table=None):
@@ -283,35 +283,32 @@ def fail(msg):
     raise SystemExit(f"error: {msg[:600]}" + ("..." if len(msg) > 600 else ""))
 
 
-def _tmp_name(path):
-    return f"{path}.tmp{os.getpid()}"
+@contextmanager
+def or_fail(what, remedy=None):
+    """Reading an input: an error inside the block (a missing, truncated or corrupt
+    file, or one of another kind) stops the run with one line, `what (the cause); remedy`."""
+    try:
+        yield
+    except Exception as e:  # whatever the reader raised: the block holds the read, not the computation
+        fail(f"{what} ({type(e).__name__}: {e})" + (f"; {remedy}" if remedy else ""))
 
 
-def atomic_torch_save(obj, path):
+def atomic(path, write):
+    """write(tmp), then rename tmp to path: a file (or folder) appears whole or not at
+    all, so a killed run never leaves a half-written one that a resume would trust."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path)
-    torch.save(obj, tmp)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
     os.replace(tmp, path)
+    return path
 
 
-def atomic_write_text(text, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def save_text(text, path):
+    return atomic(path, lambda f: pathlib.Path(f).write_text(text))
 
 
-def atomic_write_json(obj, path):
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
-
-
-def atomic_save_safetensors(tensors, path, metadata=None):
-    from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+def save_json(obj, path):
+    return save_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
 def to_uint8(img):
@@ -334,11 +331,7 @@ def save_image_grid(images, path, ncol=8, scale=1, pad=1):
     im = Image.fromarray(grid)
     if scale != 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path) + ".png"
-    im.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic(path, lambda f: im.save(f, format="PNG"))
 
 
 def file_sha256(path, chunk=1 << 20):
@@ -352,10 +345,8 @@ def file_sha256(path, chunk=1 << 20):
 def load_image(path, size):
     """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
     from PIL import Image
-    try:
+    with or_fail(f"image '{path}' is unreadable", "replace or remove it"):  # not an image, truncated, or missing
         im = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:  # not an image, truncated, or missing
-        fail(f"image '{path}' is unreadable ({type(e).__name__}: {e}); replace or remove it")
     s = size / min(im.size)
     im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
     l, t = (im.width - size) // 2, (im.height - size) // 2
@@ -533,11 +524,8 @@ def load_toy_teacher(path):
              f"'python 01_make_pairs.py --preset toy --train_teacher' or pass --teacher PATH")
     from safetensors.torch import load_file
     net = build_toy_teacher()
-    try:
-        sd = {k: v.float() for k, v in load_file(path).items()}
-        net.load_state_dict(sd)
-    except Exception as e:  # wrong file, other architecture, corrupt file
-        fail(f"'{path}' is not a toy teacher checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    with or_fail(f"'{path}' is not a toy teacher checkpoint"):  # wrong file, other architecture, corrupt file
+        net.load_state_dict({k: v.float() for k, v in load_file(path).items()})
     return net.eval().requires_grad_(False)
 
 
@@ -546,15 +534,12 @@ def load_edm_pickle(path):
     D(x, sigma, class_labels). Unpickling needs NVlabs' torch_utils and dnnlib."""
     if path is None or not os.path.isfile(path):
         fail(f"EDM teacher pickle not found at '{path}' (pass --teacher PATH.pkl, e.g. edm-cifar10-32x32-cond-vp.pkl)")
-    import pickle
-    try:
-        with open(path, "rb") as f:
+    with or_fail(f"'{path}' is not a readable EDM pickle"), open(path, "rb") as f:
+        try:
             data = pickle.load(f)
-    except ModuleNotFoundError as e:
-        fail(f"unpickling '{path}' needs NVlabs' EDM code ('{e.name}' is missing): clone "
-             f"github.com/NVlabs/edm and put it on PYTHONPATH so that torch_utils and dnnlib import")
-    except Exception as e:
-        fail(f"'{path}' is not a readable EDM pickle ({type(e).__name__}: {e})")
+        except ModuleNotFoundError as e:  # a SystemExit passes or_fail
+            fail(f"unpickling '{path}' needs NVlabs' EDM code ('{e.name}' is missing): clone "
+                 f"github.com/NVlabs/edm and put it on PYTHONPATH so that torch_utils and dnnlib import")
     net = data["ema"] if isinstance(data, dict) and "ema" in data else data
     if not hasattr(net, "sigma_data"):
         fail(f"'{path}' does not hold an EDM network (no 'ema' entry with sigma_data)")
@@ -585,7 +570,7 @@ class EDMTeacher:
         self.z_shape = (cfg["channels"], cfg["resolution"], cfg["resolution"])
         self.teacher_id = f"{os.path.basename(path)}:sha256={file_sha256(path)[:16]}"
 
-    def noise_and_condition(self, seeds, indices=None):
+    def noise_and_condition(self, seeds):
         """z ~ N(0, I) and a class label, both drawn from each pair's own seed on
         the CPU generator: identical whatever the batch size or number of ranks."""
         z = torch.empty(len(seeds), *self.z_shape)
@@ -646,15 +631,13 @@ def load_teacher(cfg, device):
 
 
 # ----------------------------------------------------------------------------
-# 6. Latent diffusion teachers (SD1.5 / SDXL). Every SD1.5/SDXL difference lives
-# here: one vs two text encoders, SDXL's pooled embedding and add_time_ids
-# micro-conditioning, the VAE scaling factor (0.18215 / 0.13025, read from the
-# VAE config) and the latent size (resolution / 8).
+# 6. Latent diffusion teachers (SD1.5 / SDXL), built from diffusers' own pipeline:
+# its from_pretrained loads the parts and its encode_prompt builds the text
+# conditioning (one vs two text encoders, SDXL's pooled embedding and zero
+# negative). What stays ours is the DDIM + guidance loop (Eq. 1), which takes a
+# guidance scale per pair, and SDXL's micro-conditioning time ids.
 
-LDM_COMPONENTS = {
-    "sd15": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
-    "sdxl": ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-}
+SD_CONFIGS = os.path.join(REPO, "assets", "sd_configs")  # SD1.5 / SDXL part configs, for --teacher random
 
 
 def resolve_pretrained(src):
@@ -681,41 +664,8 @@ def resolve_pretrained(src):
         socket.create_connection((host, 443), timeout=5).close()
     except OSError as e:
         fail(f"cannot reach the hub to fetch model '{src}' ({e}); pass a local diffusers folder with --teacher")
-    try:
+    with or_fail(f"could not fetch model '{src}' from the hub"):
         return snapshot_download(src, allow_patterns=patterns, etag_timeout=10)
-    except Exception as e:
-        fail(f"could not fetch model '{src}' from the hub ({type(e).__name__}: {str(e).splitlines()[0]})")
-
-
-# The real architectures (from the released config.json files), for `--teacher
-# random`: random weights at real size, to size memory and speed with no download.
-SD_ARCH = {
-    "sd15": dict(
-        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), cross_attention_dim=768,
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-        vae=dict(sample_size=512, scaling_factor=0.18215, force_upcast=False),
-        text=[dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                   hidden_act="quick_gelu", projection_dim=768)]),
-    "sdxl": dict(
-        unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
-                  down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2, cross_attention_dim=2048,
-                  up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), transformer_layers_per_block=(1, 2, 10),
-                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                  projection_class_embeddings_input_dim=2816),
-        vae=dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-        text=[dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                   hidden_act="quick_gelu", projection_dim=768),
-              dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                   hidden_act="gelu", projection_dim=1280)]),
-}
-
-
-def sd_ddim_scheduler():
-    """SD1.5's (and SDXL's) noise schedule as a DDIMScheduler, for random-weight models."""
-    from diffusers import DDIMScheduler
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
 
 
 def synthetic_clip_tokenizer(vocab_size=49408):
@@ -728,98 +678,43 @@ def synthetic_clip_tokenizer(vocab_size=49408):
     words = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
     words += [f"unused{i}</w>" for i in range(vocab_size - 2 - len(words))] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {w: i for i, w in enumerate(words)}
-    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
-    if len(tok) != len(vocab):
-        raise RuntimeError("the synthetic CLIP tokenizer did not build")
-    return tok
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
+
+
+def sd_scheduler():
+    """SD1.5's (and SDXL's) noise schedule as a DDIMScheduler (assets/sd_configs/scheduler.json)."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler.from_config(json.load(open(os.path.join(SD_CONFIGS, "scheduler.json"))))
 
 
 def random_teacher(kind, out_dir, device):
     """`--teacher random`: the real SD1.5 / SDXL architecture (U-Net, VAE, CLIP text
-    encoders) with seeded random weights, written once as a diffusers folder under
-    <out_dir>/random_teacher so that every stage loads it like a downloaded model.
-    For sizing memory and speed only: its pairs and students mean nothing."""
-    folder = os.path.join(out_dir, "random_teacher")
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        if is_main():
-            _build_random_teacher(kind, folder, device)
-        barrier()  # the other ranks load it once rank 0 has written it
-    return folder
-
-
-def _build_random_teacher(kind, folder, device):
+    encoders, from assets/sd_configs/<kind>) with seeded random weights, written once
+    as a diffusers folder under <out_dir>/random_teacher, which every stage then loads
+    like a downloaded model. For sizing memory and speed only: its pairs mean nothing."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    arch = SD_ARCH[kind]
-    print0(f"building a random-weight {kind} teacher at real size in '{folder}' (once)")
-    torch.manual_seed(0)
-    with torch.device(device):  # initialising 2.6B parameters is much faster on a GPU
-        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **arch["unet"]).half()
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, **arch["vae"]).half()
+    folder = os.path.join(out_dir, "random_teacher")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")) and is_main():
+        print0(f"building a random-weight {kind} teacher at real size in '{folder}' (once)")
+        read = lambda part: json.load(open(os.path.join(SD_CONFIGS, kind, part + ".json")))
         tok = synthetic_clip_tokenizer()
-        te = [(CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(
-            vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, **t)).half() for i, t in enumerate(arch["text"])]
-    sched = sd_ddim_scheduler()
-    if kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te[0], text_encoder_2=te[1], tokenizer=tok, tokenizer_2=tok,
-                                         unet=unet, scheduler=sched)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te[0], tokenizer=tok, unet=unet, scheduler=sched,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder + ".tmp")
-    os.replace(folder + ".tmp", folder)
+        torch.manual_seed(0)
+        with torch.device(device):  # initialising 2.6B parameters is much faster on a GPU
+            parts = dict(unet=UNet2DConditionModel.from_config(read("unet")).half(),
+                         vae=AutoencoderKL.from_config(read("vae")).half(), tokenizer=tok)
+            for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+                if os.path.isfile(os.path.join(SD_CONFIGS, kind, name + ".json")):
+                    parts[name] = cls(CLIPTextConfig(**read(name) | dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                                          pad_token_id=tok.pad_token_id))).half()
+        if kind == "sdxl":
+            pipe = StableDiffusionXLPipeline(**parts, tokenizer_2=tok, scheduler=sd_scheduler())
+        else:
+            pipe = StableDiffusionPipeline(**parts, scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        atomic(folder, pipe.save_pretrained)
+    barrier()  # the other ranks load it once rank 0 has written it
     return folder
-
-
-def pretrained_part(src, part, load):
-    """load() one part of a diffusers folder. A missing, truncated or corrupt file (an
-    interrupted download) stops the run with one line naming the teacher and the part."""
-    try:
-        return load()
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"teacher '{src}': its {part} does not load ({type(e).__name__}: {e}); download it again, "
-             f"or pass a complete diffusers folder with --teacher")
-
-
-def detect_ldm_kind(path):
-    """'sdxl' if the folder has SDXL's second text encoder or text_time conditioning."""
-    ucfg = os.path.join(path, "unet", "config.json")
-    add = json.load(open(ucfg)).get("addition_embed_type") if os.path.isfile(ucfg) else None
-    return "sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) or add == "text_time" else "sd15"
-
-
-def load_prompts(path):
-    """Prompts from a .txt / .jsonl file or a folder of them, one per line. A
-    .jsonl line is a string or an object with 'prompt', 'caption' or 'text'."""
-    if path is None:
-        fail("--prompts is required for sd15/sdxl pairs (a .txt/.jsonl file or a folder of them)")
-    if not os.path.exists(path):
-        fail(f"prompt path '{path}' does not exist")
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".txt", ".jsonl"))) \
-        if os.path.isdir(path) else [path]
-    prompts = []
-    for fn in files:
-        with open(fn, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                if fn.endswith(".jsonl"):
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as e:
-                        fail(f"'{fn}': a .jsonl line is not JSON ({e})")
-                    if isinstance(obj, dict):
-                        obj = next((obj[k] for k in ("prompt", "caption", "text") if k in obj), None)
-                    if not isinstance(obj, str):
-                        fail(f"'{fn}': a .jsonl line is neither a string nor an object with a string prompt/caption/text")
-                    line = obj
-                prompts.append(line)
-    if not prompts:
-        fail(f"no prompts found in '{path}' (empty file, or a folder without .txt/.jsonl files)")
-    return prompts
 
 
 def x0_from_model_output(out, x_t, alpha_bar, prediction_type="epsilon"):
@@ -835,60 +730,46 @@ def x0_from_model_output(out, x_t, alpha_bar, prediction_type="epsilon"):
 
 
 class LDMTeacher:
-    """SD1.5 / SDXL behind the one teacher interface. The ODE is diffusers' DDIM
-    (configured from the teacher's own scheduler config) with classifier-free
-    guidance; cond and uncond go through the U-Net as one batch, exactly as in
-    StableDiffusion(XL)Pipeline, so the stored x equals the pipeline's latents."""
+    """SD1.5 / SDXL behind the one teacher interface, from the diffusers pipeline's own
+    parts and text encoding. The ODE is diffusers' DDIM (configured from the teacher's
+    own scheduler config) with classifier-free guidance; cond and uncond go through
+    the U-Net as one batch, as in StableDiffusion(XL)Pipeline, so the stored x equals
+    the pipeline's latents."""
 
     family = "ldm"
 
-    def __init__(self, cfg, device, load_vae=True):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    def __init__(self, cfg, device):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
         self.cfg, self.device, self.kind = cfg, device, cfg["arch"]
         src = cfg["teacher"]
-        path = random_teacher(self.kind, cfg["out_dir"], device) if src == "random" else resolve_pretrained(src)
-        self.path = path
-        found = pretrained_part(src, "unet config", lambda: detect_ldm_kind(path))
+        self.path = path = random_teacher(self.kind, cfg["out_dir"], device) if src == "random" else resolve_pretrained(src)
+        with or_fail(f"teacher '{src}': its model_index.json is unreadable", "pass a complete diffusers folder with --teacher"):
+            index = json.load(open(os.path.join(path, "model_index.json")))
+            found = "sdxl" if "XL" in index["_class_name"] else "sd15"
         if found != self.kind:
             fail(f"teacher '{src}' is an {found.upper()} model but --preset is {cfg['preset']} (a {self.kind} preset); use --preset {found}")
-        for comp in LDM_COMPONENTS[self.kind]:
-            if comp == "vae" and not load_vae:
-                continue
-            if not os.path.isdir(os.path.join(path, comp)):
-                fail(f"teacher folder '{path}' is missing the '{comp}' component needed by {self.kind}")
         self.dtype = getattr(torch, cfg.get("dtype") or "float32")
-        frozen = dict(torch_dtype=self.dtype)
-        unet = pretrained_part(src, "unet", lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **frozen))
-        self.unet = unet.to(device).eval().requires_grad_(False)
-        self.scheduler = pretrained_part(src, "scheduler", lambda: DDIMScheduler.from_config(
-            json.load(open(os.path.join(path, "scheduler", "scheduler_config.json")))))
-        self.vae = None
-        if load_vae:  # SDXL's VAE overflows in fp16: keep it fp32 when its config asks (force_upcast)
-            vae = pretrained_part(src, "vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae"))
-            self.vae = vae.to(device, torch.float32 if vae.config.get("force_upcast", False) else self.dtype).eval().requires_grad_(False)
-        self.tokenizers, self.text_encoders = [], []
-        suffixes = ["", "_2"] if self.kind == "sdxl" else [""]
-        for sfx in suffixes:
-            tok = pretrained_part(src, "tokenizer" + sfx, lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer" + sfx))
-            te_cls = CLIPTextModelWithProjection if sfx == "_2" else CLIPTextModel
-            te = pretrained_part(src, "text_encoder" + sfx, lambda: te_cls.from_pretrained(path, subfolder="text_encoder" + sfx, **frozen))
-            te = te.to(device).eval().requires_grad_(False)
-            vocab = te.config.vocab_size
-            if len(tok) > vocab or len(tok) < vocab // 2:
-                fail(f"tokenizer{sfx} of '{src}' has {len(tok)} tokens but text_encoder{sfx} expects {vocab}: the "
-                     f"tokenizer did not load properly (an offline hub id can silently give a degenerate tokenizer); "
-                     f"pass a complete local folder with --teacher")
-            self.tokenizers.append(tok)
-            self.text_encoders.append(te)
-        index = os.path.join(path, "model_index.json")
-        pipe_cfg = pretrained_part(src, "model_index.json", lambda: json.load(open(index))) if os.path.isfile(index) else {}
-        self.force_zeros_uncond = self.kind == "sdxl" and pipe_cfg.get("force_zeros_for_empty_prompt", True)
-        vae_cfg = pretrained_part(src, "vae config", lambda: json.load(open(os.path.join(path, "vae", "config.json"))))
-        self.vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-        self.scaling_factor = vae_cfg.get("scaling_factor", 0.18215)
+        cls, extra = (StableDiffusionXLPipeline, {}) if self.kind == "sdxl" else \
+            (StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+        for part, v in index.items():  # the pipeline's own error for a missing part names only the folder above it
+            if isinstance(v, list) and v[0] and part not in extra and not os.path.isdir(os.path.join(path, part)):
+                fail(f"teacher folder '{path}' is missing the '{part}' component needed by {self.kind}")
+        with or_fail(f"teacher '{src}' does not load", "download it again, or pass a complete diffusers folder with --teacher"):
+            self.pipe = p = cls.from_pretrained(path, torch_dtype=self.dtype, **extra).to(device)
+        for sfx in ("", "_2") if self.kind == "sdxl" else ("",):  # an offline hub id can silently give a degenerate tokenizer
+            n, vocab = len(getattr(p, "tokenizer" + sfx)), getattr(p, "text_encoder" + sfx).config.vocab_size
+            if n > vocab or n < vocab // 2:
+                fail(f"tokenizer{sfx} of '{src}' has {n} tokens but text_encoder{sfx} expects {vocab}: the tokenizer did not "
+                     f"load properly; pass a complete local folder with --teacher")
+        for m in p.components.values():
+            if isinstance(m, nn.Module):
+                m.eval().requires_grad_(False)
+        if p.vae.config.get("force_upcast", False):  # SDXL's VAE overflows in fp16: fp32 when its config asks
+            p.vae.to(torch.float32)
+        self.unet, self.vae, self.scaling_factor = p.unet, p.vae, p.vae.config.scaling_factor
+        self.scheduler = DDIMScheduler.from_config(p.scheduler.config)
         self.pixel_res = cfg["resolution"]
-        r = self.pixel_res // self.vae_scale
+        r = self.pixel_res // p.vae_scale_factor
         self.z_shape = (self.unet.config.in_channels, r, r)
         self.scheduler.set_timesteps(cfg["num_steps"])
         self.timesteps = self.scheduler.timesteps.clone()
@@ -901,51 +782,28 @@ class LDMTeacher:
         self.prediction_type = self.scheduler.config.prediction_type
         cfg_hash = hashlib.sha256(open(os.path.join(path, "unet", "config.json"), "rb").read()).hexdigest()[:12]
         self.teacher_id = f"{src}:unet-config={cfg_hash}"
-        self.prompts, self.prompts_id = None, None
-        if cfg.get("prompts"):
-            self.prompts = load_prompts(cfg["prompts"])
-            self.prompts_id = f"{os.path.basename(os.path.normpath(cfg['prompts']))}:n={len(self.prompts)}:sha256=" + \
-                hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
-            if len(self.prompts) < cfg["num_pairs"] and not cfg.get("cycle_prompts"):
-                fail(f"'{cfg['prompts']}' has {len(self.prompts)} prompts but --num_pairs is {cfg['num_pairs']}; "
-                     f"pass --cycle_prompts to reuse them (pair i takes prompt i mod {len(self.prompts)}) or lower --num_pairs")
 
-    # --- conditions -----------------------------------------------------------
-    def noise_and_condition(self, seeds, indices):
-        """z from each pair's seed on the CPU generator; prompt i for pair i."""
-        return seed_noise(seeds, self.z_shape), [self.prompts[i % len(self.prompts)] for i in indices] if self.prompts else None
+    def noise_and_condition(self, seeds):
+        """z from each pair's seed on the CPU generator (the prompts are the caller's)."""
+        return seed_noise(seeds, self.z_shape), None
 
     def shard_fields(self, prompts):
         return dict(prompts=prompts)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts):
-        """Text conditioning as the pipelines build it. Returns the U-Net kwargs."""
-        embeds, pooled = [], None
-        for tok, te in zip(self.tokenizers, self.text_encoders):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            if self.kind == "sd15":
-                embeds.append(te(ids.to(self.device))[0])
-            else:  # SDXL: penultimate hidden states of both encoders; pooled from the projection encoder
-                out = te(ids.to(self.device), output_hidden_states=True)
-                if pooled is None and out[0].ndim == 2:
-                    pooled = out[0]
-                embeds.append(out.hidden_states[-2])
-        kw = dict(encoder_hidden_states=torch.cat(embeds, dim=-1).to(self.dtype))
-        if self.kind == "sdxl":
-            h = w = self.pixel_res  # micro-conditioning: original size, crop (0, 0), target size
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
-            kw["added_cond_kwargs"] = dict(text_embeds=pooled.to(self.dtype), time_ids=time_ids)
-        return kw
-
-    def encode_uncond(self, n):
-        """The negative: the empty prompt (SD1.5), or zeros for SDXL when the
-        pipeline's force_zeros_for_empty_prompt is set (its default)."""
-        kw = self.encode_prompts([""] * n)
-        if self.force_zeros_uncond:
-            kw["encoder_hidden_states"] = torch.zeros_like(kw["encoder_hidden_states"])
-            kw["added_cond_kwargs"]["text_embeds"] = torch.zeros_like(kw["added_cond_kwargs"]["text_embeds"])
-        return kw
+    def encode_prompts(self, prompts, with_uncond=False):
+        """U-Net kwargs from the pipeline's encode_prompt; with_uncond: the negative
+        (empty prompt, or SDXL's zeros) batched first, for one guided U-Net call."""
+        p, n, r = self.pipe, len(prompts), self.pixel_res
+        if self.kind == "sd15":
+            e, ne = p.encode_prompt(list(prompts), self.device, 1, with_uncond)
+            return dict(encoder_hidden_states=torch.cat([ne, e]) if with_uncond else e)
+        e, ne, pool, npool = p.encode_prompt(list(prompts), device=self.device, do_classifier_free_guidance=with_uncond)
+        ids = p._get_add_time_ids((r, r), (0, 0), (r, r), dtype=e.dtype,  # micro-conditioning: size, crop (0, 0), size
+                                  text_encoder_projection_dim=p.text_encoder_2.config.projection_dim).to(self.device).repeat(n, 1)
+        if with_uncond:
+            e, pool, ids = torch.cat([ne, e]), torch.cat([npool, pool]), torch.cat([ids, ids])
+        return dict(encoder_hidden_states=e, added_cond_kwargs=dict(text_embeds=pool, time_ids=ids))
 
     # --- the ODE ----------------------------------------------------------------
     def eps(self, x, t, cond):
@@ -957,9 +815,7 @@ class LDMTeacher:
         w = self.cfg["guidance"] if guidance is None else guidance
         w = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1, 1, 1, 1)
         cfg_on = bool((w != 1).any()) or self.cfg.get("cfg_range") is not None
-        cond = self.encode_prompts(prompts)
-        if cfg_on:
-            cond = cat_cond(self.encode_uncond(len(prompts)), cond)
+        cond = self.encode_prompts(prompts, with_uncond=cfg_on)
         x = z.to(self.device, torch.float32) * self.scheduler.init_noise_sigma
         for t in self.timesteps:
             inp = torch.cat([x, x]) if cfg_on else x
@@ -984,7 +840,7 @@ class LDMTeacher:
         that Eq. 8's "student = teacher at init" holds to fp32 precision rather than
         to the frozen copy's bf16 rounding."""
         if self.dtype == torch.float32:
-            return copy.deepcopy(self.unet)
+            return copy.deepcopy(self.unet).requires_grad_(True)
         from diffusers import UNet2DConditionModel
         return UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", torch_dtype=torch.float32).to(self.device)
 
@@ -1000,23 +856,12 @@ class LDMTeacher:
         Table 1 LPIPS baseline (--loss lpips), whose gradient must reach G. The frozen
         VAE runs in its own dtype: the run's --dtype (bf16 in Table A1), or float32
         for a VAE that asks for it (SDXL's force_upcast)."""
-        if self.vae is None:
-            fail("decoding latents needs the teacher's VAE")
         return self.vae.decode((x / self.scaling_factor).to(self.vae.dtype)).sample.float()
 
     @torch.no_grad()
     def to_images(self, x):
         """Latents -> images in [-1, 1] for grids and metrics (no gradient)."""
         return self.decode(x).clamp(-1, 1)
-
-
-def cat_cond(a, b):
-    """Concatenate two U-Net condition dicts along the batch (uncond first)."""
-    out = dict(encoder_hidden_states=torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]]))
-    if "added_cond_kwargs" in a:
-        out["added_cond_kwargs"] = {k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]])
-                                    for k in a["added_cond_kwargs"]}
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -1026,7 +871,7 @@ def cat_cond(a, b):
 # whose manifest does not match the model they train.
 
 MANIFEST_KEYS = ("preset", "family", "teacher", "solver", "nfe", "guidance", "z_shape", "x_shape",
-                 "pair_dtype", "num_pairs", "shard_size", "seed", "prompts", "cfg_range")
+                 "pair_dtype", "num_pairs", "shard_size", "seed", "prompts", "cfg_range", "resolution")
 
 
 def shard_path(pairs_dir, k):
@@ -1045,23 +890,18 @@ def read_manifest(pairs_dir):
     path = os.path.join(pairs_dir, "manifest.json")
     if not os.path.isfile(path):
         fail(f"no pairs at '{pairs_dir}' (manifest.json missing); run 01_make_pairs.py first")
-    try:
-        with open(path) as f:
-            m = json.load(f)
-        m["num_pairs"], m["shard_size"], m["guidance"]  # the fields every reader needs
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"'{path}' is corrupt ({type(e).__name__}: {e}); delete the pairs folder and rerun 01_make_pairs.py")
+    with or_fail(f"'{path}' is corrupt", "delete the pairs folder and rerun 01_make_pairs.py"):
+        m = json.load(open(path))
+        m["num_pairs"], m["shard_size"], m["guidance"], m["num_steps"]  # the fields every reader needs
     return m
 
 
 def open_shard(path, expected_count=None, what="pair shard", remedy="rerun 01_make_pairs.py to regenerate it"):
     """Open a shard memory-mapped; a corrupt or truncated shard stops the run."""
     from safetensors import safe_open
-    try:
+    with or_fail(f"corrupt {what} '{path}'", f"delete it and {remedy}"):
         f = safe_open(path, framework="pt")
         n = f.get_slice("x").get_shape()[0]
-    except Exception as e:
-        fail(f"corrupt {what} '{path}' ({type(e).__name__}: {e}); delete it and {remedy}")
     if expected_count is not None and n != expected_count:
         fail(f"{what} '{path}' holds {n} items, expected {expected_count}; delete it and {remedy}")
     return f
@@ -1159,10 +999,8 @@ def load_latent_lpips(path, in_ch=None):
     (sd15_latest_vgg16_tuned.pth / sdxl_latest_vgg16_tuned.pth)."""
     if path is None or not os.path.isfile(path):
         fail(f"LatentLPIPS checkpoint not found at '{path}'; run 02_train_latent_lpips.py or pass --lpips_ckpt")
-    try:
+    with or_fail(f"'{path}' is not a readable LatentLPIPS checkpoint"):
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"'{path}' is not a readable LatentLPIPS checkpoint ({type(e).__name__}: {e})")
     if isinstance(ck, dict) and "config" in ck and "state_dict" in ck:
         cfg, sd = ck["config"], ck["state_dict"]
     else:
@@ -1215,10 +1053,7 @@ class Augment(nn.Module):
 
     def __init__(self, spec="bgc+cutout"):
         super().__init__()
-        letters, _, extra = spec.partition("+")
-        if extra not in ("", "cutout") or set(letters) - set("bgco") or not letters:
-            fail(f"unknown augment '{spec}': use the letters b, g, c, o (o = cutout), e.g. bgco, or bg+cutout / bgc+cutout")
-        letters += "o" if extra else ""
+        letters = augment_letters(spec)
         self.spec, self.b, self.g, self.c, self.cutout = spec, "b" in letters, "g" in letters, "c" in letters, "o" in letters
 
     def draw(self, B, H, W, device):
@@ -1295,7 +1130,17 @@ def _colour(x, bright, sat, con):
     return mu + (x - mu) * con                       # contrast
 
 
+def augment_letters(spec):
+    """'bgco' or 'bgc+cutout' -> its letters (o = cutout); ValueError for anything else."""
+    letters, _, extra = str(spec).partition("+")
+    if extra not in ("", "cutout") or set(letters) - set("bgco") or not letters:
+        raise ValueError(spec)
+    return letters + ("o" if extra else "")
+
+
+AUGMENT = checked_type(str, augment_letters, "the letters b, g, c, o (o = cutout), e.g. bgco, or bg+cutout / bgc+cutout", "bgx")
 LOSSES = ("elatent", "elatent+latent", "latent", "lpips", "mse", "huber")
+LOSS = checked_type(str, lambda s: s.removesuffix("+l1") in LOSSES, " | ".join(LOSSES) + ", each with an optional +l1", "l2")
 
 
 class RegressionLoss(nn.Module):
@@ -1305,13 +1150,12 @@ class RegressionLoss(nn.Module):
       latent         LatentLPIPS (Eq. 2 without the decoder)
       elatent        E-LatentLPIPS (Eq. 3): LatentLPIPS after one shared random augmentation
       elatent+latent E-LatentLPIPS* (Table A1): the sum of both
-      lpips          decode to pixels, then pixel LPIPS (the Table 1 baseline)"""
+      lpips          decode to pixels, then pixel LPIPS (the Table 1 baseline)
+      MODE+l1        + mean |a - b|: the official package's add_l1_loss (on by default there, not in the paper)"""
 
-    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None, l1=False):
+    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None):
         super().__init__()
-        self.l1 = l1  # the official package's add_l1_loss: + mean |a - b| (on by default there, not in the paper)
-        if mode not in LOSSES:
-            fail(f"unknown --loss '{mode}'; choose one of {', '.join(LOSSES)}")
+        self.l1, mode = mode.endswith("+l1"), mode.removesuffix("+l1")
         if "latent" in mode and lpips is None:
             fail(f"--loss {mode} needs a LatentLPIPS checkpoint (--lpips_ckpt)")
         self.mode, self.lpips, self.decode, self.pixel_lpips = mode, lpips, decode, pixel_lpips
@@ -1325,8 +1169,6 @@ class RegressionLoss(nn.Module):
             c = 0.00054 * math.sqrt(a[0].numel())
             return ((a - b).pow(2).sum((1, 2, 3)) + c ** 2).sqrt() - c
         if self.mode == "lpips":
-            if self.pixel_lpips is None:
-                fail("--loss lpips needs a pixel LPIPS network")
             pa, pb = (self.decode(a), self.decode(b)) if self.decode is not None else (a, b)
             return self.pixel_lpips(pa, pb)
         d = 0
@@ -1335,9 +1177,7 @@ class RegressionLoss(nn.Module):
             d = self.lpips(ta, tb)
         if self.mode in ("latent", "elatent+latent"):
             d = d + self.lpips(a, b)
-        if self.l1:
-            d = d + (a - b).abs().mean((1, 2, 3))
-        return d
+        return d + (a - b).abs().mean((1, 2, 3)) if self.l1 else d
 
 
 def build_loss(cfg, teacher, device):
@@ -1350,25 +1190,19 @@ def build_loss(cfg, teacher, device):
             lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
         else:
             lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
-    if cfg["loss"] == "lpips":
-        pixel = load_pixel_lpips(cfg["pixel_lpips"], device)
+    if cfg["loss"].startswith("lpips"):
+        pixel = load_pixel_lpips(device)
         decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
-    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg["lpips_l1"]).to(device)
+    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel).to(device)
 
 
-def load_pixel_lpips(kind, device):
-    """Pixel-space LPIPS for --loss lpips (Table 1 baseline; CIFAR10 in Table A1).
-    'imagenet': the official LPIPS (VGG16, ImageNet weights) from the optional
-    `lpips` package; 'random': a VGG16-bn LPIPS with random weights, for offline
-    tests and benchmarks only."""
-    if kind == "random":  # one pool removed: works from 16x16 (toy) up
-        return LatentLPIPS(3, 1.0, 1).to(device)
-    if kind != "imagenet":
-        fail(f"unknown --pixel_lpips '{kind}' (imagenet | random)")
+def load_pixel_lpips(device):
+    """Pixel-space LPIPS for --loss lpips (Table 1 baseline; CIFAR10 in Table A1): the
+    official LPIPS (VGG16, ImageNet weights) from the optional `lpips` package."""
     try:
         import lpips
     except ImportError:
-        fail("--loss lpips with ImageNet VGG weights needs the optional `lpips` package: pip install lpips "
+        fail("--loss lpips needs the optional `lpips` package: pip install lpips "
              "(it also needs torchvision, and fetches the VGG16 weights on first use)")
     net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
     return lambda a, b: net(a, b).flatten()
@@ -1394,8 +1228,6 @@ class Student(nn.Module):
         if self.family == "edm":
             self.net = teacher.trainable_copy().train().requires_grad_(True)
             self.sigma_max = cfg["sigma_max"]
-            if cfg.get("dropout") is not None:  # Table A1: CIFAR10 trains with dropout 0.1
-                set_dropout(self.net, cfg["dropout"])
             self.num_classes = teacher.num_classes
         else:
             self.net = teacher.trainable_copy().train().requires_grad_(True)  # Eq. 8 at fp32, not bf16-rounded
@@ -1429,22 +1261,8 @@ class Student(nn.Module):
             return self.net(z * self.sigma_max, sigma, cond)
         dt = next(self.net.parameters()).dtype  # frozen encoders may emit bf16; outside autocast match our weights
         extra = dict(timestep_cond=self._w_emb.to(dt)) if self.w_cond else {}
-        out = self.net(z.to(dt), self.T, **cast_cond(cond, dt), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
+        out = self.net(z.to(dt), self.T, **map_cond(lambda t: t.to(dt), cond), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
         return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T, self.prediction_type)
-
-
-def set_dropout(net, rate):
-    """Set the dropout rate everywhere: torch Dropout layers (the toy U-Net) and the
-    float `dropout` attribute of the official NVlabs EDM blocks, which otherwise
-    keep the rate stored in the pickle (0.13 for CIFAR10). Prints the rate in effect."""
-    n = 0
-    for m in net.modules():
-        if isinstance(m, nn.Dropout):
-            m.p, n = rate, n + 1
-        elif isinstance(vars(m).get("dropout"), float):  # an instance attribute (not a diffusers config value)
-            m.dropout, n = rate, n + 1
-    print0(f"student dropout: {rate} in {n} layers")
-    return n
 
 
 def _w_condition_hook(module, args):
@@ -1458,9 +1276,12 @@ def student_cond(teacher, cond, device):
     return teacher.encode_prompts(list(cond))
 
 
-def cast_cond(cond, dtype):
-    """U-Net condition kwargs with every tensor cast to `dtype`."""
-    return {k: (v.to(dtype) if torch.is_tensor(v) else cast_cond(v, dtype)) for k, v in cond.items()}
+def map_cond(fn, *conds):
+    """fn applied leaf by leaf to one or more conditions of the same shape: a label
+    tensor, or the U-Net's (nested) kwargs dict, e.g. map_cond(lambda t: t[:n], c)."""
+    if isinstance(conds[0], dict):
+        return {k: map_cond(fn, *(c[k] for c in conds)) for k in conds[0]}
+    return fn(*conds)
 
 
 # ----------------------------------------------------------------------------
@@ -1535,10 +1356,11 @@ def micro_batches(idx, world, rank, accum):
     return [((m * world + rank), idx[(m * world + rank) * n:(m * world + rank + 1) * n]) for m in range(accum)]
 
 
-def training_setup(cfg, world, device):
+def training_setup(cfg, world, device, m=None):
     """The shared start of 03 and 04: the derived accumulation, the run folder and its
-    checkpoint path, the teacher, and its pairs. The pairs' manifest has the last word
-    on what the teacher fixed (its steps, guidance and guidance range), and says so."""
+    checkpoint path, the teacher, and its pairs. The pairs' manifest `m` (read by the
+    script's validate) has the last word on what the teacher fixed (its steps, guidance,
+    guidance range and resolution), and says so."""
     if cfg["dtype"] == "float16":  # fp16 autocast needs loss scaling, which these loops do not have
         fail("--dtype float16 trains without a GradScaler, so small gradients underflow to zero; "
              "use --dtype bfloat16 (the paper's precision, Table A1) or float32")
@@ -1551,20 +1373,22 @@ def training_setup(cfg, world, device):
         teacher = load_teacher(cfg, device)
         return accum, run_dir, None, teacher, RandomPairs(teacher, cfg)
     pairs = cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs")
-    m = read_manifest(pairs)
-    cfg.update(num_steps=m.get("num_steps") or int(m["solver"].rsplit("-", 1)[1]), guidance=m["guidance"],
-               cfg_range=m.get("cfg_range"))  # the student learns the teacher that made the pairs
-    print0(f"from the pairs' manifest: num_steps {cfg['num_steps']}, guidance {cfg['guidance']}, cfg_range {cfg['cfg_range']}")
+    m = m or read_manifest(pairs)
+    cfg.update(num_steps=m["num_steps"], guidance=m["guidance"], cfg_range=m.get("cfg_range"),
+               resolution=m.get("resolution", cfg["resolution"]))  # the student learns the teacher that made the pairs
+    print0(f"from the pairs' manifest: num_steps {cfg['num_steps']}, guidance {cfg['guidance']}, cfg_range {cfg['cfg_range']}, "
+           f"resolution {cfg['resolution']}")
     teacher = load_teacher(cfg, device)
     data = PairDataset(pairs, teacher, cfg, m)
     cfg["pairs_id"] = {k: m.get(k) for k in ("teacher", "solver", "guidance", "cfg_range", "num_pairs", "seed", "prompts")}
     return accum, run_dir, os.path.join(run_dir, "ckpt_latest.pt"), teacher, data
 
 
-def check_resume(saved, cfg, keys, remedy="start a new --run_name, or pass --allow_config_change if the change is deliberate"):
-    """--resume continues the same run: a setting that changes the run (batch, loss,
-    learning rates, pairs, seed, ...) is refused, naming each field, unless
-    --allow_config_change (03, 04) says the change is deliberate."""
+def check_resume(saved, cfg, remedy="start a new --run_name, or pass --allow_config_change if the change is deliberate"):
+    """--resume continues the same run: any setting outside RESUME_MAY_CHANGE that differs
+    (batch, loss, learning rates, pairs, seed, a fork's new flag, ...) is refused, naming
+    each, unless --allow_config_change (03, 04) says the change is deliberate."""
+    keys = [k for k in {**saved, **cfg} if k not in RESUME_MAY_CHANGE]
     changed = [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
     if changed and not cfg.get("allow_config_change"):
         fail("--resume would continue with changed settings (" + "; ".join(changed) + f"); {remedy}")
@@ -1588,38 +1412,21 @@ class RandomPairs:
         return dict(z=z, x=x, seed=torch.as_tensor(idx), cond=cond)
 
 
-class StepTimer:
-    """Sizing mode: wall time per optimiser step (the GPU synchronised), then peak
-    memory, img/s and the settings as one JSON report (rank 0)."""
-
-    def __init__(self, device, warmup=2):
-        self.device, self.warmup, self.times, self.t = device, warmup, [], None
-
-    def tick(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if self.t is not None:
-            self.times.append(now - self.t)
-        self.t = now
-
-    def report(self, cfg, world, models, keys):
-        kept = self.times[self.warmup:] or self.times
-        step_s = float(np.median(kept))
-        held = None  # on a GPU: what stays allocated between steps (weights, Adam, EMA, frozen nets); peak - held
-        if self.device.type == "cuda":  # is then what one step adds (gradients, activations, gathered FSDP units)
-            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-            held = round(torch.cuda.memory_allocated(self.device) / 2 ** 30, 2)
-        else:  # CPU: the process's peak resident memory
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        out = dict(peak_gb=round(peak, 2), held_gb=held, step_s=round(step_s, 4), img_s_per_device=round(cfg["batch"] / world / step_s, 2),
-                   img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=len(kept), world=world, device=str(self.device),
-                   gpu=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-                   params_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for k, m in models.items()},
-                   **{k: cfg[k] for k in keys})
-        print0("benchmark: " + json.dumps(out))
-        return out
+def sizing_report(cfg, world, device, step_s, steps_timed, models, keys):
+    """Sizing mode's one JSON line (rank 0): peak memory (GPU: allocated; CPU: the process's
+    peak resident set), what stays allocated between steps (GPU), the time of a step after
+    the warm-up, img/s, parameter counts and the settings `keys`."""
+    if device.type == "cuda":
+        peak, held = torch.cuda.max_memory_allocated(device) / 2 ** 30, round(torch.cuda.memory_allocated(device) / 2 ** 30, 2)
+    else:
+        import resource
+        peak, held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, None
+    out = dict(peak_gb=round(peak, 2), held_gb=held, step_s=round(step_s, 4), img_s_per_device=round(cfg["batch"] / world / step_s, 2),
+               img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=steps_timed, world=world, device=str(device),
+               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               params_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for k, m in models.items()},
+               **{k: cfg[k] for k in keys})
+    print0("benchmark: " + json.dumps(out))
 
 
 def enable_grad_ckpt(net):
@@ -1722,12 +1529,12 @@ def param_groups(model, weight_decay, attn_weight_decay):
 
 
 def make_optimizer(name, groups, lr, betas):
+    """Adam(W) or RAdam (Table A1), with decoupled weight decay. Fused on CUDA: one
+    kernel, and no foreach temporaries the size of the weights."""
     if name == "radam":
         return torch.optim.RAdam(groups, lr=lr, betas=betas, decoupled_weight_decay=True)
-    if name == "adam":  # fused on CUDA: one kernel, and no foreach temporaries the size of the weights
-        cuda = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if cuda else None)
-    fail(f"unknown optimizer '{name}' (adam | radam)")
+    cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if cuda else None)
 
 
 def lr_at(step, steps, lr, lr_end):
@@ -1755,7 +1562,7 @@ class MetricsLog:
             lines = []
             if resume_step and os.path.isfile(path):
                 lines = [l.rstrip("\n") + "\n" for l in open(path) if self._step(l) <= resume_step]
-            atomic_write_text("".join(lines), path)
+            save_text("".join(lines), path)
 
     @staticmethod
     def _step(line):
@@ -1799,8 +1606,8 @@ def save_training_state(ck, run_dir):
     """ckpt_latest.pt, then the student_ema.pt it implies. A kill between the two writes
     leaves an older student beside a newer checkpoint: --resume repairs it (repair_student),
     and load_student_file refuses it."""
-    atomic_torch_save(ck, os.path.join(run_dir, "ckpt_latest.pt"))
-    atomic_torch_save(student_of(ck), os.path.join(run_dir, "student_ema.pt"))
+    atomic(os.path.join(run_dir, "ckpt_latest.pt"), lambda f: torch.save(ck, f))
+    atomic(os.path.join(run_dir, "student_ema.pt"), lambda f: torch.save(student_of(ck), f))
 
 
 def repair_student(ck, run_dir):
@@ -1809,7 +1616,7 @@ def repair_student(ck, run_dir):
     path = os.path.join(run_dir, "student_ema.pt")
     old = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("step") if os.path.isfile(path) else None
     if old != ck["step"]:
-        atomic_torch_save(student_of(ck), path)
+        atomic(path, lambda f: torch.save(student_of(ck), f))
         print0(f"rewrote '{path}' from ckpt_latest.pt (step {ck['step']}; it held step {old})")
 
 
@@ -1817,6 +1624,8 @@ def load_student_file(path, what):
     """A student_ema.pt, refused when the ckpt_latest.pt beside it is at another step:
     that student is not the one its run implies."""
     ck = load_checkpoint(path, what, mmap=True, keys=STUDENT_KEYS)
+    if "opt" in ck:
+        fail(f"'{path}' is a training checkpoint, not a {what}: pass the student_ema.pt beside it")
     sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "ckpt_latest.pt")
     if os.path.isfile(sibling):
         step = load_checkpoint(sibling, "training checkpoint beside it", mmap=True, keys=("step",))["step"]
@@ -1832,10 +1641,8 @@ def load_checkpoint(path, what, mmap=False, keys=()):
     mmap=True only maps the file (cheap at any size): what the up-front checks use."""
     if not os.path.isfile(path):
         fail(f"{what} not found at '{path}'")
-    try:
+    with or_fail(f"{what} '{path}' is unreadable"):
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:
-        fail(f"{what} '{path}' is unreadable ({type(e).__name__}: {e})")
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
     if missing:
         fail(f"'{path}' is not a {what}: it lacks {', '.join(map(repr, missing))} (another kind of file?)")
@@ -1853,7 +1660,7 @@ def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000, w=None):
             cond = torch.arange(n) % cfg["num_classes"]  # one of each class, in order
     else:
         z = seed_noise(seeds, teacher.z_shape)
-        prompts = teacher.prompts or ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake"]
+        prompts = ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake"]
         cond = [prompts[i % len(prompts)] for i in range(n)]
     x = teacher.solve(z, cond, guidance=w).float().cpu()
     return z, cond, x
@@ -1870,17 +1677,21 @@ def mid_guidance(cfg):
 # ----------------------------------------------------------------------------
 # 11. Timing (01 --benchmark, 02 and 05 --speed).
 
+def synchronize(device):
+    """Wait for the GPU's queued work (CUDA runs asynchronously: a clock read without
+    it stops at kernel launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn, device, repeats=1):
-    """fn() run `repeats` times, the GPU synchronised around each call (CUDA runs
-    asynchronously: without it the clock stops at kernel launch). Returns the median
-    seconds and the last call's result."""
+    """fn() run `repeats` times, the GPU synchronised around each call. Returns the
+    median seconds and the last call's result."""
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         t = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2], out

@@ -44,7 +44,7 @@ def capture(unet):
 
 def test_zero_init_invariance_toy():
     t = toy_teacher()
-    D = S4.Discriminator(t, z_cond=True, multiscale=True, d_sigma=0.5)
+    D = S4.Discriminator(t, z_cond=True, multiscale=True, d_t=0.5)
     assert len(D.heads) == 3 * len(D.unet.up_blocks)  # 3 readouts per decoder scale
     D.eval()  # same mode as the teacher (train-mode attention rounds differently, ~5e-7)
     x, z, c = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -65,8 +65,8 @@ def test_zero_init_invariance_toy():
 
 def test_zero_init_invariance_sd(tiny_sdxl):
     teacher = C.LDMTeacher(dict(C.get_preset("sdxl"), preset="sdxl", teacher=tiny_sdxl, resolution=16, num_steps=4,
-                                dtype="float32", num_pairs=1), torch.device("cpu"), load_vae=False)
-    D = S4.Discriminator(teacher, z_cond=True, multiscale=True, d_timestep=10).eval()
+                                dtype="float32", num_pairs=1), torch.device("cpu"))
+    D = S4.Discriminator(teacher, z_cond=True, multiscale=True, d_t=10).eval()
     assert len(D.heads) == 3 * len(teacher.unet.up_blocks)
     x, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     cond = teacher.encode_prompts(["a cat", "a dog"])

@@ -17,7 +17,7 @@ S4 = importlib.import_module("04_gan_finetune")  # the names that live in 04_gan
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # compare in true fp32 in this process
-SD = ["--resolution", 16]  # 03/04 take the teacher's steps from the pairs' manifest
+SD = ["--resolution", 16]  # 01's; 03/04 take the resolution and the teacher's steps from the pairs' manifest
 
 
 def run(script, *args):
@@ -51,7 +51,7 @@ def test_discriminator_and_student_on_cuda(tiny_sdxl):
     cfg = dict(C.get_preset("sdxl"), preset="sdxl", teacher=tiny_sdxl, resolution=16, num_steps=50, dtype="float32",
                num_pairs=1, out_dir="unused")
     for dtype in ("float32", "bfloat16"):  # a bf16 teacher: G still starts from the fp32 weights
-        t = C.LDMTeacher(dict(cfg, dtype=dtype), CUDA, load_vae=False)
+        t = C.LDMTeacher(dict(cfg, dtype=dtype), CUDA)
         if dtype == "float32":
             t32, cond = t, t.encode_prompts(["a red cube", "the fox"])
         D, G = S4.Discriminator(t, noise_aug=True), C.Student(t, t.cfg).eval()
@@ -97,8 +97,8 @@ def test_tiny_sd_bf16_to_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_f
     torch.manual_seed(0)
     lp = C.LatentLPIPS(4, 0.125, 3, 10)
     torch.save(dict(config=lp.config, state_dict=lp.state_dict()), tmp_path / "lp.pt")
-    base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, *SD, "--dtype", "bfloat16"]
-    run("01_make_pairs.py", *base, "--num_steps", 2, "--prompts", prompt_file, "--cycle_prompts", "--num_pairs", 8, "--shard_size", 4,
+    base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, "--dtype", "bfloat16"]
+    run("01_make_pairs.py", *base, *SD, "--num_steps", 2, "--prompts", prompt_file, "--cycle_prompts", "--num_pairs", 8, "--shard_size", 4,
                "--batch_per_device", 4)
     train = [*base, "--lpips_ckpt", tmp_path / "lp.pt", "--batch", 4, "--batch_per_device", 2, "--log_every", 1]
     run("03_ode_distill.py", *train, "--steps", 6, "--grid_every", 3, "--ckpt_every", 3)
@@ -113,7 +113,7 @@ def test_tiny_sd_bf16_to_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_f
     run("04_gan_finetune.py", *base, "--export", tmp_path / "export")
     cfg = dict(C.get_preset(kind), preset=kind, teacher=folder, resolution=16, num_steps=2, dtype="float32", num_pairs=1,
                out_dir=str(tmp_path))
-    teacher = C.LDMTeacher(cfg, CUDA, load_vae=False)
+    teacher = C.LDMTeacher(cfg, CUDA)
     G = importlib.import_module("05_evaluate").load_student(str(tmp_path / "gan" / "student_ema.pt"), teacher, cfg, CUDA)
     cls = StableDiffusionPipeline if kind == "sd15" else StableDiffusionXLPipeline
     pipe = cls.from_pretrained(folder, unet=UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet"),

@@ -249,11 +249,11 @@ def test_stage2_nan_guard(toy_run):
     assert "became" in msg and "at step" in msg and "last good checkpoint" in msg, msg
 
 
-def test_stage1_pixel_lpips_and_guidance_student(toy_run, tmp_path):
+def test_stage1_pixel_lpips_and_guidance_student(toy_run, tmp_path, monkeypatch):
     """--loss lpips (offline: random-weight pixel VGG) trains; a toy student with a
     w input starts exactly as the teacher's one-step map for every w."""
-    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "lpips_px", "--steps", 2, "--loss", "lpips",
-               "--pixel_lpips", "random", *S1)
+    monkeypatch.setattr(C, "load_pixel_lpips", lambda device: C.LatentLPIPS(3, 1.0, 1).to(device))
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "lpips_px", "--steps", 2, "--loss", "lpips", *S1)
     assert (toy_run / "lpips_px" / "student_ema.pt").exists()
     cfg = dict(C.get_preset("toy"), preset="toy", cfg_range="1,3")
     teacher = C.EDMTeacher(cfg, torch.device("cpu"))
@@ -275,12 +275,12 @@ def test_05_takes_the_teachers_guidance_from_the_students(tmp_path):
     path = tmp_path / "w2.pt"
     torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=2.0), teacher=teacher.teacher_id, stage=1, step=0), path)
     cfg1 = dict(cfg, students=f"w2={path}")
-    models, nfe = ev.model_table(cfg1, C.EDMTeacher(cfg1, torch.device("cpu")), torch.device("cpu"))
+    models, nfe = ev.model_table(cfg1, C.EDMTeacher(cfg1, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg1, classifier_seed=0, classifier=None))[0])
     assert cfg1["guidance"] == 2.0 and nfe["teacher"] == 70 and nfe["w2"] == 1
     cfg2 = dict(cfg, students=f"w2={path}", guidance_flag=1.5)
     with pytest.raises(SystemExit, match="--guidance 1.5 contradicts .*guidance 2.0"):
-        ev.model_table(cfg2, C.EDMTeacher(cfg2, torch.device("cpu")), torch.device("cpu"))
+        ev.model_table(cfg2, C.EDMTeacher(cfg2, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg2, classifier_seed=0, classifier=None))[0])
     torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=3.0), teacher=teacher.teacher_id, stage=1, step=0), tmp_path / "w3.pt")
     cfg3 = dict(cfg, students=f"w2={path},w3={tmp_path / 'w3.pt'}")
     with pytest.raises(SystemExit, match="different guidance scales"):
-        ev.model_table(cfg3, C.EDMTeacher(cfg3, torch.device("cpu")), torch.device("cpu"))
+        ev.model_table(cfg3, C.EDMTeacher(cfg3, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg3, classifier_seed=0, classifier=None))[0])

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+import importlib
+
 import common as C
 from conftest import run_script
+S1 = importlib.import_module("01_make_pairs")  # load_prompts lives in 01_make_pairs.py
 
 SMALL = ["--resolution", 16, "--num_steps", 6, "--num_pairs", 4, "--shard_size", 2, "--batch_per_device", 2,
          "--pair_dtype", "float32"]
@@ -32,7 +35,7 @@ def test_pairs_equal_diffusers_pipeline(kind, guidance, tiny_sd15, tiny_sdxl, pr
     x = torch.cat([s["x"] for s in shards])
     prompts = sum([s["prompts"] for s in shards], [])
     seeds = torch.cat([s["seed"] for s in shards]).tolist()
-    assert prompts == C.load_prompts(prompt_file)[:4] and seeds == [0, 1, 2, 3]
+    assert prompts == S1.load_prompts(prompt_file)[:4] and seeds == [0, 1, 2, 3]
     ref = _pipeline_latents(kind, folder, prompts, seeds, guidance, 6)
     err = ((x - ref).abs().max() / ref.abs().max()).item()
     print(f"{kind}: max |x_ours - x_diffusers| / max |x| = {err:.3e} (max |x| = {ref.abs().max():.2f})")
@@ -44,7 +47,7 @@ def test_pairs_equal_diffusers_pipeline(kind, guidance, tiny_sd15, tiny_sdxl, pr
 def _teacher(kind, folder, **kw):
     cfg = dict(C.get_preset(kind), preset=kind, teacher=folder, resolution=16, num_steps=50, dtype="float32", num_pairs=1)
     cfg.update(kw)
-    return C.LDMTeacher(cfg, torch.device("cpu"), load_vae=False)
+    return C.LDMTeacher(cfg, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -84,9 +87,9 @@ def test_sd_bad_input(tiny_sd15, tiny_sdxl, prompt_file, tmp_path):
     import shutil
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    base = ["--out_dir", tmp_path / "out", "--resolution", 16, "--num_steps", 2]
+    base = ["--out_dir", tmp_path / "out", "--resolution", 16, "--num_steps", 2, "--num_pairs", 4]
     assert "no prompts found" in _fails("--preset", "sd15", "--teacher", tiny_sd15, "--prompts", empty, *base)
-    msg = _fails("--preset", "sd15", "--teacher", tiny_sd15, "--prompts", prompt_file, "--num_pairs", 10, *base)
+    msg = _fails("--preset", "sd15", "--teacher", tiny_sd15, "--prompts", prompt_file, *base, "--num_pairs", 10)
     assert "has 4 prompts but --num_pairs is 10" in msg and "--cycle_prompts" in msg
     assert "SDXL model but --preset is sd15" in _fails("--preset", "sd15", "--teacher", tiny_sdxl, "--prompts", prompt_file, *base)
     broken = tmp_path / "broken"
@@ -104,27 +107,27 @@ def test_sd_bad_input(tiny_sd15, tiny_sdxl, prompt_file, tmp_path):
     # cycling is allowed when asked for: 6 pairs from 4 prompts
     run_script("01_make_pairs.py", "--preset", "sd15", "--teacher", tiny_sd15, "--prompts", prompt_file, "--cycle_prompts",
                "--out_dir", tmp_path / "cyc", "--num_pairs", 6, "--shard_size", 6, "--resolution", 16, "--num_steps", 2)
-    assert C.load_shard(C.shard_path(tmp_path / "cyc" / "pairs", 0))["prompts"][4] == C.load_prompts(prompt_file)[0]
+    assert C.load_shard(C.shard_path(tmp_path / "cyc" / "pairs", 0))["prompts"][4] == S1.load_prompts(prompt_file)[0]
 
 
 def test_broken_teacher_folder(tiny_sd15, prompt_file, tmp_path):
     """A teacher folder with one part missing, truncated or corrupt (an interrupted
-    download) stops 01 with one error line naming that part, not a traceback."""
+    download) stops 01 with one error line naming that part's file, not a traceback."""
     import shutil
 
     def truncate(f):
         f.write_bytes(f.read_bytes()[:1000])
-    for part, spoil in [("unet config", lambda d: (d / "unet" / "config.json").write_text('{"broken')),
-                        ("unet", lambda d: truncate(d / "unet" / "diffusion_pytorch_model.safetensors")),
-                        ("scheduler", lambda d: (d / "scheduler" / "scheduler_config.json").unlink()),
-                        ("vae", lambda d: (d / "vae" / "config.json").write_text("x")),
-                        ("text_encoder", lambda d: (d / "text_encoder" / "config.json").write_text("{"))]:
-        d = tmp_path / part.replace(" ", "_")
+    for part, spoil in [("unet/config.json", lambda d: (d / "unet" / "config.json").write_text('{"broken')),
+                        ("unet/diffusion_pytorch_model", lambda d: truncate(d / "unet" / "diffusion_pytorch_model.safetensors")),
+                        ("scheduler_config.json", lambda d: (d / "scheduler" / "scheduler_config.json").unlink()),
+                        ("vae/config.json", lambda d: (d / "vae" / "config.json").write_text("x")),
+                        ("text_encoder/config.json", lambda d: (d / "text_encoder" / "config.json").write_text("{"))]:
+        d = tmp_path / part.replace("/", "_")
         shutil.copytree(tiny_sd15, d)
         spoil(d)
         msg = _fails("--preset", "sd15", "--teacher", d, "--prompts", prompt_file, "--out_dir", tmp_path / "out",
-                     "--resolution", 16, "--num_steps", 2)
-        assert msg.startswith("error: ") and f"its {part} does not load" in msg, (part, msg)
+                     "--resolution", 16, "--num_steps", 2, "--num_pairs", 4)
+        assert msg.startswith("error: ") and "does not load" in msg and part in msg, (part, msg)
 
 
 def test_prompt_files(tmp_path):
@@ -135,16 +138,17 @@ def test_prompt_files(tmp_path):
     (d / "a.txt").write_text("a cat\n\nthe sea\n")
     (d / "b.jsonl").write_text('"a string"\n{"caption": "a caption", "id": 7}\n{"text": "a text"}\n')
     (d / "c.csv").write_text("ignored\n")
-    assert C.load_prompts(str(d)) == ["a cat", "the sea", "a string", "a caption", "a text"]
+    assert S1.load_prompts(str(d)) == ["a cat", "the sea", "a string", "a caption", "a text"]
     for i, line in enumerate(['3', 'null', '{"prompt": 3}', '{"title": "x"}', '["a", "b"]', '{"prompt": "ok"']):
         (tmp_path / f"bad{i}.jsonl").write_text(line + "\n")
         with pytest.raises(SystemExit, match=f"bad{i}.jsonl"):
-            C.load_prompts(str(tmp_path / f"bad{i}.jsonl"))
+            S1.load_prompts(str(tmp_path / f"bad{i}.jsonl"))
 
 
 def test_hub_id_offline_and_unreachable(prompt_file, tmp_path):
     import time
-    base = ["--preset", "sd15", "--teacher", "nobody/not-a-cached-model", "--prompts", prompt_file, "--out_dir", tmp_path]
+    base = ["--preset", "sd15", "--teacher", "nobody/not-a-cached-model", "--prompts", prompt_file, "--out_dir", tmp_path,
+            "--num_pairs", 4]
     msg = _fails(*base, env={"HF_HUB_OFFLINE": "1"})
     assert "nobody/not-a-cached-model" in msg and "HF_HUB_OFFLINE" in msg
     t = time.time()

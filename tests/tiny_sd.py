@@ -31,7 +31,7 @@ def _vae(seed=0, scaling_factor=0.18215, force_upcast=True):
 
 def _scheduler():
     import common as C
-    return C.sd_ddim_scheduler()
+    return C.sd_scheduler()
 
 
 def make_tiny_sd15(folder, seed=0, channels=(32, 64)):
