@@ -250,7 +250,7 @@ def main(argv=None):
             z, cond = conditions(seeds[b:b + B], idx[b:b + B])
             xs.append(teacher.solve(z, cond, guidance=None if w is None else w[b:b + B]).to(dtype).cpu())
         _, cond = conditions(seeds, idx)
-        write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, w=w, **teacher.shard_fields(cond))
+        write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, w=w, **{"prompts" if prompts else "labels": cond})
         made += len(idx)
     dt = time.time() - t0
     if made:

@@ -34,8 +34,7 @@ FLAGS = {
     ],
     "optimisation (Table A1)": C.TRAIN_BATCH_FLAGS + [
         ("optimizer", None, ("adam", "radam"), "Adam(W), or RAdam (CIFAR10)"),
-        ("lr", None, C.POS, "learning rate (cosine decay to --lr_end)"),
-        ("lr_end", None, C.NONNEG, "final learning rate"),
+        ("lr", None, C.LR, "learning rate, START,END for a cosine decay over --steps (Table A1: 1e-4,1e-5)"),
         ("betas", "0.9,0.999", C.BETAS, "Adam betas"),
         ("dropout", None, C.FRACTION, "dropout of G (Table A1: 0.1 for CIFAR10)"),
         ("grad_ckpt", None, bool, "gradient checkpointing of G (memory for compute; on in the SDXL row)"),
@@ -44,21 +43,21 @@ FLAGS = {
 }
 
 STAGE1 = {  # Table A1's stage-1 row per preset (toy: scaled to 2 CPU cores)
-    "toy": dict(steps=300, batch=64, batch_per_device=64, grad_ckpt=False, optimizer="adam", lr=2e-4, lr_end=2e-5,
+    "toy": dict(steps=300, batch=64, batch_per_device=64, grad_ckpt=False, optimizer="adam", lr=(2e-4, 2e-5),
                 weight_decay=0.0, attn_weight_decay=0.0, dropout=0.0, ema_start=90, ema_beta=0.995, grid_every=100,
                 ckpt_every=100),
-    "cifar10": dict(steps=150_000, batch=512, batch_per_device=512, grad_ckpt=False, optimizer="radam", lr=4e-4, lr_end=4e-4,
+    "cifar10": dict(steps=150_000, batch=512, batch_per_device=512, grad_ckpt=False, optimizer="radam", lr=4e-4,
                     weight_decay=0.0, attn_weight_decay=0.0, dropout=0.1, ema_start=20_000, ema_beta=0.9999,
                     grid_every=5000, ckpt_every=5000),
-    "sd15": dict(steps=150_000, batch=256, batch_per_device=32, grad_ckpt=False, optimizer="adam", lr=1e-4, lr_end=1e-5,
+    "sd15": dict(steps=150_000, batch=256, batch_per_device=32, grad_ckpt=False, optimizer="adam", lr=(1e-4, 1e-5),
                  weight_decay=1e-2, attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000,
                  ckpt_every=2000),
-    "sdxl": dict(steps=20_000, batch=1024, batch_per_device=8, grad_ckpt=True, optimizer="adam", lr=1e-4, lr_end=1e-5,
+    "sdxl": dict(steps=20_000, batch=1024, batch_per_device=8, grad_ckpt=True, optimizer="adam", lr=(1e-4, 1e-5),
                  weight_decay=1e-2, attn_weight_decay=1e-5, dropout=0.0, ema_start=4000, ema_beta=0.9999, grid_every=2000,
                  ckpt_every=2000),
 }
-# micro-batches: the paper's per-GPU batch where one 80 GB GPU holds it (measured on an H100, README "Before booking
-# a cluster": SD1.5 at 32 peaks at 57.4 GB; SDXL at 8 needs gradient checkpointing, 53.0 GB)
+# micro-batches: the paper's per-GPU batch where one 80 GB GPU holds it (measured on an H100, docs/scaling.md:
+# SD1.5 at 32 peaks at 57.4 GB; SDXL at 8 needs gradient checkpointing, 53.0 GB)
 STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
 RESUME_CKPT_KEYS = ("model", "ema", "opt", "step", "config", "teacher", "stage")  # what ckpt_latest.pt holds
 
@@ -111,7 +110,7 @@ def main(argv=None):
     if cfg["fsdp"]:  # G and its EMA sharded alike (EMA updates stay shard-local); every rank runs what gathers them
         G, ema = C.fsdp_shard(G, device), C.fsdp_shard(ema, device)
     opt = C.make_optimizer(cfg["optimizer"], C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]),
-                           cfg["lr"], tuple(float(b) for b in cfg["betas"].split(",")))
+                           C.lr_schedule(cfg["lr"])[0], tuple(float(b) for b in cfg["betas"].split(",")))
     step, bench = 0, cfg["benchmark_steps"] > 0
     if ck:
         C.check_resume(ck["config"], cfg)
@@ -158,7 +157,7 @@ def main(argv=None):
         if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
             C.synchronize(device)
             t_bench, n_bench = time.perf_counter(), end - step
-        lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"])
+        lr = C.lr_at(step, cfg["steps"], cfg["lr"])
         for g in opt.param_groups:
             g["lr"] = lr
         total = torch.zeros((), device=device)

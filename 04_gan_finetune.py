@@ -17,7 +17,7 @@ Output: <out_dir>/gan/{student_ema.pt, ckpt_latest.pt, metrics.jsonl, grid_*.png
 Toy (CPU, ~3 min):   python 04_gan_finetune.py
 SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 04_gan_finetune.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth --dtype bfloat16
 Table 2 row:         python 04_gan_finetune.py --no-multiscale --mix_match 0 --run_name gan_no_ms
-Export (diffusers):  python 04_gan_finetune.py --preset sd15 --export runs/sd15/export   (see README for the pipeline call)
+Export (diffusers):  python 04_gan_finetune.py --preset sd15 --export runs/sd15/export   (README: the pipeline call)
 """
 import copy
 import os
@@ -50,10 +50,8 @@ FLAGS = {
         ("d_t", None, C.NONNEG, "D's noise level without --noise_aug: EDM sigma (toy 0.5), SD timestep (0)"),
     ],
     "optimisation (Table A1)": C.TRAIN_BATCH_FLAGS + [
-        ("lr", None, C.POS, "G learning rate (cosine decay to --lr_end)"),
-        ("lr_end", None, C.NONNEG, "G final learning rate"),
-        ("d_lr", None, C.POS, "D learning rate (cosine decay to --d_lr_end)"),
-        ("d_lr_end", None, C.NONNEG, "D final learning rate"),
+        ("lr", None, C.LR, "G learning rate, START,END for a cosine decay over --steps (Table A1: 1e-4,1e-5)"),
+        ("d_lr", None, C.LR, "D learning rate, the same way"),
         ("betas", "0.9,0.999", C.BETAS, "G Adam betas"),
         ("d_betas", None, C.BETAS, "D Adam betas (0.9,0.999 SD1.5; 0.0,0.99 SDXL)"),
         ("grad_ckpt", None, bool, "gradient checkpointing of G and D (memory for compute; on in the SD rows)"),
@@ -64,20 +62,20 @@ FLAGS = {
 # Table A1's stage-2 row per preset (toy: scaled to 2 CPU cores). Toy: 300 steps are
 # too few for D to learn at SD1.5's d_lr 1e-4 -> 1e-5 and lambda 0.25 (its logits
 # parted by < 0.5 and FID-toy moved within noise); a constant d_lr 2e-4 and lambda
-# 1.0 (SDXL's) give D enough signal in the toy budget (README, Table 2).
+# 1.0 (SDXL's) give D enough signal in the toy budget (docs/toy_results.md).
 STAGE2 = {
-    "toy": dict(steps=300, batch=32, batch_per_device=32, grad_ckpt=False, lr=5e-5, lr_end=1e-5, d_lr=2e-4, d_lr_end=2e-4,
-                lambda_gan=1.0, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_t=0.5, d_betas="0.0,0.99", weight_decay=0.0, attn_weight_decay=0.0,
-                ema_start=0, ema_beta=0.99, grid_every=100, ckpt_every=100),
-    "sd15": dict(steps=10_000, batch=256, batch_per_device=16, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5,
+    "toy": dict(steps=300, batch=32, batch_per_device=32, grad_ckpt=False, lr=(5e-5, 1e-5), d_lr=2e-4, lambda_gan=1.0,
+                r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_t=0.5, d_betas="0.0,0.99", weight_decay=0.0,
+                attn_weight_decay=0.0, ema_start=0, ema_beta=0.99, grid_every=100, ckpt_every=100),
+    "sd15": dict(steps=10_000, batch=256, batch_per_device=16, grad_ckpt=True, lr=(1e-4, 1e-5), d_lr=(1e-4, 1e-5),
                  lambda_gan=0.25, r1_gamma=0.01, mix_match=0.25, noise_aug=False, d_t=0, d_betas="0.9,0.999", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
-    "sdxl": dict(steps=30_000, batch=512, batch_per_device=4, grad_ckpt=True, lr=1e-4, lr_end=1e-5, d_lr=1e-4, d_lr_end=1e-5, lambda_gan=1.0,
+    "sdxl": dict(steps=30_000, batch=512, batch_per_device=4, grad_ckpt=True, lr=(1e-4, 1e-5), d_lr=(1e-4, 1e-5), lambda_gan=1.0,
                  r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_t=0, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
 STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
-# micro-batches (H100-measured, README "Before booking a cluster"): SD1.5 at the paper's 16 per GPU needs gradient
+# micro-batches (H100-measured, docs/scaling.md): SD1.5 at the paper's 16 per GPU needs gradient
 # checkpointing (51.7 GB; without it D's forward runs out of memory). SDXL does not fit one 80 GB GPU under DDP at
 # any micro-batch (92.5 GB of model state): it needs --fsdp over 2 or more GPUs. At the paper's 4 per GPU, one
 # H200 (--fsdp over one process) peaked at 91.0 GB, 86.1 of it state that --fsdp divides by the number of GPUs.
@@ -387,8 +385,8 @@ def main(argv=None):
         G, ema, D = (C.fsdp_shard(m, device) for m in (G, ema, D))
     betas = tuple(float(b) for b in cfg["betas"].split(","))
     d_betas = tuple(float(b) for b in cfg["d_betas"].split(","))
-    opt_g = C.make_optimizer("adam", C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]), cfg["lr"], betas)
-    opt_d = C.make_optimizer("adam", C.param_groups(D, cfg["weight_decay"], cfg["attn_weight_decay"]), cfg["d_lr"], d_betas)
+    opt_g = C.make_optimizer("adam", C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg["lr"])[0], betas)
+    opt_d = C.make_optimizer("adam", C.param_groups(D, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg["d_lr"])[0], d_betas)
     viewer = rank == 0 or cfg["fsdp"]  # the ranks that run G and the EMA for grids
     if viewer and not bench:  # held-out z and the grid's "stage 1" row, from G before a resume changes it
         w_ho = C.mid_guidance(cfg)
@@ -437,7 +435,7 @@ def main(argv=None):
         if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
             C.synchronize(device)
             t_bench, n_bench = time.perf_counter(), end - step
-        lr, d_lr = C.lr_at(step, cfg["steps"], cfg["lr"], cfg["lr_end"]), C.lr_at(step, cfg["steps"], cfg["d_lr"], cfg["d_lr_end"])
+        lr, d_lr = C.lr_at(step, cfg["steps"], cfg["lr"]), C.lr_at(step, cfg["steps"], cfg["d_lr"])
         for g in opt_g.param_groups:
             g["lr"] = lr
         for g in opt_d.param_groups:

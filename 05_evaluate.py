@@ -9,9 +9,9 @@ grids of the teacher and the students from the same noise.
            from the same z (pixel MSE, and feature cosine distance as a toy
            DreamSim), time per image, NFE.
   sd/sdxl  FID on COCO2014 val (clean-fid or torch-fidelity Inception features,
-           bicubic antialiased resizing), CLIP score (open_clip ViT-g-14 or
-           transformers CLIP), precision/recall, DreamDiv and DreamSim-5k
-           (dreamsim); each optional package is imported only when used.
+           bicubic antialiased resizing), CLIP score (open_clip ViT-g-14),
+           precision/recall, DreamDiv and DreamSim-5k (dreamsim); each optional
+           package is imported only when used.
 
 Output: <out_dir>/eval/{metrics.json, results.md, compare.png, diversity.png}, and the
 teacher's samples (teacher_samples_*.pt: read back by later evaluations of the same setup)
@@ -618,6 +618,8 @@ def validate(cfg):
     the values), read once: returns {name: (path, checkpoint)} of the students that
     exist, the COCO captions and image paths (sd15/sdxl), and the toy's cached
     evaluation classifier (None when it is still to be trained)."""
+    if cfg["family"] == "edm" and cfg["arch"] != "toy" and not cfg["speed"]:
+        C.fail("CIFAR10 FID needs Inception features: use the official EDM fid.py on the students' samples")
     explicit, students = student_paths(cfg, explicit_only=True), {}
     for name, path in student_paths(cfg).items():
         if name not in explicit and not os.path.isfile(path):
@@ -646,8 +648,6 @@ def main(argv=None):
     teacher = C.load_teacher(cfg, device)
     models, nfe = model_table(cfg, teacher, device, students)
     if cfg["family"] == "edm":
-        if cfg["arch"] != "toy":
-            C.fail("CIFAR10 FID needs Inception features: use the official EDM fid.py on the students' samples")
         clf = (clf or toy_classifier(cfg, device)).to(device)
         rows = evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world)
         if cfg["eval_w"] and rank == 0:

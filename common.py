@@ -119,6 +119,18 @@ BETAS = checked_type(str, lambda s: all(0 <= b < 1 for b in two_floats(s)), "'B1
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def lr_schedule(v):
+    """A learning rate as Table A1 writes it: 'START,END' (cosine decay, e.g. 1e-4,1e-5) or one
+    constant rate; a preset gives a number or a (start, end) pair. Returns (start, end)."""
+    a = [float(x) for x in (v.split(",") if isinstance(v, str) else v if isinstance(v, (tuple, list)) else [v])]
+    if len(a) not in (1, 2):
+        raise ValueError(v)
+    return a[0], a[-1]
+
+
+LR = checked_type(lr_schedule, lambda x: x[0] > 0 and x[1] >= 0, "'START,END' or one rate, START > 0", "0")
+
+
 def PRESET(name):
     if name not in PRESETS:  # looked up when parsing: a preset added to PRESETS counts
         raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -204,10 +216,10 @@ def parse_config(doc, flags, argv=None, table=None):
     given = {k for k, v in args.items() if v is not None and p.get_default(k) is None}
     cfg.update({k: v for k, v in args.items() if v is not None or k not in cfg})
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", args["preset"])
-    for k, kind in types.items():  # a preset's (or a user preset's) values: the flags' checks
+    for k, kind in types.items():  # a preset's (or a user preset's) values: the flags' checks, and their form
         if callable(kind) and cfg.get(k) is not None and k not in given:
             try:
-                kind(cfg[k])
+                cfg[k] = kind(cfg[k])
             except argparse.ArgumentTypeError as e:
                 fail(f"preset '{args['preset']}': {k}: {e}")
     return cfg, given
@@ -619,15 +631,10 @@ class EDMTeacher:
     def release_unet(self):
         """Nothing to free: the EDM teachers are small."""
 
-    def shard_fields(self, labels):
-        return dict(labels=labels)
-
 
 def load_teacher(cfg, device):
-    """The one entry point for every teacher family (DESIGN: 'one interface')."""
-    if cfg["family"] == "edm":
-        return EDMTeacher(cfg, device)
-    return LDMTeacher(cfg, device)
+    """The one entry point for every teacher family."""
+    return (EDMTeacher if cfg["family"] == "edm" else LDMTeacher)(cfg, device)
 
 
 # ----------------------------------------------------------------------------
@@ -786,9 +793,6 @@ class LDMTeacher:
     def noise_and_condition(self, seeds):
         """z from each pair's seed on the CPU generator (the prompts are the caller's)."""
         return seed_noise(seeds, self.z_shape), None
-
-    def shard_fields(self, prompts):
-        return dict(prompts=prompts)
 
     @torch.no_grad()
     def encode_prompts(self, prompts, with_uncond=False):
@@ -1299,36 +1303,23 @@ class PairDataset:
         expected = dict(preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id,
                         z_shape=list(teacher.z_shape), solver=teacher.solver_name())  # the solver fixes the student's T
         check_manifest(m, expected, f"the pairs in '{pairs_dir}'")
-        self.m, self.teacher, self.N, self.S = m, teacher, m["num_pairs"], m["shard_size"]
+        self.teacher, self.N, self.S = teacher, m["num_pairs"], m["shard_size"]
         self.shards = [open_shard(shard_path(pairs_dir, k), min(self.S, self.N - k * self.S))
                        for k in range((self.N + self.S - 1) // self.S)]
-        self.prompts = {}
+        self.keys = set(self.shards[0].keys())
+        self.prompts = functools.lru_cache(maxsize=None)(lambda k: json.loads(self.shards[k].metadata()["prompts"]))
 
     def __len__(self):
         return self.N
 
     def get(self, idx):
         """Batch of pairs by global index: dict(z, x, seed, cond, [w])."""
-        idx = [int(i) for i in idx]
-        x, seeds, labels, prompts, ws = [], [], [], [], []
-        for i in idx:
-            f, j = self.shards[i // self.S], i % self.S
-            x.append(f.get_slice("x")[j:j + 1])
-            seeds.append(f.get_slice("seed")[j:j + 1])
-            if "label" in f.keys():
-                labels.append(f.get_slice("label")[j:j + 1])
-            if "w" in f.keys():
-                ws.append(f.get_slice("w")[j:j + 1])
-            if self.teacher.family == "ldm":
-                k = i // self.S
-                if k not in self.prompts:
-                    self.prompts[k] = json.loads(f.metadata()["prompts"])
-                prompts.append(self.prompts[k][j])
-        seeds = torch.cat(seeds)
-        out = dict(z=seed_noise(seeds.tolist(), self.teacher.z_shape), x=torch.cat(x).float(), seed=seeds, cond=torch.cat(labels) if labels else prompts)
-        if ws:
-            out["w"] = torch.cat(ws)
-        return out
+        rows = [divmod(int(i), self.S) for i in idx]  # (shard, row)
+        col = lambda key: torch.cat([self.shards[k].get_slice(key)[j:j + 1] for k, j in rows])
+        out = dict(x=col("x").float(), seed=col("seed"))
+        out["z"] = seed_noise(out["seed"].tolist(), self.teacher.z_shape)
+        out["cond"] = col("label") if "label" in self.keys else [self.prompts(k)[j] for k, j in rows]
+        return out | (dict(w=col("w")) if "w" in self.keys else {})
 
 
 def step_indices(seed, step, batch, n):
@@ -1440,13 +1431,11 @@ def enable_grad_ckpt(net):
 
 def fsdp_shard(model, device):
     """--fsdp: PyTorch's FSDP2 (fully_shard) over the torchrun processes. Each resnet
-    and transformer of a U-Net block is one unit, all-gathered for its forward and
-    backward and sharded again after; each block's unit holds its up/down-samplers,
-    the root unit the rest. (Whole blocks as units would gather SDXL's first up block,
-    1.2B parameters, 4.8 GB in fp32, at once; its largest unit is now 351M.) Backward
-    reduce-scatters the gradients, so no DDP or hand all-reduce runs on a sharded
-    model. Parameters stay fp32 (autocast computes in bf16), as in a DDP run; state
-    dicts go through full_state."""
+    and transformer of a U-Net block is one unit (SDXL's largest: 351M parameters),
+    all-gathered for its forward and backward and sharded again after; each block's
+    unit holds its up/down-samplers, the root unit the rest. Backward reduce-scatters
+    the gradients, so no DDP or hand all-reduce runs on a sharded model. Parameters
+    stay fp32 (autocast computes in bf16); state dicts go through full_state."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -1483,15 +1472,12 @@ def full_state(model, opt=None):
 
 def load_full_state(model, sd, opt=None, opt_sd=None, what="checkpoint"):
     """full_state's inverse: every rank loads the full dicts and keeps its shard. A
-    dict of another model (or an optimiser state keyed the pre-FSDP way) stops the run."""
+    dict of another model (or an optimiser state keyed by parameter index) stops the run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    try:
+    with or_fail(f"{what} does not fit this run's {type(model).__name__} or its optimiser", "start a new --run_name"):
         set_model_state_dict(resharded(model), sd, options=StateDictOptions(full_state_dict=True))
         if opt is not None:  # not strict: parameters that never had a gradient (D's unused output layers) have no state
             set_optimizer_state_dict(model, opt, opt_sd, options=StateDictOptions(full_state_dict=True, strict=False))
-    except (RuntimeError, KeyError, ValueError) as e:
-        fail(f"{what} does not fit this run's {type(model).__name__} or its optimiser ({type(e).__name__}: "
-             f"{str(e).strip()[:300]}); start a new --run_name")
 
 
 def check_state_fits(device, G=None, D=None, total_bytes=None, shards=1):
@@ -1510,7 +1496,7 @@ def check_state_fits(device, G=None, D=None, total_bytes=None, shards=1):
         fail(f"the training state needs {g + d:.1f} GB per process (G with its EMA {g:.1f} GB, D {d:.1f} GB: fp32 "
              f"weights, gradients and Adam{f', over {shards} shards' if shards > 1 else ''}) but {device} holds "
              f"{total_bytes / 2 ** 30:.1f} GB: shard it over more GPUs with --fsdp under torchrun "
-             f"(README, 'Before booking a cluster')")
+             f"(docs/scaling.md)")
 
 
 def check_batch(batch, per_device, world):
@@ -1537,9 +1523,10 @@ def make_optimizer(name, groups, lr, betas):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if cuda else None)
 
 
-def lr_at(step, steps, lr, lr_end):
-    """Cosine decay from lr to lr_end over the run (Table A1: 1e-4 -> 1e-5)."""
-    return lr_end + (lr - lr_end) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
+def lr_at(step, steps, lr):
+    """Cosine decay over the run from lr = (start, end), --lr's schedule (Table A1: 1e-4 -> 1e-5)."""
+    start, end = lr_schedule(lr)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ def test_stage1_resume_is_exact(toy_run):
     p = run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--resume", *S1,
                    "--lr", 1e-3, "--seed", 1, check=False)  # issue 14.7: a changed run is refused, naming the fields
     msg = p.stderr.strip().splitlines()[-1]
-    assert p.returncode != 0 and "lr: checkpoint 0.0002, now 0.001" in msg and "seed: checkpoint 0, now 1" in msg, msg
+    assert p.returncode != 0 and "lr: checkpoint (0.0002, 2e-05), now (0.001, 0.001)" in msg and "seed: checkpoint 0, now 1" in msg, msg
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--resume", *S1)
     a, b = weights(toy_run / "straight" / "ckpt_latest.pt"), weights(toy_run / "resumed" / "ckpt_latest.pt")
     assert a["step"] == b["step"] == 6
@@ -108,7 +108,7 @@ def test_stage1_ddp_and_fsdp_equal_single_process(toy_run):
 
 def test_stage1_nan_guard_keeps_last_checkpoint(toy_run):
     p = run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "nan", "--steps", 20, "--loss", "mse",
-                   "--lr", 1e30, "--lr_end", 1e30, "--ckpt_every", 1, "--batch", 8, "--batch_per_device", 8, check=False)
+                   "--lr", 1e30, "--ckpt_every", 1, "--batch", 8, "--batch_per_device", 8, check=False)
     assert p.returncode != 0
     msg = p.stderr.strip().splitlines()[-1]
     assert "loss became" in msg and "at step" in msg and "last good checkpoint" in msg
@@ -242,7 +242,7 @@ def test_stage2_and_eval(toy_run):
 def test_stage2_nan_guard(toy_run):
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 2, *S1)
     p = run_script("04_gan_finetune.py", "--out_dir", toy_run, "--run_name", "gan_nan", "--steps", 20, "--batch", 8,
-                   "--batch_per_device", 8, "--lr", 1e30, "--lr_end", 1e30, "--d_lr", 1e30, "--d_lr_end", 1e30,
+                   "--batch_per_device", 8, "--lr", 1e30, "--d_lr", 1e30,
                    "--ckpt_every", 1, check=False)
     assert p.returncode != 0
     msg = p.stderr.strip().splitlines()[-1]

@@ -35,7 +35,7 @@ def test_sd_stage1_and_stage2(kind, tiny_sd15, tiny_sdxl, prompt_file, lpips4, t
     make_pairs(kind, folder, prompt_file, tmp_path)
     base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, "--lpips_ckpt", lpips4,
             "--batch", 4, "--batch_per_device", 2]
-    run_script("03_ode_distill.py", *base, "--steps", 12, "--lr", 2e-3, "--lr_end", 2e-3, "--log_every", 1,
+    run_script("03_ode_distill.py", *base, "--steps", 12, "--lr", 2e-3, "--log_every", 1,
                "--grid_every", 100, "--ckpt_every", 100, "--ema_start", 100)
     loss = [json.loads(l)["loss"] for l in open(tmp_path / "distill" / "metrics.jsonl")]
     print(kind, "stage-1 losses:", [round(v, 4) for v in loss])
