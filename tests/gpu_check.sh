@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 12 and 13, as run on a lent GPU (README, "Tests on a GPU").
+# The GPU checks (docs/testing.md):
 #   1. python -m pytest -q -m gpu (tests/test_gpu.py)
 #   2. the sizing rows named in $ROWS (tests/gpu_sizing.sh; none unless set)
-#   3. with OLD=1: the toy test on the code before issue 12's fix (a checkout in .old/; must fail)
-#   4. with QUICKSTART=1: the README's toy quick start, unchanged, with per-stage times
+#   3. with QUICKSTART=1: the README's toy quick start, unchanged, with per-stage times
 # Logs go to $OUT (or ./gpu_logs).
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -22,15 +21,8 @@ if [ -n "${ROWS:-}" ]; then
   ROWS="$ROWS" OUT="$OUT" bash tests/gpu_sizing.sh
 fi
 
-if [ "${OLD:-0}" = 1 ] && [ -d .old ]; then
-  echo "== 3. the same toy test on the code before the fix (51984d5): expected to FAIL"
-  t0=$SECONDS
-  (cd .old && timeout 120 python -m pytest -q -m gpu -x tests/test_gpu.py -k toy_pipeline > "$OUT/old_code.log" 2>&1)
-  echo "old code: exit $? in $((SECONDS - t0)) s"; grep -E "RuntimeError|Expected all tensors|passed|failed" "$OUT/old_code.log" | head -5
-fi
-
 if [ "${QUICKSTART:-0}" = 1 ]; then
-  echo "== 4. README quick start (toy), per stage"
+  echo "== 3. README quick start (toy), per stage"
   rm -rf runs/toy; t_all=$SECONDS
   for s in 01_make_pairs 02_train_latent_lpips 03_ode_distill 04_gan_finetune 05_evaluate; do
     t0=$SECONDS

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 13's sizing runs on one GPU: real SD1.5/SDXL architectures with random
+# The sizing runs on one GPU: real SD1.5/SDXL architectures with random
 # weights (--teacher random: built once per kind under runs/size_<kind>), bf16.
-# Each "benchmark: {...}" line is one row of the README's sizing table.
+# Each "benchmark: {...}" line is one row of the sizing table in docs/scaling.md.
 #   bash tests/gpu_sizing.sh                      every row (about 15 minutes)
 #   ROWS="sd15_s1_b32 sd15_pairs" bash tests/gpu_sizing.sh   some rows
 set -u
@@ -32,7 +32,7 @@ run sdxl_s2_b4_ckpt 180 python 04_gan_finetune.py $SDXL --benchmark_steps $N --b
 # --fsdp: on one GPU it only shows that the sharded path runs (sd15_s2_b16_fsdp1 was measured without R1, when
 # --fsdp refused it; sd15_s2_b16_fsdp1_r1 has it every 2 steps);
 # SDXL stage 2 needs 2 or more 80 GB GPUs (model state 92.5 GB / NGPU), or one GPU with more memory (an H200):
-# there its held_gb and peak_gb give the per-GPU arithmetic for N GPUs (README)
+# there its held_gb and peak_gb give the per-GPU arithmetic for N GPUs (docs/scaling.md)
 run sd15_s2_b16_fsdp1 150 $TR=1 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --grad_ckpt --r1_gamma 0 --fsdp
 run sd15_s2_b16_fsdp1_r1 150 $TR=1 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --grad_ckpt --r1_every 2 --fsdp
 GPU_GB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)

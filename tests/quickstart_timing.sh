@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 16: the README's quick start at two commits, side by side on this machine: a clean
+# The README's quick start at one or more commits, side by side on this machine: a clean
 # `git archive` of each into a temporary folder, one quick start after the other, the
 # seconds of each stage. Run it with nothing else running.
-#   bash tests/quickstart_timing.sh 51984d5 HEAD
+#   bash tests/quickstart_timing.sh HEAD~5 HEAD
 set -u
 root=$(git rev-parse --show-toplevel); work=$(mktemp -d)
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $(date -u)"

@@ -1,4 +1,4 @@
-"""Issue 6: the conditional diffusion discriminator, R1 and mix-and-match."""
+"""The conditional diffusion discriminator, R1 and mix-and-match."""
 import importlib
 import copy
 import types
@@ -16,7 +16,7 @@ def toy_teacher(seed=0):
 
 
 def test_built_where_the_teacher_is():
-    """Issue 12: D's construction assumes no device. Its dry run (readout channels)
+    """D's construction assumes no device. Its dry run (readout channels)
     and every part it adds live on the teacher's device. The meta device stands in
     for a GPU here; the old code dry-ran on CPU tensors and failed exactly as on CUDA."""
     t = toy_teacher()
@@ -127,7 +127,7 @@ def test_mix_and_match():
 
 
 def test_mix_and_match_holds_over_the_global_batch():
-    """Issue 14.1: the fraction and all three kinds hold over a global batch of 256
+    """The fraction and all three kinds hold over a global batch of 256
     at micro-batch 1, 4 and 16 (the old per-micro-batch rule replaced nothing at 1
     and only 'unrelated' at 4). The plan is the same whatever the split."""
     n, frac, counts = 256, 0.25, {}
@@ -155,7 +155,7 @@ def test_gan_losses():
 
 
 def test_deepcopy_keeps_the_features():
-    """Issue 15.6: D walks the U-Net itself (no hooks bound to one instance), so a
+    """D walks the U-Net itself (no hooks bound to one instance), so a
     deepcopy computes the original's features, and a change to the copy stays in it.
     The hook-based D failed this: the copy's hooks wrote into the original."""
     D = S4.Discriminator(toy_teacher(), z_cond=True, multiscale=True).eval()

@@ -1,4 +1,4 @@
-"""Issue 12: distributed details that bite on GPUs, checked on CPU: the process
+"""Distributed details that bite on GPUs, checked on CPU: the process
 group's timeout, and 05's feature extraction under torchrun."""
 import datetime
 import os
@@ -37,7 +37,7 @@ def test_every_script_takes_the_timeout_flag(capsys):
 
 
 def test_quickstart_one_liner_fails_loudly(tmp_path):
-    """Issue 16: the README's quick start exits non-zero when a stage fails, and
+    """The README's quick start exits non-zero when a stage fails, and
     stops there. `python` is a stand-in that fails for stage 02."""
     line = next(l for l in open(os.path.join(REPO, "README.md")) if l.startswith("python 01_make_pairs.py &&"))
     shim = tmp_path / "python"

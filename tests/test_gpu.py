@@ -1,4 +1,4 @@
-"""Issue 12: every stage runs on a GPU. Marked `gpu` (excluded by default) and
+"""Every stage runs on a GPU. Marked `gpu` (excluded by default) and
 skipped without CUDA; run on a GPU machine with `python -m pytest -q -m gpu`.
 A few minutes on one GPU: the toy pipeline 01 -> 05 at small settings; tiny SD1.5
 and SDXL in bf16 through 01 -> 03 -> 04 (every D part on) -> --export -> the
@@ -35,7 +35,7 @@ def finite(*vals):
 
 
 def test_discriminator_and_student_on_cuda(tiny_sdxl):
-    """D built from a teacher that is already on the GPU (the crash of issue 12),
+    """D built from a teacher that is already on the GPU,
     every parameter on CUDA, zero-init D = the teacher U-Net; and Eq. 8 on CUDA in
     float32: G at init is the teacher's x0-prediction at T."""
     t = C.EDMTeacher(dict(C.get_preset("toy"), preset="toy"), CUDA)
@@ -142,7 +142,7 @@ def test_torchrun_nccl_stage1_and_stage2(tmp_path):
     s1, s2 = logs(tmp_path / "distill" / "metrics.jsonl"), logs(tmp_path / "gan" / "metrics.jsonl")
     assert len(s1) == 6 and finite(*[l["loss"] for l in s1])
     assert [l["step"] for l in s2 if l["r1"] is not None] == [0, 2] and all(finite(l["loss_d"], l["loss_g"]) for l in s2)
-    # issue 13: the same under --fsdp (FSDP2 on NCCL; R1 with D kept gathered), resumed from its own checkpoint
+    # the same under --fsdp (FSDP2 on NCCL; R1 with D kept gathered), resumed from its own checkpoint
     for script, run_name, extra in (("03_ode_distill.py", "distill_fsdp", []), ("04_gan_finetune.py", "gan_fsdp", ["--r1_every", 1])):
         for more in ([], ["--resume"]):
             p = run_script(script, "--out_dir", tmp_path, "--run_name", run_name, "--steps", 4, "--max_steps_this_run", 2,

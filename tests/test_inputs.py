@@ -1,4 +1,4 @@
-"""Issue 15: every flag a script defines is one it reads; every bad value and every
+"""Every flag a script defines is one it reads; every bad value and every
 missing or corrupt input file stops the script within seconds, with one `error:`
 line that names the flag or the file, and no traceback."""
 import importlib
@@ -199,7 +199,7 @@ def test_manifest_decides_what_the_teacher_fixed(toy_run, capsys):
 
 
 def test_common_holds_only_shared_names():
-    """Issue 15: every top-level name of common.py is used by two or more scripts,
+    """Every top-level name of common.py is used by two or more scripts,
     directly (C.name) or through another common.py name they use; no script imports
     another."""
     import ast
@@ -228,7 +228,7 @@ def test_common_holds_only_shared_names():
 
 
 def test_checkpoint_that_does_not_fit_is_refused():
-    """Issue 13: resume goes through full state dicts (DDP and FSDP alike); another
+    """Resume goes through full state dicts (DDP and FSDP alike); another
     model's weights, or an optimiser state keyed the pre-FSDP way, stop the run with
     one line naming the checkpoint."""
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
@@ -240,7 +240,7 @@ def test_checkpoint_that_does_not_fit_is_refused():
     with pytest.raises(SystemExit, match=r"checkpoint 'x.pt' does not fit this run's Sequential.*size mismatch"):
         C.load_full_state(m, dict(sd, **{"0.weight": torch.zeros(5, 5)}), what="checkpoint 'x.pt'")
     with pytest.raises(SystemExit, match=r"or its optimiser \(KeyError"):
-        C.load_full_state(m, sd, opt, opt.state_dict())  # keyed by index, as before issue 13
+        C.load_full_state(m, sd, opt, opt.state_dict())  # keyed by index (the optimiser's own layout)
 
 
 def test_resume_survives_a_metrics_line_cut_by_a_kill(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 4: LatentLPIPS / E-LatentLPIPS properties, the official checkpoint
+"""LatentLPIPS / E-LatentLPIPS properties, the official checkpoint
 layout, and bad input."""
 import pytest
 import torch
@@ -157,7 +157,7 @@ def test_02_toy_smoke(tmp_path):
     lp = C.load_latent_lpips(str(tmp_path / "lpips" / "latent_lpips.pt"), in_ch=3)
     assert all((l.weight >= 0).all() for l in lp.lins)
     assert "phase 1: held-out top-1" in p.stdout
-    # issue 14.8: phase 1's classifier is saved on its own; phase 2 reruns without phase 1
+    # phase 1's classifier is saved on its own; phase 2 reruns without phase 1
     assert (tmp_path / "lpips" / "classifier.pt").is_file()
     p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path, "--num_triplets", 300, "--cal_steps", 10,
                    "--calibrate_only")
@@ -234,7 +234,7 @@ def test_02_sd_path(tiny_sd15, tmp_path):
     mtime = cache.stat().st_mtime_ns
     p = run_script("02_train_latent_lpips.py", *args, check=False)  # no --bapps for an SD space
     assert p.returncode != 0 and "needs 2AFC judgments" in p.stderr and cache.stat().st_mtime_ns == mtime
-    # issue 14.8: a wrong --bapps stops the run before phase 1 trains (hours at SD scale)
+    # a wrong --bapps stops the run before phase 1 trains (hours at SD scale)
     (tmp_path / "run" / "lpips" / "classifier.pt").unlink()
     p = run_script("02_train_latent_lpips.py", *args, "--bapps", tmp_path / "nope", check=False)
     assert p.returncode != 0 and "BAPPS folder" in p.stderr and "phase 1:" not in p.stdout
@@ -246,7 +246,7 @@ def test_02_sd_path(tiny_sd15, tmp_path):
 
 
 def test_augmentation_distributions_match_the_official_formulas():
-    """Issue 14.4: each parameter's moments over many draws against the official
+    """Each parameter's moments over many draws against the official
     E-LatentLPIPS (StyleGAN2-ADA port) formulas, at a 64x64 latent."""
     import math
     torch.manual_seed(0)
@@ -272,7 +272,7 @@ def test_augmentation_distributions_match_the_official_formulas():
 
 
 def test_blit_translation_reflects_instead_of_wrapping():
-    """Issue 14.4: blit's integer translation pads by reflection (the old torch.roll wrapped around)."""
+    """Blit's integer translation pads by reflection, as the official augmentation does (no wrap-around)."""
     x = torch.arange(16.0).view(1, 1, 4, 4)
     out = C._blit(x, torch.tensor([False]), torch.tensor([0]), torch.tensor([[0, 1]]))
     assert torch.equal(out[0, 0, :, 1:], x[0, 0, :, :3]) and torch.equal(out[0, 0, :, 0], x[0, 0, :, 1])

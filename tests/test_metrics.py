@@ -1,4 +1,4 @@
-"""Issue 7: the metric maths against closed forms."""
+"""The metric maths against closed forms."""
 import json
 import importlib
 import math
@@ -74,7 +74,7 @@ def test_toy_eval_classifier_is_fixed_by_its_seed(tmp_path):
 
 
 def test_teacher_samples_are_solved_once(tmp_path):
-    """Issue 16: the toy teacher's evaluation samples depend only on the seeds (and
+    """The toy teacher's evaluation samples depend only on the seeds (and
     teacher, solver, ...): the second evaluation reads them back, with the same table."""
     from conftest import run_script
     clf = tmp_path / "clf.pt"

@@ -1,4 +1,4 @@
-"""Issue 2: 01_make_pairs.py determinism, resume and bad input."""
+"""01_make_pairs.py determinism, resume and bad input."""
 import glob
 import os
 import signal

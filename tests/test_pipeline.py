@@ -1,4 +1,4 @@
-"""Issues 5-7: the five stages chained on a tiny toy run (CPU, seconds per stage):
+"""The five stages chained on a tiny toy run (CPU, seconds per stage):
 stage-1 resume exactness, DDP equals one process, NaN guard, bad input, stage 2
 components, and 05's outputs."""
 import json
@@ -30,10 +30,10 @@ def test_stage1_resume_is_exact(toy_run):
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "straight", "--steps", 6, *S1)
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--max_steps_this_run", 3, *S1)
     mid = weights(toy_run / "resumed" / "ckpt_latest.pt")
-    # issue 14.7: a run stopped early still leaves an EMA student for 04/05, written with the checkpoint
+    # a run stopped early still leaves an EMA student for 04/05, written with the checkpoint
     assert mid["step"] == 3 and weights(toy_run / "resumed" / "student_ema.pt")["step"] == 3
     p = run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--resume", *S1,
-                   "--lr", 1e-3, "--seed", 1, check=False)  # issue 14.7: a changed run is refused, naming the fields
+                   "--lr", 1e-3, "--seed", 1, check=False)  # a changed run is refused, naming the fields
     msg = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and "lr: checkpoint (0.0002, 2e-05), now (0.001, 0.001)" in msg and "seed: checkpoint 0, now 1" in msg, msg
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "resumed", "--steps", 6, "--resume", *S1)
@@ -87,7 +87,7 @@ def close_weights(a, b, parts, tol):
 @pytest.mark.slow  # 30 s; the stage-2 test below runs the same FSDP helpers (and DDP), with a resume
 def test_stage1_ddp_and_fsdp_equal_single_process(toy_run):
     """Same global batch (8): 1 process x 4 accumulation steps vs 2 processes x 2, under
-    DDP and under FSDP2 (issue 13); the FSDP checkpoint is the same full state dict."""
+    DDP and under FSDP2; the FSDP checkpoint is the same full state dict."""
     args = ["--out_dir", toy_run, "--steps", 4, "--batch", 8, "--batch_per_device", 2, "--log_every", 1, "--ckpt_every", 100,
             "--grid_every", 100]
     run_script("03_ode_distill.py", *args, "--run_name", "one")
@@ -142,11 +142,11 @@ def test_stage2_resume_is_exact_and_seeded(toy_run):
             "--grid_every", 100, "--log_every", 1]
     straight = run_script("04_gan_finetune.py", *args, "--run_name", "gan_straight").stdout
     run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--max_steps_this_run", 2)
-    assert weights(toy_run / "gan_resumed" / "student_ema.pt")["step"] == 2  # issue 14.7: written with the checkpoint
+    assert weights(toy_run / "gan_resumed" / "student_ema.pt")["step"] == 2  # written with the checkpoint
     p = run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--resume", "--mix_match", 0.5, check=False)
     assert p.returncode != 0 and "mix_match: checkpoint 0.25, now 0.5" in p.stderr
     resumed = run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--resume").stdout
-    # issue 14.7: the grid's and the fidelity line's "stage 1" is the stage-1 student, also after a resume
+    # the grid's and the fidelity line's "stage 1" is the stage-1 student, also after a resume
     fid = lambda out: next(l for l in out.splitlines() if l.startswith("held-out fidelity"))
     assert fid(straight) == fid(resumed).replace("gan_resumed", "gan_straight")
     a, b = weights(toy_run / "gan_straight" / "ckpt_latest.pt"), weights(toy_run / "gan_resumed" / "ckpt_latest.pt")
@@ -187,7 +187,7 @@ def test_stage2_ddp_equals_single_process(toy_run):
 
 
 def test_stage2_fsdp_equals_ddp_with_r1(toy_run):
-    """FSDP2 (issue 13) against DDP (2 processes each, batch 8 as 2 x 2 accumulation),
+    """FSDP2 against DDP (2 processes each, batch 8 as 2 x 2 accumulation),
     both with R1 every step: FSDP keeps D gathered through R1's double backward. The
     FSDP run has gradient checkpointing and a grid every step, and stops after 1 step
     and resumes (G's no-grad forward for the grid's "stage 1" row comes before the resume)."""
@@ -265,7 +265,7 @@ def test_stage1_pixel_lpips_and_guidance_student(toy_run, tmp_path, monkeypatch)
 
 
 def test_05_takes_the_teachers_guidance_from_the_students(tmp_path):
-    """Issue 14.6: a student distilled at w = 2 is compared with the teacher at w = 2
+    """A student distilled at w = 2 is compared with the teacher at w = 2
     (70 NFE), not at the preset's w = 1; a contradicting --guidance is refused."""
     import importlib
     ev = importlib.import_module("05_evaluate")

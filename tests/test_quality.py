@@ -1,4 +1,4 @@
-"""Issue 2 #5: the shipped toy teacher is class-correct and diverse; and (slow)
+"""The shipped toy teacher is class-correct and diverse; and (slow)
 the whole five-stage quick start with default settings."""
 import importlib
 import json
@@ -38,7 +38,7 @@ def test_quickstart_end_to_end(tmp_path):
         run_script(f"{s}.py", "--out_dir", tmp_path)
     m = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert m["teacher"]["class_acc"] > 0.9 and m["stage 2"]["class_acc"] > 0.8
-    # issue 6 #4: stage 2 is more realistic than stage 1 (measured gap ~15-20%, eval noise ~5%) and no less
+    # stage 2 is more realistic than stage 1 (measured gap ~15-20%, eval noise ~5%) and no less
     # faithful to the teacher in features (the DreamSim idea)
     assert m["stage 2"]["fid_toy"] < m["stage 1"]["fid_toy"] * 0.95
     assert m["stage 2"]["fidelity_feat"] < m["stage 1"]["fidelity_feat"] * 1.1

@@ -1,4 +1,4 @@
-"""Issue 2: the EDM Heun sampler against the exact probability-flow ODE solution
+"""The EDM Heun sampler against the exact probability-flow ODE solution
 for Gaussian data N(mu, s^2 I), where D and x(sigma) are known in closed form:
   D(x; sigma) = mu + s^2/(s^2+sigma^2) (x - mu)
   x(sigma)    = mu + (x(sigma_0) - mu) sqrt((s^2+sigma^2) / (s^2+sigma_0^2))."""

@@ -1,4 +1,4 @@
-"""Issue 3: SD1.5/SDXL pairs equal diffusers' own pipelines (tiny random models)."""
+"""SD1.5/SDXL pairs equal diffusers' own pipelines (tiny random models)."""
 import pytest
 import torch
 

@@ -181,7 +181,7 @@ def test_bf16_frozen_encoders_outside_autocast(tiny_sd15):
 
 
 def test_bf16_teacher_trainable_copies_are_full_precision(tiny_sd15):
-    """Issue 14.3: with --dtype bfloat16 the frozen teacher is bf16, but G and D are
+    """With --dtype bfloat16 the frozen teacher is bf16, but G and D are
     initialised from the fp32 checkpoint: G at step 0 equals the fp32 teacher's
     x0-prediction to fp32 precision (the old bf16-rounded copy was ~1e-2 off)."""
     base = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, num_pairs=1)
@@ -198,7 +198,7 @@ def test_bf16_teacher_trainable_copies_are_full_precision(tiny_sd15):
 
 
 def test_float16_training_is_refused(tiny_sd15, tmp_path):
-    """Issue 12: fp16 autocast without a GradScaler underflows; refused naming bfloat16."""
+    """fp16 autocast without a GradScaler underflows; refused naming bfloat16."""
     p = run_script("03_ode_distill.py", "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path,
                    "--dtype", "float16", "--benchmark_steps", 1, check=False)
     assert p.returncode != 0 and "bfloat16" in p.stderr and "Traceback" not in p.stderr
@@ -222,7 +222,7 @@ def test_sizing_mode_reports_on_a_tiny_config(script, tiny_sd15, tmp_path, monke
 
 
 def test_dropout_reaches_official_edm_blocks():
-    """Issue 14.9: NVlabs EDM blocks keep a float `dropout` (0.13 in the released
+    """NVlabs EDM blocks keep a float `dropout` (0.13 in the released
     CIFAR10 configs); --dropout 0.1 (Table A1) must replace it, as it does the toy's
     nn.Dropout layers."""
     import copy
@@ -243,7 +243,7 @@ def test_dropout_reaches_official_edm_blocks():
 
 
 def test_sd15_cfg8_and_a_users_own_preset(tiny_sd15, monkeypatch):
-    """Issue 14.5: SD-CFG-8 is a preset with Table A1's own values, and presets are
+    """SD-CFG-8 is a preset with Table A1's own values, and presets are
     checked by family/arch, not by name: a user's new preset works in every stage."""
     s1, s2 = importlib.import_module("03_ode_distill"), importlib.import_module("04_gan_finetune")
     c1, (c2, _) = s1.get_config(["--preset", "sd15_cfg8"]), s2.get_config(["--preset", "sd15_cfg8"])
@@ -259,7 +259,7 @@ def test_sd15_cfg8_and_a_users_own_preset(tiny_sd15, monkeypatch):
 
 
 def test_lpips_loss_has_a_gradient_through_the_decoder(tiny_sd15, monkeypatch):
-    """Issue 14.2: --loss lpips decodes G's latents with gradient and without
+    """--loss lpips decodes G's latents with gradient and without
     clamping (the old decoder ran under no_grad and clamped: no gradient reached G)."""
     cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
                num_pairs=1, out_dir="unused", loss="lpips", lpips_augment=None, benchmark_steps=0)
@@ -273,7 +273,7 @@ def test_lpips_loss_has_a_gradient_through_the_decoder(tiny_sd15, monkeypatch):
 
 
 def test_state_that_cannot_fit_is_refused_up_front():
-    """Issue 13: SDXL stage 2 under DDP needs more fp32 state than an 80 GB GPU holds;
+    """SDXL stage 2 under DDP needs more fp32 state than an 80 GB GPU holds;
     the run stops before its first step with the numbers (on the H100 it ran out of
     memory at D's first Adam step instead). SDXL stage 1 (G alone) passes, and so does
     stage 2 sharded over 2 GPUs with --fsdp."""
