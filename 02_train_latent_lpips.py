@@ -38,12 +38,13 @@ from tqdm import tqdm
 
 import common as C
 
+POS = C.checked_type(float, lambda x: x > 0, "a number > 0", "0")
 FLAGS = {
     "run": C.RUN_FLAGS + [
         ("teacher", None, None, "sd15/sdxl: the diffusers folder (or hub id) whose VAE defines the latent space"),
     ],
     "F, the network (App. B)": [
-        ("lpips_width", None, C.POS, "channel width of VGG16-bn (1.0 = the paper's; toy 0.25)"),
+        ("lpips_width", None, POS, "channel width of VGG16-bn (1.0 = the paper's; toy 0.25)"),
         ("lpips_pools_removed", None, C.INT_NONNEG, "how many of the first max-pools are removed (paper: 3)"),
     ],
     "phase 1: classifier (Table A2)": [
@@ -52,7 +53,7 @@ FLAGS = {
         ("val_frac", 0.05, C.FRACTION, "held-out fraction for the top-1 accuracy"),
         ("cls_steps", None, C.INT_POS, "training steps"),
         ("cls_batch", None, C.INT_POS, "global batch"),
-        ("cls_lr", None, C.POS, "learning rate (one-cycle)"),
+        ("cls_lr", None, POS, "learning rate (one-cycle)"),
         ("cls_ckpt_every", 5000, C.INT_POS, "save the resumable phase-1 state (<out_dir>/lpips/classifier_latest.pt) this often"),
         ("resume", False, None, "continue phase 1 from that state (refused if a CLS_RESUME_KEYS setting changed)"),
         ("max_steps_this_run", 0, C.INT_NONNEG, "stop phase 1 after this many steps (0: run to --cls_steps), for time-limited jobs"),

@@ -21,7 +21,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-from tqdm import tqdm
 
 import common as C
 
@@ -146,12 +145,7 @@ def main(argv=None):
             C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
                               scale=max(1, 64 // imgs.shape[-1]))
 
-    end = cfg["steps"] if not cfg["max_steps_this_run"] else min(cfg["steps"], step + cfg["max_steps_this_run"])
-    end = cfg["benchmark_steps"] if bench else end
-    if step >= end and not bench:
-        C.print0(f"already complete at step {step} of {cfg['steps']}: nothing to run ({run_dir}/student_ema.pt is that step's student)")
-    start = step
-    bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 1", disable=rank != 0)
+    start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 1", rank)
     t0, seen = time.time(), 0
     for step in bar:
         if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
@@ -174,15 +168,14 @@ def main(argv=None):
             total += loss.detach() / accum
         total = C.all_reduce_mean(total).item()
         C.finite_or_stop(total, step, ckpt_path)
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(G.parameters(), cfg["grad_clip"])
+        gnorm = C.grad_norm(G, cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
         if step % cfg["log_every"] == 0 or step == cfg["steps"] - 1:
             rate = seen / (time.time() - t0)
-            log.write(step=step, loss=total, img_s=rate, lr=lr)
+            log.write(step=step, loss=total, grad_norm=gnorm, img_s=rate, lr=lr)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")
         if bench:
             continue

@@ -26,7 +26,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common as C
 
@@ -424,12 +423,7 @@ def main(argv=None):
             C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
                               scale=max(1, 64 // imgs.shape[-1]))
 
-    end = cfg["steps"] if not cfg["max_steps_this_run"] else min(cfg["steps"], step + cfg["max_steps_this_run"])
-    end = cfg["benchmark_steps"] if bench else end
-    if step >= end and not bench:
-        C.print0(f"already complete at step {step} of {cfg['steps']}: nothing to run ({run_dir}/student_ema.pt is that step's student)")
-    start = step
-    bar = tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc="stage 2", disable=rank != 0)
+    start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 2", rank)
     t0, seen, d_wins = time.time(), 0, 0
     for step in bar:
         if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
@@ -483,11 +477,10 @@ def main(argv=None):
         mixed = (C.all_reduce_mean(mixed) * world).round().int().tolist()
         for k in ("loss_g", "loss_d", "r1"):
             C.finite_or_stop(st[k], step, ckpt_path, k)
-        for model, opt in ((D, opt_d), (G, opt_g)):
+        for name, model, opt in (("grad_norm_d", D, opt_d), ("grad_norm_g", G, opt_g)):
             if not cfg["fsdp"]:  # FSDP reduce-scattered them in backward
                 sync_grads(model)
-            if cfg["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            st[name] = C.grad_norm(model, cfg["grad_clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])

@@ -30,6 +30,7 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -112,7 +113,6 @@ def two_floats(s):
 
 INT_POS = checked_type(int, lambda x: x > 0, "positive (an integer > 0)", "0")
 INT_NONNEG = checked_type(int, lambda x: x >= 0, "an integer >= 0", "-1")
-POS = checked_type(float, lambda x: x > 0, "a number > 0", "0")
 NONNEG = checked_type(float, lambda x: x >= 0, "a number >= 0", "-1")
 FRACTION = checked_type(float, lambda x: 0 <= x <= 1, "a number in [0, 1]", "1.5")
 BETAS = checked_type(str, lambda s: all(0 <= b < 1 for b in two_floats(s)), "'B1,B2' with 0 <= B < 1", "0.9")
@@ -202,7 +202,7 @@ def parse_config(doc, flags, argv=None, table=None):
             if isinstance(default, bool) or kind is bool:  # --x / --no-x (kind bool: the preset's by default)
                 g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=text)
             elif isinstance(kind, tuple):
-                g.add_argument(f"--{name}", choices=kind, default=default, help=text + " (default: %(default)s)")
+                g.add_argument(f"--{name}", choices=kind, default=default, help=text + ("" if default is None else " (default: %(default)s)"))
             else:
                 g.add_argument(f"--{name}", type=kind or str, default=default,
                                help=text + ("" if default is None else " (default: %(default)s)"))
@@ -243,7 +243,6 @@ def setup_distributed(timeout_min=120):
             backend = "nccl"
         else:
             device, backend = torch.device("cpu"), "gloo"
-        import torch.distributed as dist
         if not dist.is_initialized():
             import datetime
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
@@ -254,7 +253,6 @@ def setup_distributed(timeout_min=120):
 
 
 def is_main():
-    import torch.distributed as dist
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -264,13 +262,11 @@ def print0(*args, **kwargs):
 
 
 def barrier():
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
 
 
 def cleanup():
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -1436,7 +1432,6 @@ def fsdp_shard(model, device):
     unit holds its up/down-samplers, the root unit the rest. Backward reduce-scatters
     the gradients, so no DDP or hand all-reduce runs on a sharded model. Parameters
     stay fp32 (autocast computes in bf16); state dicts go through full_state."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     if not dist.is_initialized():
@@ -1565,8 +1560,28 @@ class MetricsLog:
                 f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in kw.items()}) + "\n")
 
 
+def grad_norm(model, clip=0.0):
+    """The global norm of a (plain, DDP or FSDP) model's gradients, for the log; with
+    clip > 0 (--grad_clip) the gradients are first scaled down to that norm."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def steps_to_run(cfg, step, run_dir, desc, rank):
+    """(end, a tqdm bar on rank 0) of the steps this run makes from `step`: to --steps, or
+    --max_steps_this_run more (sizing mode: --benchmark_steps). A resumed run with none
+    left says so."""
+    from tqdm import tqdm
+    bench = cfg["benchmark_steps"] > 0
+    end = cfg["benchmark_steps"] if bench else min(cfg["steps"], step + (cfg["max_steps_this_run"] or cfg["steps"]))
+    if step >= end and not bench:
+        print0(f"already complete at step {step} of {cfg['steps']}: nothing to run ({run_dir}/student_ema.pt is that step's student)")
+    return end, tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc=desc, disable=rank != 0)
+
+
 def all_reduce_mean(t):
-    import torch.distributed as dist
     if dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t)

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -27,7 +28,10 @@ def run_script(name, *args, env=None, check=True, torchrun=0):
 def _in_process(name, args):
     """main(args) with stdout/stderr captured, from the repo folder, as a process
     would exit: SystemExit's message to stderr and its status (a str: 1), an
-    exception's traceback to stderr with status 1. The global RNG is restored."""
+    exception's traceback to stderr with status 1. The global RNG starts from a state
+    that depends on the command line, as a fresh process's does not repeat across runs:
+    a script that relies on torch's global RNG without seeding it from --seed gives two
+    runs that differ (so "seeded" claims can fail); the caller's RNG is restored after."""
     import contextlib
     import importlib
     import io
@@ -35,6 +39,7 @@ def _in_process(name, args):
     import torch
     out, err, code, cwd, rng = io.StringIO(), io.StringIO(), 0, os.getcwd(), torch.random.get_rng_state()
     os.chdir(REPO)
+    torch.manual_seed(zlib.crc32(repr((name, args)).encode()))
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

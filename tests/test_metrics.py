@@ -3,6 +3,7 @@ import json
 import importlib
 import math
 
+import pytest
 import torch
 
 S5 = importlib.import_module("05_evaluate")  # the names that live in 05_evaluate.py
@@ -87,3 +88,48 @@ def test_teacher_samples_are_solved_once(tmp_path):
     m2 = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert "teacher samples: read from" not in first.stdout and "teacher samples: read from" in second.stdout
     assert m1 == m2  # every metric of every row, the teacher's time per image included (it is cached with them)
+
+
+def test_frechet_distance_non_commuting_covariances():
+    """2x2 covariances that do not commute, against the closed form that needs no
+    matrix square root: for 2x2, tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2)).
+    S1 is S2 = diag(4, 1/4) rotated by 45 degrees; the common wrong formula
+    tr(sqrt(S1) sqrt(S2)) differs here by 0.39."""
+    s1 = torch.tensor([[2.125, 1.875], [1.875, 2.125]], dtype=torch.float64)
+    s2 = torch.tensor([[4.0, 0.0], [0.0, 0.25]], dtype=torch.float64)
+    assert not torch.allclose(s1 @ s2, s2 @ s1)
+    mu1, mu2 = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
+    tr_sqrt = math.sqrt((s1 @ s2).trace().item() + 2 * math.sqrt(torch.det(s1).item() * torch.det(s2).item()))
+    exact = (mu1 - mu2).pow(2).sum().item() + s1.trace().item() + s2.trace().item() - 2 * tr_sqrt
+    assert math.isclose(S5.frechet_distance(mu1, s1, mu2, s2), exact, rel_tol=1e-10)
+    r = lambda m: (m + math.sqrt(torch.det(m).item()) * torch.eye(2, dtype=m.dtype)) / math.sqrt(m.trace().item() + 2 * math.sqrt(torch.det(m).item()))
+    wrong = (mu1 - mu2).pow(2).sum().item() + s1.trace().item() + s2.trace().item() - 2 * (r(s1) @ r(s2)).trace().item()
+    assert abs(wrong - exact) > 0.3  # so the check above tells the two formulas apart
+
+
+def test_feature_statistics_match_numpy():
+    """The mean and the covariance (normalised by n - 1, as numpy's np.cov) of features."""
+    import numpy as np
+    f = torch.randn(50, 6, generator=torch.Generator().manual_seed(3)) * torch.arange(1, 7)
+    mu, cov = S5.feature_stats(f)
+    assert torch.allclose(mu, f.double().mean(0))
+    assert np.allclose(cov.numpy(), np.cov(f.double().numpy(), rowvar=False), rtol=1e-12, atol=1e-12)
+
+
+def brute_force_precision_recall(real, fake, k):
+    """Kynkaanniemi et al. 2019 by loops: a sample is covered when it lies within the
+    distance from some point of the other set to that point's k-th nearest neighbour."""
+    def radii(x):
+        return [sorted(((a - b).norm().item() for b in x))[k] for a in x]  # index 0 is the point itself
+    def covered(q, ref, rad):
+        return sum(any((x - y).norm().item() <= r for y, r in zip(ref, rad)) for x in q) / len(q)
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_precision_recall_equals_a_brute_force_loop_and_k_matters():
+    g = torch.Generator().manual_seed(5)
+    real, fake = torch.randn(60, 3, generator=g), torch.randn(50, 3, generator=g) * 1.6 + 0.3
+    ref = brute_force_precision_recall(real.double(), fake.double(), 3)
+    assert S5.precision_recall(real, fake) == pytest.approx(ref, abs=1e-6)  # the default k is the paper's 3
+    k2 = brute_force_precision_recall(real.double(), fake.double(), 2)
+    assert S5.precision_recall(real, fake, k=2) == pytest.approx(k2, abs=1e-6) and abs(k2[0] - ref[0]) > 0.03

@@ -74,6 +74,21 @@ def test_resume_repairs_a_student_older_than_its_checkpoint(toy_run):
         assert s["step"] == 4 and s.keys() == set(C.STUDENT_KEYS) and all(torch.equal(s["ema"][k], ck["ema"][k]) for k in ck["ema"])
 
 
+def test_ema_equals_g_before_ema_start_then_follows_it(toy_run):
+    """The EMA is G itself for steps before --ema_start, then ema = beta ema + (1 - beta) G
+    at every later step (checked across a stop, where both are on disk)."""
+    args = ["--out_dir", toy_run, "--run_name", "ema", "--steps", 3, "--ema_start", 2, "--ema_beta", 0.5, "--lr", 1e-2, *S1]
+    run_script("03_ode_distill.py", *args, "--max_steps_this_run", 2)
+    two = weights(toy_run / "ema" / "ckpt_latest.pt")
+    assert two["step"] == 2 and all(torch.equal(two["ema"][k], two["model"][k]) for k in two["model"])
+    run_script("03_ode_distill.py", *args, "--resume")
+    three = weights(toy_run / "ema" / "ckpt_latest.pt")
+    for k, v in three["model"].items():
+        if v.is_floating_point() and not torch.equal(v, two["model"][k]):  # a trained weight (buffers are copied)
+            assert torch.allclose(three["ema"][k], 0.5 * two["ema"][k] + 0.5 * v, atol=1e-7), k
+            assert not torch.allclose(three["ema"][k], v), k
+
+
 def close_weights(a, b, parts, tol):
     """Two checkpoints' state dicts agree key by key, to `tol` of each tensor's scale."""
     for part in parts:
@@ -82,6 +97,22 @@ def close_weights(a, b, parts, tol):
             if a[part][k].is_floating_point():
                 err = (a[part][k] - b[part][k]).abs().max().item() / max(a[part][k].abs().max().item(), 1e-3)
                 assert err < tol, (part, k, err)
+
+
+def test_stage1_ddp_equals_one_process_in_gradient_scale(toy_run):
+    """Same global batch (8): 1 process x 4 accumulation steps vs 2 processes x 2 (DDP).
+    Adam's update hides the scale of the gradient, so the logged gradient norm is
+    compared too: a missing `/ accum` (or a DDP that summed) makes the runs differ."""
+    args = ["--out_dir", toy_run, "--steps", 2, "--batch", 8, "--batch_per_device", 2, "--log_every", 1, "--ckpt_every", 100,
+            "--grid_every", 100]
+    run_script("03_ode_distill.py", *args, "--run_name", "scale_one")
+    run_script("03_ode_distill.py", *args, "--run_name", "scale_two", torchrun=2)
+    logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in ("scale_one", "scale_two")}
+    print({r: [(l["loss"], l["grad_norm"]) for l in v] for r, v in logs.items()})
+    for key in ("loss", "grad_norm"):
+        assert max(abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(*logs.values())) < 1e-4, key
+    close_weights(weights(toy_run / "scale_one" / "ckpt_latest.pt"), weights(toy_run / "scale_two" / "ckpt_latest.pt"),
+                  ("model", "ema"), 1e-4)
 
 
 @pytest.mark.slow  # 30 s; the stage-2 test below runs the same FSDP helpers (and DDP), with a resume
@@ -167,7 +198,7 @@ def _close_runs(toy_run, a, b, steps, keys=()):
     logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in (a, b)}
     print({r: [(l["loss_d"], l["r1"]) for l in v] for r, v in logs.items()})
     assert len(logs[a]) == len(logs[b]) == steps, b
-    for key in ("loss_d", "loss_g", "logit_real", "logit_fake", *keys):
+    for key in ("loss_d", "loss_g", "logit_real", "logit_fake", "grad_norm_d", "grad_norm_g", *keys):
         assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(logs[a], logs[b])) < 1e-3, (b, key)
     close_weights(weights(toy_run / a / "ckpt_latest.pt"), weights(toy_run / b / "ckpt_latest.pt"), ("model", "ema", "D"), 1e-3)
     return logs
