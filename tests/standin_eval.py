@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -12,11 +13,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def text_vector(prompt, dim=16):
+    """A fixed random vector per prompt: the stand-in CLIP's text embedding."""
+    return torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(prompt.encode())))
+
+
 def stand_in_nets(cfg=None, device=None):
+    """Stand-ins with the pretrained networks' interfaces. The CLIP score is the cosine
+    between an image feature and a per-prompt vector, so it depends on the pairing."""
     proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(0))
     feat = lambda x: torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="area").flatten(1) @ proj.to(x.device)
-    return dict(inception=feat, clip=lambda x, p: torch.full((len(x),), 0.25),
-                dreamsim=lambda a, b: (feat(a) - feat(b)).norm(dim=1) / 100)
+    clip = lambda x, prompts: torch.nn.functional.cosine_similarity(feat(x), torch.stack([text_vector(p) for p in prompts]))
+    return dict(inception=feat, clip=clip, dreamsim=lambda a, b: (feat(a) - feat(b)).norm(dim=1) / 100)
 
 
 def make_coco(root, n=6):

@@ -172,3 +172,25 @@ def test_deepcopy_keeps_the_features():
         D2.ms_in[0].weight.add_(0.1)
         assert not torch.equal(D2.features(x, z, c)[-1], ref[-1])
         assert all(torch.equal(a, b) for a, b in zip(D.features(x, z, c), ref))
+
+
+def test_noise_augmentation_diffuses_the_input(tiny_sd15):
+    """--noise_aug: D sees x diffused to a random level, x + sigma n with ln sigma ~
+    N(-1.2, 1.2) for EDM, sqrt(a_t) x + sqrt(1 - a_t) n with t uniform in 0-999 for SD."""
+    seen = []
+    for teacher in (toy_teacher(), C.LDMTeacher(dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16,
+                                                     num_steps=2, dtype="float32", out_dir="unused"), torch.device("cpu"))):
+        D = S4.Discriminator(teacher, noise_aug=True)
+        D.features = lambda x, z, c, t=None: seen.append((x, t)) or [torch.zeros(len(x), D.heads[0].in_channels, 2, 2)]
+        ch = D.unet.config.in_channels
+        x, n = torch.randn(4096, ch, 2, 2), torch.randn(4096, ch, 2, 2)
+        cond = torch.zeros(4096, dtype=torch.long) if teacher.family == "edm" else {}
+        D(x, torch.zeros_like(x), cond, noise=n)
+        x_in, t = seen[-1]
+        if teacher.family == "edm":
+            assert torch.allclose(x_in, x + t.view(-1, 1, 1, 1) * n, atol=1e-6)
+            assert abs(t.log().mean() + 1.2) < 0.1 and abs(t.log().std() - 1.2) < 0.1
+        else:
+            a = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+            assert torch.allclose(x_in, a.sqrt() * x + (1 - a).sqrt() * n, atol=1e-6)
+            assert t.min() >= 0 and t.max() <= 999 and abs(t.float().mean() - 499.5) < 20

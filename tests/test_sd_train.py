@@ -164,6 +164,15 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     assert m["teacher"]["dreamsim_to_teacher"] == 0 and m["teacher"]["nfe"] == 4 and m["stage 1"]["nfe"] == 1
     for f in ("compare.png", "diversity.png", "results.md"):
         assert (tmp_path / "eval" / f).exists()
+    # the teacher's CLIP score pairs each COCO caption with the image made from it
+    prompts, _ = ev.load_coco(str(coco), 6, 0)
+    cached = torch.load(next((tmp_path / "eval").glob("teacher_samples_*.pt")), weights_only=False)
+    teacher = C.LDMTeacher(dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2,
+                                dtype="float32", out_dir=str(tmp_path)), torch.device("cpu"))
+    with torch.no_grad():
+        imgs = teacher.to_images(cached["x"])
+    assert m["teacher"]["clip"] == pytest.approx(stand_in["clip"](imgs, prompts).mean().item(), abs=1e-6)
+    assert abs(m["teacher"]["clip"] - stand_in["clip"](imgs, prompts[1:] + prompts[:1]).mean().item()) > 1e-3
 
 
 def test_bf16_frozen_encoders_outside_autocast(tiny_sd15):
