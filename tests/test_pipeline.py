@@ -89,6 +89,36 @@ def test_ema_equals_g_before_ema_start_then_follows_it(toy_run):
             assert not torch.allclose(three["ema"][k], v), k
 
 
+def test_stage2_starts_from_the_stage1_ema_and_its_fakes_enter_d_detached(toy_run):
+    """04's G starts as the stage-1 EMA (not the raw stage-1 weights); with lambda_GAN = 0
+    its step-0 gradient is the regression loss's alone, recomputed here from the same pairs
+    and augmentation draw: D's loss on the (detached) fakes adds nothing to it."""
+    import importlib
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "wire1", "--steps", 4, "--ema_start", 0,
+               "--ema_beta", 0.5, *S1)
+    s1, raw = weights(toy_run / "wire1" / "student_ema.pt"), weights(toy_run / "wire1" / "ckpt_latest.pt")["model"]
+    args = ["--out_dir", str(toy_run), "--init", str(toy_run / "wire1" / "student_ema.pt"), "--run_name", "wire2", "--steps", "1",
+            "--batch", "8", "--batch_per_device", "8", "--lambda_gan", "0", "--r1_gamma", "0", "--mix_match", "0", "--lr", "1e-30",
+            "--log_every", "1", "--grid_every", "100", "--ckpt_every", "1"]
+    run_script("04_gan_finetune.py", *args)
+    g = weights(toy_run / "wire2" / "ckpt_latest.pt")["model"]  # after one step at lr 1e-30: G as it started
+    assert all(torch.allclose(g[k], v, atol=1e-20) for k, v in s1["ema"].items())
+    assert not all(torch.allclose(raw[k], v) for k, v in s1["ema"].items())
+    logged = json.loads(open(toy_run / "wire2" / "metrics.jsonl").readline())["grad_norm_g"]
+    S4 = importlib.import_module("04_gan_finetune")
+    cfg, _ = S4.get_config(args)
+    _, _, _, teacher, data = C.training_setup(cfg, 1, torch.device("cpu"))
+    cfg.update(loss=s1["config"]["loss"], lpips_augment=s1["config"]["lpips_augment"])
+    G = C.Student(teacher, cfg)
+    G.load_state_dict(s1["ema"])
+    loss_fn = C.build_loss(cfg, teacher, torch.device("cpu"))
+    (chunk, idx), = C.micro_batches(C.step_indices(cfg["seed"], 0, 8, len(data)), 1, 0, 1)
+    torch.manual_seed(cfg["seed"] * 1_000_003 + chunk)  # 04's augmentation RNG for step 0, chunk 0
+    b = data.get(idx)
+    loss_fn(G(b["z"], b["cond"]), b["x"]).mean().backward()
+    assert logged == pytest.approx(C.grad_norm(G), rel=1e-5)
+
+
 def close_weights(a, b, parts, tol):
     """Two checkpoints' state dicts agree key by key, to `tol` of each tensor's scale."""
     for part in parts:
