@@ -1163,6 +1163,10 @@ class RegressionLoss(nn.Module):
 
     def forward(self, a, b):
         a, b = a.float(), b.float()
+        d = self.distance(a, b)
+        return d + (a - b).abs().mean((1, 2, 3)) if self.l1 else d
+
+    def distance(self, a, b):
         if self.mode == "mse":
             return (a - b).pow(2).mean((1, 2, 3))
         if self.mode == "huber":
@@ -1171,13 +1175,8 @@ class RegressionLoss(nn.Module):
         if self.mode == "lpips":
             pa, pb = (self.decode(a), self.decode(b)) if self.decode is not None else (a, b)
             return self.pixel_lpips(pa, pb)
-        d = 0
-        if self.mode.startswith("elatent"):
-            ta, tb = self.aug(a, b)
-            d = self.lpips(ta, tb)
-        if self.mode in ("latent", "elatent+latent"):
-            d = d + self.lpips(a, b)
-        return d + (a - b).abs().mean((1, 2, 3)) if self.l1 else d
+        d = self.lpips(*self.aug(a, b)) if self.mode.startswith("elatent") else 0
+        return d + self.lpips(a, b) if self.mode in ("latent", "elatent+latent") else d
 
 
 def build_loss(cfg, teacher, device):
