@@ -41,6 +41,18 @@ def test_toy_pairs_content(toy_reference):
     assert os.path.isfile(os.path.join(toy_reference, "pairs", "pairs.png"))
 
 
+def test_a_toy_pair_is_the_teachers_ode_solution_from_its_seed(toy_reference):
+    """Pair i stores x = solve(z_i, c_i): the teacher's Heun-18 ODE from the z and class
+    label that pair i's seed draws (recomputed here at another batch size)."""
+    pairs = read_all(toy_reference)
+    teacher = C.EDMTeacher(dict(C.get_preset("toy"), preset="toy"), torch.device("cpu"))
+    z, c = teacher.noise_and_condition([5, 17, 40])
+    x = teacher.solve(z, c).float()
+    assert (x - pairs["x"][[5, 17, 40]]).abs().max() < 1e-4 and x.abs().max() > 0.5
+    other, _ = teacher.noise_and_condition([6, 18, 41])  # the neighbours' noise gives other images
+    assert (teacher.solve(other, c).float() - pairs["x"][[5, 17, 40]]).abs().max() > 0.5
+
+
 def test_same_pairs_across_batch_sizes(toy_reference, tmp_path):
     """z and c are bit-identical for any batch size; x agrees to float32 rounding
     (BLAS rounds a batch-7 GEMM differently from a batch-16 one)."""
