@@ -179,7 +179,7 @@ TRAIN_LOG_FLAGS = [
 ]
 # what --resume may change without --allow_config_change: every other setting is the run's and is compared
 RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_change", "batch_per_device", "log_every", "grid_every",
-                     "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "out_dir", "pairs", "lpips_ckpt")
+                     "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "out_dir", "pairs")  # pairs: their identity is pairs_id
 
 
 def parse_config(doc, flags, argv=None, table=None):

@@ -282,10 +282,12 @@ def test_stage2_and_eval(toy_run):
     p = run_script("04_gan_finetune.py", "--out_dir", toy_run, "--steps", 12, "--batch", 8, "--batch_per_device", 8,
                    "--r1_every", 4, "--resume", "--ckpt_every", 100)
     assert "resumed" in p.stdout and "at step 10" in p.stdout
-    # 05 on all stages
+    # 05 on all stages, with an evaluation classifier of 2 steps (what it scores is not checked here)
+    import importlib
+    importlib.import_module("05_evaluate").train_toy_classifier(str(toy_run / "clf2.pt"), steps=2, log=lambda *a: None)
     s2 = toy_run / "gan" / "student_ema.pt"
-    p = run_script("05_evaluate.py", "--out_dir", toy_run, "--num_samples", 60, "--batch_per_device", 30,
-                   "--diversity_seeds", 4, "--students", f"s2 twice={s2};{s2}")
+    p = run_script("05_evaluate.py", "--out_dir", toy_run, "--num_samples", 60, "--batch_per_device", 30, "--classifier",
+                   toy_run / "clf2.pt", "--diversity_seeds", 4, "--students", f"s2 twice={s2};{s2}")
     m = json.load(open(toy_run / "eval" / "metrics.json"))
     g = json.load(open(toy_run / "eval" / "groups.json"))["s2 twice"]  # one row over 2 checkpoints: mean ± std
     assert m["s2 twice #1"]["fid_toy"] == m["s2 twice #2"]["fid_toy"] and g["fid_toy"]["n"] == 2
