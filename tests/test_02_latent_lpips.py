@@ -304,3 +304,49 @@ def test_pixel_lpips_mode_decodes_both_inputs_first():
     assert torch.equal(C.RegressionLoss("lpips", pixel_lpips=pixel)(a, b), pixel(a, b))
     l1 = C.RegressionLoss("lpips+l1", decode=decode, pixel_lpips=pixel)(a, b)
     assert torch.allclose(l1, pixel(decode(a), decode(b)) + (a - b).abs().mean((1, 2, 3)))
+
+
+def test_latent_lpips_equals_the_official_package(monkeypatch):
+    """Our LatentLPIPS against the official `elatentlpips` package (its distance without
+    augmentation and without its L1 term), at the paper's full width, with the same
+    weights in the official layout. Skipped where the package is not installed; it needs
+    torchvision only to build its VGG, which a stand-in in tests/ provides here."""
+    import importlib
+    import os
+    import sys
+    pytest.importorskip("scipy")  # the package's augmentation module imports it
+    standin = os.path.join(os.path.dirname(__file__), "standins")
+    if importlib.util.find_spec("torchvision") is None or importlib.util.find_spec("pkg_resources") is None:
+        monkeypatch.syspath_prepend(standin)
+    try:
+        official = pytest.importorskip("elatentlpips")
+        spec = importlib.util.spec_from_file_location("standin_models", os.path.join(standin, "torchvision", "models.py"))
+        tv = importlib.util.module_from_spec(spec)  # the stand-in's vgg16_bn, built in the latent layout below
+        spec.loader.exec_module(tv)
+        monkeypatch.setattr(tv, "in_ch", 4)
+        monkeypatch.setattr(tv, "pools_removed", 3)
+        monkeypatch.setattr(importlib.import_module("elatentlpips.vgg16"), "tv", tv)
+        theirs = official.ELatentLPIPS(pretrained=False, pnet_rand=True, encoder="sd15", augment=None, verbose=False)
+    finally:
+        for name in [m for m in sys.modules if m == "pkg_resources" or m.startswith("torchvision")]:
+            if standin in (getattr(sys.modules[name], "__file__", None) or ""):
+                del sys.modules[name]
+    torch.manual_seed(0)
+    ours = C.LatentLPIPS(4, 1.0, 3)
+    for lin in ours.lins:
+        lin.weight.uniform_(0, 1)
+    for m in ours.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    theirs.load_state_dict(_to_official(ours.state_dict()), strict=True)
+    theirs.eval()
+    x, y = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16)
+    with torch.no_grad():
+        ref = theirs(x, y, ensembling=False, add_l1_loss=False).flatten()
+        got = ours(x, y)
+    print("ours", got.tolist(), "official", ref.tolist())
+    assert torch.allclose(got, ref, rtol=1e-4), (got, ref)
+    with torch.no_grad():  # and with the official L1 term: our --loss latent+l1
+        ref_l1 = theirs(x, y, ensembling=False, add_l1_loss=True).flatten()
+    assert torch.allclose(C.RegressionLoss("latent+l1", ours)(x, y), ref_l1, rtol=1e-4)

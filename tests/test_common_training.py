@@ -87,3 +87,16 @@ def test_toy_classifier_free_guidance():
         uncond, cond = sigma.view(-1, 1, 1, 1) + 10, sigma.view(-1, 1, 1, 1) + labels.view(-1, 1, 1, 1)
         got = C.guided_denoiser(net, w)(x, sigma, labels)
         assert torch.allclose(got, (uncond + wv * (cond - uncond)).expand_as(got)), w
+
+
+def test_grad_norm_reports_the_global_norm_and_clips_to_it():
+    """--grad_clip: the logged norm is the global one before clipping; with clip > 0 the
+    gradients are scaled to that norm, directions kept; with 0 they are left as they are."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    assert C.grad_norm(model) == pytest.approx(norm) and all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert C.grad_norm(model, clip=norm / 4) == pytest.approx(norm)
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() == pytest.approx(norm / 4, rel=1e-4)
+    assert all(torch.allclose(p.grad, g / 4, rtol=1e-4) for p, g in zip(model.parameters(), grads))
