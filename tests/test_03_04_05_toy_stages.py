@@ -119,6 +119,35 @@ def test_stage2_starts_from_the_stage1_ema_and_its_fakes_enter_d_detached(toy_ru
     assert logged == pytest.approx(C.grad_norm(G), rel=1e-5)
 
 
+def test_stage2_d_learns_from_loss_d_and_the_weighted_r1_only(toy_run):
+    """04's step-0 gradient of D, recomputed: Eq. 5 on real and (detached) fake pairs plus
+    gamma/2 x interval x R1 on one real sample, and nothing from G's loss (D is frozen for it)."""
+    import importlib
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "wire1", "--steps", 4, "--ema_start", 0,
+               "--ema_beta", 0.5, *S1)
+    args = ["--out_dir", str(toy_run), "--init", str(toy_run / "wire1" / "student_ema.pt"), "--run_name", "wire3", "--steps", "1",
+            "--batch", "8", "--batch_per_device", "8", "--lambda_gan", "1", "--r1_gamma", "0.5", "--r1_every", "3",
+            "--mix_match", "0", "--log_every", "1", "--grid_every", "100", "--ckpt_every", "1"]
+    run_script("04_gan_finetune.py", *args)
+    logged = json.loads(open(toy_run / "wire3" / "metrics.jsonl").readline())["grad_norm_d"]
+    S4, cpu = importlib.import_module("04_gan_finetune"), torch.device("cpu")
+    cfg, _ = S4.get_config(args)
+    _, _, _, teacher, data = C.training_setup(cfg, 1, cpu)  # seeds torch as 04 does: D's heads come out the same
+    s1 = weights(toy_run / "wire1" / "student_ema.pt")
+    cfg.update({k: s1["config"][k] for k in S4.LOSS_KEYS})
+    C.build_loss(cfg, teacher, cpu)
+    G = C.Student(teacher, cfg)
+    G.load_state_dict(s1["ema"])
+    D = S4.Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_t"], cfg["noise_aug"])
+    (chunk, idx), = C.micro_batches(C.step_indices(cfg["seed"], 0, 8, len(data)), 1, 0, 1)
+    b = data.get(idx)
+    with torch.no_grad():
+        fake = G(b["z"], b["cond"])
+    S4.gan_loss_d(D(b["x"], b["z"], b["cond"]), D(fake, b["z"], b["cond"])).backward()
+    S4.r1_penalty(D, b["x"][:1], b["z"][:1], b["cond"][:1], weight=0.5 * 0.5 * 3)
+    assert logged == pytest.approx(C.grad_norm(D), rel=1e-4)
+
+
 def close_weights(a, b, parts, tol):
     """Two checkpoints' state dicts agree key by key, to `tol` of each tensor's scale."""
     for part in parts:
