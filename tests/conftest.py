@@ -1,9 +1,11 @@
+import json
 import os
 import subprocess
 import sys
 import zlib
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -94,3 +96,45 @@ def prompt_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     p.write_text("a red cube on the table\nthe quick brown fox\nan astronaut in space\n\na painting of a rabbit\n")
     return str(p)
+
+
+# ---- the toy run that the stage tests (test_03_*, test_04_*, test_05_*) share ----
+
+S1 = ["--batch", 8, "--batch_per_device", 8, "--ckpt_every", 2, "--grid_every", 100, "--log_every", 1]
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """Pairs (64) and a small LatentLPIPS, shared by the stage tests (each writes its own --run_name)."""
+    out = tmp_path_factory.mktemp("toy")
+    run_script("01_make_pairs.py", "--out_dir", out, "--num_pairs", 64, "--shard_size", 32, "--batch_per_device", 32)
+    run_script("02_train_latent_lpips.py", "--out_dir", out, "--cls_steps", 20, "--num_triplets", 200, "--cal_steps", 20)
+    return out
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def close_weights(a, b, parts, tol):
+    """Two checkpoints' state dicts agree key by key, to `tol` of each tensor's scale."""
+    for part in parts:
+        assert a[part].keys() == b[part].keys(), part
+        for k in a[part]:
+            if a[part][k].is_floating_point():
+                err = (a[part][k] - b[part][k]).abs().max().item() / max(a[part][k].abs().max().item(), 1e-3)
+                assert err < tol, (part, k, err)
+
+
+STAGE2_ARGS = ["--steps", 4, "--batch", 8, "--batch_per_device", 2, "--log_every", 1, "--ckpt_every", 100, "--grid_every", 100]
+
+
+def close_runs(toy_run, a, b, steps, keys=()):
+    """Two stage-2 runs log the same losses and end with the same G, EMA and D (relative 1e-3)."""
+    logs = {r: [json.loads(l) for l in open(toy_run / r / "metrics.jsonl")] for r in (a, b)}
+    print({r: [(l["loss_d"], l["r1"]) for l in v] for r, v in logs.items()})
+    assert len(logs[a]) == len(logs[b]) == steps, b
+    for key in ("loss_d", "loss_g", "logit_real", "logit_fake", "grad_norm_d", "grad_norm_g", *keys):
+        assert max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-3) for x, y in zip(logs[a], logs[b])) < 1e-3, (b, key)
+    close_weights(weights(toy_run / a / "ckpt_latest.pt"), weights(toy_run / b / "ckpt_latest.pt"), ("model", "ema", "D"), 1e-3)
+    return logs

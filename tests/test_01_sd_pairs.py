@@ -66,6 +66,7 @@ def test_eq8_student_is_one_ddim_step_to_x0(kind, tiny_sd15, tiny_sdxl):
     assert torch.allclose(x, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~25 s; the default run checks the same rank split on the toy (test_01_pairs.py)
 def test_sd_torchrun_equals_single_process(tiny_sd15, prompt_file, tmp_path):
     args = ["--preset", "sd15", "--teacher", tiny_sd15, "--prompts", prompt_file, *SMALL]
     # same BLAS threading in both runs (torchrun workers get 1 thread each)

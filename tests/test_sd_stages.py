@@ -1,4 +1,4 @@
-"""Issues 5-8 on tiny random SD1.5/SDXL models: stage 1 and 2 train and reload,
+"""Stages 03-05 on tiny random SD1.5 / SDXL models: stage 1 and 2 train and reload,
 05 runs its metric path with stand-in feature networks, the guidance-conditioned
 student starts as the teacher, and the exported U-Net runs in diffusers' pipelines."""
 import importlib
