@@ -84,15 +84,22 @@ def _to_official(sd):
     return out
 
 
-def test_official_checkpoint_layout(tmp_path):
+def full_width_calibrated():
+    """The paper's full-width 4-channel LatentLPIPS with non-uniform heads and BatchNorm
+    statistics, as after training and calibration (random, seeded)."""
     torch.manual_seed(0)
-    ours = C.LatentLPIPS(4, 1.0, 3)  # the paper's full-width network
-    for lin in ours.lins:
+    lp = C.LatentLPIPS(4, 1.0, 3)
+    for lin in lp.lins:
         lin.weight.uniform_(0, 1)
-    for m in ours.modules():
+    for m in lp.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2)
+    return lp
+
+
+def test_official_checkpoint_layout(tmp_path):
+    ours = full_width_calibrated()
     official = _to_official(ours.state_dict())
     assert "net.slice4.33.weight" not in official and "net.slice5.34.weight" in official  # torchvision indices
     torch.save(official, tmp_path / "sd15_latest_vgg16_tuned.pth")
@@ -331,14 +338,7 @@ def test_latent_lpips_equals_the_official_package(monkeypatch):
         for name in [m for m in sys.modules if m == "pkg_resources" or m.startswith("torchvision")]:
             if standin in (getattr(sys.modules[name], "__file__", None) or ""):
                 del sys.modules[name]
-    torch.manual_seed(0)
-    ours = C.LatentLPIPS(4, 1.0, 3)
-    for lin in ours.lins:
-        lin.weight.uniform_(0, 1)
-    for m in ours.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2)
+    ours = full_width_calibrated()
     theirs.load_state_dict(_to_official(ours.state_dict()), strict=True)
     theirs.eval()
     x, y = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16)
