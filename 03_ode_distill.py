@@ -119,6 +119,7 @@ def main(argv=None):
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
         if rank == 0:
             C.repair_student(ck, run_dir)
+        del ck  # a memory-mapped file: not held open (and on disk) once replaced
     model = G  # DDP without a 2nd copy of the grads; FSDP reduces the grads itself
     if world > 1 and not cfg["fsdp"]:
         model = torch.nn.parallel.DistributedDataParallel(G, gradient_as_bucket_view=True)

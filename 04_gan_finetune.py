@@ -108,8 +108,12 @@ class Discriminator(nn.Module):
         dev = next(self.unet.parameters()).device  # nothing below assumes a device: D is built where the teacher is
         if self.family == "edm":
             self.sigma_data, self.d_t = teacher.net.sigma_data, 0.5 if d_t is None else d_t  # EDM: a noise level sigma
+            if self.d_t <= 0:
+                C.fail(f"--d_t {d_t}: an EDM discriminator's noise level must be > 0")
         else:
             self.d_t = int(d_t or 0)  # SD: a timestep
+            if self.d_t != (d_t or 0):
+                C.fail(f"--d_t {d_t}: an SD discriminator's timestep is an integer in 0-999")
             self.register_buffer("alphas_cumprod", teacher.alphas_cumprod.to(dev, copy=True))
         self.noise_aug, self.multiscale = noise_aug, multiscale
         ch, widths = self.unet.config.in_channels, self.unet.config.block_out_channels
@@ -374,6 +378,7 @@ def main(argv=None):
     G = C.Student(teacher, cfg).to(device)
     if s1:
         G.load_state_dict(s1["ema"])
+    del s1
     ema = copy.deepcopy(G).eval().requires_grad_(False)
     D = Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_t"], cfg["noise_aug"]).to(device)
     C.check_state_fits(device, G, D, shards=world if cfg["fsdp"] else 1)
@@ -401,6 +406,7 @@ def main(argv=None):
         C.print0(f"resumed from '{ckpt_path}' at step {step}")
         if rank == 0:
             C.repair_student(ck, run_dir)
+        del ck  # memory-mapped: not held open (and on disk) once replaced
     C.print0(f"D: {len(D.heads)} readout heads, z_cond={cfg['z_cond']}, multiscale={cfg['multiscale']}, "
              f"R1 gamma={cfg['r1_gamma']} every {cfg['r1_every']}, mix-and-match={cfg['mix_match']}, noise_aug={cfg['noise_aug']}")
     log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)

@@ -21,6 +21,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -179,7 +180,7 @@ TRAIN_LOG_FLAGS = [
 ]
 # what --resume may change without --allow_config_change: every other setting is the run's and is compared
 RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_change", "batch_per_device", "log_every", "grid_every",
-                     "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "out_dir", "pairs")  # pairs: their identity is pairs_id
+                     "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "grad_clip", "out_dir", "pairs")  # pairs: identity in pairs_id
 
 
 def parse_config(doc, flags, argv=None, table=None):
@@ -292,12 +293,15 @@ def fail(msg):
 
 
 @contextmanager
-def or_fail(what, remedy=None):
+def or_fail(what, remedy=None, errors=Exception):
     """Reading an input: an error inside the block (a missing, truncated or corrupt
-    file, or one of another kind) stops the run with one line, `what (the cause); remedy`."""
+    file, or one of another kind) stops the run with one line, `what (the cause); remedy`.
+    A missing package or an exhausted device is not the input's fault: it passes."""
     try:
         yield
-    except Exception as e:  # whatever the reader raised: the block holds the read, not the computation
+    except (ImportError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except errors as e:  # what the reader raised: the block holds the read, not the computation
         fail(f"{what} ({type(e).__name__}: {e})" + (f"; {remedy}" if remedy else ""))
 
 
@@ -758,7 +762,9 @@ class LDMTeacher:
             if isinstance(v, list) and v[0] and part not in extra and not os.path.isdir(os.path.join(path, part)):
                 fail(f"teacher folder '{path}' is missing the '{part}' component needed by {self.kind}")
         with or_fail(f"teacher '{src}' does not load", "download it again, or pass a complete diffusers folder with --teacher"):
-            self.pipe = p = cls.from_pretrained(path, torch_dtype=self.dtype, **extra).to(device)
+            self.pipe = p = cls.from_pretrained(path, torch_dtype=self.dtype, **extra)
+        p.to(device)
+        logging.getLogger(cls.__module__).setLevel(logging.ERROR)  # CLIP truncates prompts at 77 tokens, and says so per call
         for sfx in ("", "_2") if self.kind == "sdxl" else ("",):  # an offline hub id can silently give a degenerate tokenizer
             n, vocab = len(getattr(p, "tokenizer" + sfx)), getattr(p, "text_encoder" + sfx).config.vocab_size
             if n > vocab or n < vocab // 2:
@@ -871,7 +877,7 @@ class LDMTeacher:
 # whose manifest does not match the model they train.
 
 MANIFEST_KEYS = ("preset", "family", "teacher", "solver", "nfe", "guidance", "z_shape", "x_shape",
-                 "pair_dtype", "num_pairs", "shard_size", "seed", "prompts", "cfg_range", "resolution")
+                 "pair_dtype", "num_pairs", "shard_size", "seed", "prompts", "cfg_range")  # z_shape holds the resolution
 
 
 def shard_path(pairs_dir, k):
@@ -1468,7 +1474,8 @@ def load_full_state(model, sd, opt=None, opt_sd=None, what="checkpoint"):
     """full_state's inverse: every rank loads the full dicts and keeps its shard. A
     dict of another model (or an optimiser state keyed by parameter index) stops the run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    with or_fail(f"{what} does not fit this run's {type(model).__name__} or its optimiser", "start a new --run_name"):
+    with or_fail(f"{what} does not fit this run's {type(model).__name__} or its optimiser", "start a new --run_name",
+                 errors=(RuntimeError, KeyError, ValueError)):
         set_model_state_dict(resharded(model), sd, options=StateDictOptions(full_state_dict=True))
         if opt is not None:  # not strict: parameters that never had a gradient (D's unused output layers) have no state
             set_optimizer_state_dict(model, opt, opt_sd, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -1631,8 +1638,8 @@ def load_student_file(path, what):
     if os.path.isfile(sibling):
         step = load_checkpoint(sibling, "training checkpoint beside it", mmap=True, keys=("step",))["step"]
         if step != ck["step"]:
-            fail(f"'{path}' holds step {ck['step']} but '{sibling}' is at step {step} (the run was stopped between "
-                 f"its two writes); rerun that stage with --resume to rewrite the student")
+            fail(f"'{path}' holds step {ck['step']} but '{sibling}' is at step {step} (the run is writing them, or was "
+                 f"stopped between its two writes); wait for it, or rerun that stage with --resume to rewrite the student")
     return ck
 
 
