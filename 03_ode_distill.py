@@ -169,12 +169,13 @@ def main(argv=None):
             total += loss.detach() / accum
         total = C.all_reduce_mean(total).item()
         C.finite_or_stop(total, step, ckpt_path)
-        gnorm = C.grad_norm(G, cfg["grad_clip"])
+        log_now = step % cfg["log_every"] == 0 or step == cfg["steps"] - 1
+        gnorm = C.grad_norm(G, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # measured when logged
         opt.step()
         opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
-        if step % cfg["log_every"] == 0 or step == cfg["steps"] - 1:
+        if log_now:
             rate = seen / (time.time() - t0)
             log.write(step=step, loss=total, grad_norm=gnorm, img_s=rate, lr=lr)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")

@@ -441,6 +441,7 @@ def main(argv=None):
         for g in opt_d.param_groups:
             g["lr"] = d_lr
         do_r1 = cfg["r1_gamma"] > 0 and step % cfg["r1_every"] == 0
+        log_now = step % cfg["log_every"] == 0 or do_r1 or step == cfg["steps"] - 1
         st = {k: torch.zeros((), device=device) for k in STATS}  # this step's statistics, summed over its micro-batches
         mixed = torch.zeros(3, device=device)  # mix-and-match fakes of each kind in this step (all ranks)
         for m, (chunk, idx) in enumerate(C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum)):
@@ -486,7 +487,7 @@ def main(argv=None):
         for name, model, opt in (("grad_norm_d", D, opt_d), ("grad_norm_g", G, opt_g)):
             if not cfg["fsdp"]:  # FSDP reduce-scattered them in backward
                 sync_grads(model)
-            st[name] = C.grad_norm(model, cfg["grad_clip"])
+            st[name] = C.grad_norm(model, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # when logged
             opt.step()
             opt.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
@@ -495,7 +496,7 @@ def main(argv=None):
         if d_wins == 50:
             C.print0(f"warning: step {step}: D separates real and fake by {st['logit_real'] - st['logit_fake']:.1f} logits for 50 steps "
                      f"(D is overpowering G: consider a larger --r1_gamma or a lower --d_lr)")
-        if step % cfg["log_every"] == 0 or do_r1 or step == cfg["steps"] - 1:
+        if log_now:
             rate = seen / (time.time() - t0)
             log.write(step=step, **dict(st, r1=st["r1"] if do_r1 else None), mixed=dict(zip(MIX_KINDS, mixed)), img_s=rate, lr=lr,
                       d_lr=d_lr)
