@@ -32,10 +32,10 @@ from tqdm import tqdm
 
 import common as C
 
-RANGE = C.checked_type(str, lambda s: 0 <= C.two_floats(s)[0] <= C.two_floats(s)[1], "'LOW,HIGH' with 0 <= LOW <= HIGH", "abc")
+RANGE = C.checked_type(str, lambda s: 1 <= C.two_floats(s)[0] <= C.two_floats(s)[1], "'LOW,HIGH' with 1 <= LOW <= HIGH", "0.5,2")
 FLAGS = {
     "run": C.RUN_FLAGS[:2] + [("seed", 0, C.INT_NONNEG, "pair i has seed `seed + i`")] + C.RUN_FLAGS[3:] + [
-        ("dtype", "float32", C.DTYPES, "dtype of the frozen teacher (sd15/sdxl on GPUs: bfloat16 or float16)"),
+        ("dtype", None, C.DTYPES, "dtype of the frozen teacher (float16 also works here)"),
         ("benchmark", False, None, "sd15/sdxl: time our pair generation against diffusers' pipeline (same latents), exit"),
     ],
     "teacher ODE (§3.1, App. A)": [
@@ -140,8 +140,8 @@ def benchmark_pairs(cfg, prompts, device, batches=2):
     theirs_t, _ = C.timed(lambda: pipe(prompts, latents=z.to(device, teacher.dtype), num_inference_steps=cfg["num_steps"],
                                    guidance_scale=cfg["guidance"], height=teacher.pixel_res, width=teacher.pixel_res,
                                    output_type="latent"), device, batches)
-    cond = teacher.encode_prompts(prompts, with_uncond=cfg["guidance"] > 1)
-    x2 = torch.cat([z, z]).to(device, teacher.dtype) if cfg["guidance"] > 1 else z.to(device, teacher.dtype)
+    cond = teacher.encode_prompts(prompts, with_uncond=C.guided(cfg["guidance"]))
+    x2 = torch.cat([z, z]).to(device, teacher.dtype) if C.guided(cfg["guidance"]) else z.to(device, teacher.dtype)
     unet_t, _ = C.timed(lambda: [teacher.unet(x2, t, **cond) for t in teacher.timesteps], device, batches)
     out = dict(ours_pairs_s=B / ours_t, diffusers_pairs_s=B / theirs_t, unet_only_pairs_s=B / unet_t,
                ours_over_diffusers=theirs_t / ours_t, ours_over_unet_only=unet_t / ours_t, batch=B, steps=cfg["num_steps"],

@@ -88,8 +88,9 @@ RESUME_CKPT_KEYS = ("model", "ema", "D", "opt", "opt_d", "step", "config", "teac
 #   z-conditioning   D's input is x + zero_conv(z)                      ("+ z conditional D")
 #   multi-scale in   x resized to each encoder scale enters that down
 #                    block through a zero-init conv                       ("+ multi-scale")
-#   multi-scale out  3 readouts per decoder scale: the features from
-#                    below, the skip features, and the block's output
+#   multi-scale out  3 readouts per decoder scale, before, at and after the
+#                    skip connection: the features from below, the skip
+#                    features, and the combined ones before the upsampler
 # D.features walks the U-Net's blocks itself, so each of these is a line there.
 
 def zero_conv(cin, cout):
@@ -136,8 +137,9 @@ class Discriminator(nn.Module):
 
     def features(self, x, z, cond, t=None):
         """Fig. 7: the U-Net run on D's input, block by block. Returns the readout
-        features in decoder order: per up block [from below, skips, after the
-        block], or only the last block's output without multi-scale."""
+        features in decoder order, three per decoder scale, all at that scale:
+        [from below, skips, combined (the block's resnets and attentions, before its
+        upsampler)]; without multi-scale only the last block's output."""
         u, h = self.unet, x + self.z_conv(z) if self.z_conv is not None else x  # z enters with x
         if self.family == "edm":  # UNet2DModel at noise level sigma, EDM's c_in and c_noise
             sigma = torch.full((len(x),), self.d_t, device=x.device) if t is None else t
@@ -169,9 +171,15 @@ class Discriminator(nn.Module):
             if self.multiscale:  # readouts 1 and 2 of this scale: the features from below, and the skips
                 feats += [h, torch.cat([F.interpolate(s, size=h.shape[-2:]) if s.shape[-2:] != h.shape[-2:] else s
                                         for s in skip], 1)]
-            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip, **kw(block))
-            if self.multiscale or i == len(u.up_blocks) - 1:  # readout 3: after the block
-                feats.append(h)
+            combined = []  # readout 3, the combined features at this scale: the block's output before its upsampler
+            ups = block.upsamplers[0].register_forward_pre_hook(lambda m, a: combined.append(a[0])) if block.upsamplers else None
+            try:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip, **kw(block))
+            finally:
+                if ups is not None:
+                    ups.remove()
+            if self.multiscale or i == len(u.up_blocks) - 1:
+                feats.append(combined[0] if combined else h)
         return feats
 
     def forward(self, x, z, cond, noise=None):

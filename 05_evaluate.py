@@ -37,7 +37,7 @@ import common as C
 FLOATS = C.checked_type(lambda s: [float(v) for v in s.split(",")], bool, "comma-separated numbers", "1,x")
 FLAGS = {
     "run": C.RUN_FLAGS + [
-        ("dtype", "float32", C.DTYPES, "dtype of the teacher and students while sampling"),
+        ("dtype", None, C.DTYPES, "dtype of the teacher and students while sampling"),
         ("batch_per_device", None, C.INT_POS, "sampling batch per process"),
     ],
     "models": [
@@ -513,7 +513,7 @@ def benchmark_speed(cfg, device, teacher_given):
         eps = unet(z.to(dt), T, **encode(1)).sample.float()
         return C.x0_from_model_output(eps, z, alpha_bar, teacher.prediction_type)
     teacher_solve = lambda: teacher.solve(z, ["a photo"])  # DDIM + CFG, exactly as 01 makes the pairs
-    cfg_on = cfg["guidance"] != 1  # then the teacher's U-Net calls carry cond and uncond (batch 2)
+    cfg_on = C.guided(cfg["guidance"])  # then the teacher's U-Net calls carry cond and uncond (batch 2)
     text = lambda: teacher.encode_prompts(["a photo"], with_uncond=cfg_on)
     cond1, cond_t = encode(1), text()
     x0, _ = student(), teacher_solve()  # warm-up (x0: the latent the decode below is timed on)

@@ -47,7 +47,7 @@ PRESETS = {
         family="edm", arch="toy", teacher=os.path.join(REPO, "assets", "toy_teacher.safetensors"),
         resolution=16, channels=3, num_classes=10,
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
-        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32",
+        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32",
         # toy LatentLPIPS: a quarter-width VGG16-bn; on a 16x16 space only 2 pools are
         # removed (taps at 16, 16, 8, 4, 2 px), as 3 would cost 2.4x for no gain here
         lpips_width=0.25, lpips_pools_removed=2, cls_steps=300, cls_batch=64, cls_lr=2e-3,
@@ -57,7 +57,7 @@ PRESETS = {
         family="edm", arch="cifar10", teacher=None,  # the official NVlabs EDM pickle, e.g. edm-cifar10-32x32-cond-vp.pkl
         resolution=32, channels=3, num_classes=10,
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
-        num_pairs=1_000_000, shard_size=10_000, batch_per_device=512, pair_dtype="float32",
+        num_pairs=1_000_000, shard_size=10_000, batch_per_device=512, pair_dtype="float32", dtype="bfloat16",
         lpips_width=1.0, lpips_pools_removed=0, cls_steps=100_000, cls_batch=256, cls_lr=1e-3,
         loss="lpips", lpips_augment=None,  # Table A1: LPIPS in pixels, no augmentation
     ),
@@ -65,7 +65,7 @@ PRESETS = {
         family="ldm", arch="sd15", teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
         resolution=512, channels=4, num_classes=0,
         num_steps=50, guidance=3.0,  # SD-CFG-3 (SD-CFG-8 is its own preset below)
-        num_pairs=3_000_000, shard_size=1000, batch_per_device=32, pair_dtype="float16",
+        num_pairs=3_000_000, shard_size=1000, batch_per_device=32, pair_dtype="float16", dtype="bfloat16",
         lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
         loss="elatent+latent", lpips_augment="bg+cutout",  # Table A1, SD-CFG-3 (E-LatentLPIPS*)
     ),
@@ -73,7 +73,7 @@ PRESETS = {
         family="ldm", arch="sdxl", teacher="stabilityai/stable-diffusion-xl-base-1.0",
         resolution=1024, channels=4, num_classes=0,
         num_steps=50, guidance=7.0,  # SDXL-CFG-7
-        num_pairs=8_000_000, shard_size=1000, batch_per_device=8, pair_dtype="float16",
+        num_pairs=8_000_000, shard_size=1000, batch_per_device=8, pair_dtype="float16", dtype="bfloat16",
         lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
         loss="elatent", lpips_augment="bgc+cutout",  # Table A1, SDXL-CFG-7
     ),
@@ -149,7 +149,7 @@ RUN_FLAGS = [  # every script's first group
 
 # the flags 03 and 04 share (each script adds its own around them)
 TRAIN_RUN_FLAGS = [
-    ("dtype", "float32", DTYPES, "autocast dtype (Table A1: bfloat16 on GPUs; float16 is refused: no loss scaling)"),
+    ("dtype", None, DTYPES, "autocast dtype (Table A1: bfloat16; the toy float32; float16 is refused: no loss scaling)"),
     ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting outside RESUME_MAY_CHANGE changed)"),
     ("allow_config_change", False, None, "--resume even though such a setting changed (deliberately)"),
     ("max_steps_this_run", 0, INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
@@ -473,11 +473,19 @@ def build_toy_teacher(dropout=0.0):
     return EDMPrecond(UNet2DModel(**TOY_UNET_CONFIG, dropout=dropout))
 
 
+def guided(w):
+    """The one rule for classifier-free guidance, diffusers' (the pipelines'
+    do_classifier_free_guidance): on when w > 1; w <= 1 is the conditional model
+    alone (one NFE per step). One w per sample (--cfg_range, whose LOW is >= 1)
+    is always guided."""
+    return torch.is_tensor(w) or w > 1
+
+
 def guided_denoiser(net, guidance):
     """Classifier-free guidance for a class-conditional EDM net (null class =
     num_classes): D_w = D_uncond + w (D_cond - D_uncond). w is a number or one
-    value per sample; a plain w = 1 is the net itself (one NFE)."""
-    if not torch.is_tensor(guidance) and guidance == 1.0:
+    value per sample; unguided (guided(w) false) it is the net itself."""
+    if not guided(guidance):
         return net
 
     def D(x, sigma, labels):
@@ -597,7 +605,7 @@ class EDMTeacher:
         """D(x; sigma, labels) with integer labels (one-hot for the NVlabs net)."""
         if self.kind == "toy":
             return guided_denoiser(self.net, guidance)
-        if torch.is_tensor(guidance) or guidance != 1.0:
+        if guided(guidance):
             fail("the official EDM CIFAR10 network has no unconditional mode; use --guidance 1")
         net = self.net
 
@@ -616,7 +624,7 @@ class EDMTeacher:
 
     @property
     def nfe(self):
-        return (2 * self.cfg["num_steps"] - 1) * (2 if self.cfg["guidance"] != 1.0 or self.cfg.get("cfg_range") else 1)
+        return (2 * self.cfg["num_steps"] - 1) * (2 if guided(self.cfg["guidance"]) or self.cfg.get("cfg_range") else 1)
 
     def solver_name(self):
         return f"edm-heun-{self.cfg['num_steps']}"
@@ -819,8 +827,8 @@ class LDMTeacher:
     def solve(self, z, prompts, guidance=None):
         """DDIM with classifier-free guidance (Eq. 1's x). The state stays float32."""
         w = self.cfg["guidance"] if guidance is None else guidance
+        cfg_on = guided(w)
         w = torch.as_tensor(w, dtype=torch.float32, device=self.device).reshape(-1, 1, 1, 1)
-        cfg_on = bool((w != 1).any()) or self.cfg.get("cfg_range") is not None
         cond = self.encode_prompts(prompts, with_uncond=cfg_on)
         x = z.to(self.device, torch.float32) * self.scheduler.init_noise_sigma
         for t in self.timesteps:
@@ -835,7 +843,7 @@ class LDMTeacher:
 
     @property
     def nfe(self):
-        return self.cfg["num_steps"] * (2 if self.cfg["guidance"] > 1 or self.cfg.get("cfg_range") else 1)
+        return self.cfg["num_steps"] * (2 if guided(self.cfg["guidance"]) or self.cfg.get("cfg_range") else 1)
 
     def solver_name(self):
         return f"ddim-{self.cfg['num_steps']}"
@@ -1267,7 +1275,8 @@ class Student(nn.Module):
         dt = next(self.net.parameters()).dtype  # frozen encoders may emit bf16; outside autocast match our weights
         extra = dict(timestep_cond=self._w_emb.to(dt)) if self.w_cond else {}
         out = self.net(z.to(dt), self.T, **map_cond(lambda t: t.to(dt), cond), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
-        return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T, self.prediction_type)
+        # in float32 even under bf16 autocast: 1 / alpha_T is about 13 at T = 981, and would magnify bf16's rounding too
+        return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T.float(), self.prediction_type)
 
 
 def _w_condition_hook(module, args):

@@ -1,4 +1,6 @@
 """SD1.5/SDXL pairs equal diffusers' own pipelines (tiny random models)."""
+import json
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from conftest import run_script
 S1 = importlib.import_module("01_make_pairs")  # load_prompts lives in 01_make_pairs.py
 
 SMALL = ["--resolution", 16, "--num_steps", 6, "--num_pairs", 4, "--shard_size", 2, "--batch_per_device", 2,
-         "--pair_dtype", "float32"]
+         "--pair_dtype", "float32", "--dtype", "float32"]
 
 
 def _pipeline_latents(kind, folder, prompts, seeds, guidance, steps):
@@ -26,7 +28,8 @@ def _pipeline_latents(kind, folder, prompts, seeds, guidance, steps):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("kind,guidance", [("sd15", 3.0), ("sdxl", 7.0)])
+# w = 0.5: guidance is off at w <= 1 (diffusers' rule, C.guided), in the pairs and in their NFE alike
+@pytest.mark.parametrize("kind,guidance", [("sd15", 3.0), ("sdxl", 7.0), ("sd15", 0.5)])
 def test_pairs_equal_diffusers_pipeline(kind, guidance, tiny_sd15, tiny_sdxl, prompt_file, tmp_path):
     folder = tiny_sd15 if kind == "sd15" else tiny_sdxl
     run_script("01_make_pairs.py", "--preset", kind, "--teacher", folder, "--prompts", prompt_file,
@@ -42,6 +45,7 @@ def test_pairs_equal_diffusers_pipeline(kind, guidance, tiny_sd15, tiny_sdxl, pr
     # Float tolerance: our batch of 2 and the pipeline's batch of 1 round differently in BLAS.
     assert x.shape == ref.shape and err < 1e-5
     assert (tmp_path / "pairs" / "pairs.png").is_file()
+    assert json.load(open(tmp_path / "pairs" / "manifest.json"))["nfe"] == 6 * (2 if guidance > 1 else 1)
 
 
 def _teacher(kind, folder, **kw):
@@ -64,6 +68,12 @@ def test_eq8_student_is_one_ddim_step_to_x0(kind, tiny_sd15, tiny_sdxl):
         eps = teacher.unet(z, teacher.T, **cond).sample
         ref = teacher.scheduler.step(eps, teacher.T, z).pred_original_sample
     assert torch.allclose(x, ref, rtol=1e-5, atol=1e-5)
+    # under bf16 autocast (the GPU presets' default) the U-Net's eps is bf16, but Eq. 8's arithmetic stays float32:
+    # 1 / alpha_T ~ 13 would magnify bf16 rounding (on this model it doubles G's error at init, 3.3e-3 -> 6.7e-3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        x16, eps16 = G(z, cond), G.net(z, G.T, **cond).sample
+    assert eps16.dtype == torch.bfloat16 and x16.dtype == torch.float32
+    assert torch.equal(x16, C.x0_from_model_output(eps16.float(), z, G.alpha_bar_T.float()))
 
 
 @pytest.mark.slow  # ~25 s; the default run checks the same rank split on the toy (test_01_pairs.py)

@@ -26,7 +26,8 @@ def test_built_where_the_teacher_is():
 
 
 def capture(unet):
-    """Reference features of a plain U-Net run: per up block (input, skips, output)."""
+    """Reference features of a plain U-Net run: per up block (input, skips, the output
+    of its last resnet or attention, i.e. what its upsampler would take)."""
     feats, hooks = [], []
 
     def pre(m, args, kwargs):
@@ -36,10 +37,38 @@ def capture(unet):
                                     for s in skips], 1)])
 
     def post(m, args, out):
-        feats.append(out[0] if isinstance(out, tuple) else out)
+        feats.append(out[0] if isinstance(out, tuple) else getattr(out, "sample", out))
     for b in unet.up_blocks:
-        hooks += [b.register_forward_pre_hook(pre, with_kwargs=True), b.register_forward_hook(post)]
+        last = b.attentions[-1] if getattr(b, "attentions", None) else b.resnets[-1]
+        hooks += [b.register_forward_pre_hook(pre, with_kwargs=True), last.register_forward_hook(post)]
     return feats, hooks
+
+
+def readout_table(D, x, z, cond):
+    """(up block, readout, scale in px, channels) of each of D's readouts."""
+    with torch.no_grad():
+        return [(i // 3, ("from below", "skips", "combined")[i % 3], f.shape[-1], f.shape[1])
+                for i, f in enumerate(D.features(x, z, cond))], D.features(x, z, cond)
+
+
+def test_three_readouts_at_each_decoder_scale(tiny_sd15):
+    """Fig. 7: before, at and after the skip connection, each at its own decoder scale:
+    the third readout is taken before the block's upsampler, so it is not the next
+    block's first, and the combined features of every scale are read."""
+    sd = C.LDMTeacher(dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=4,
+                           dtype="float32", num_pairs=1), torch.device("cpu"))
+    for teacher, x, cond in [(toy_teacher(), torch.randn(2, 3, 16, 16), torch.tensor([1, 2])),
+                             (sd, torch.randn(2, 4, 8, 8), sd.encode_prompts(["a cat", "a dog"]))]:
+        D = S4.Discriminator(teacher, z_cond=True, multiscale=True).eval()
+        table, feats = readout_table(D, x, torch.randn_like(x), cond)
+        scale, scales = x.shape[-1] // 2 ** sum(b.downsamplers is not None for b in D.unet.down_blocks), []
+        for b in D.unet.up_blocks:  # each up block works at one scale; its upsampler doubles it for the next
+            scales.append(scale)
+            scale *= 2 if b.upsamplers else 1
+        assert scale == x.shape[-1] and len(set(scales)) == len(scales) > 1
+        assert [s for _, _, s, _ in table] == [s for s in scales for _ in range(3)], table
+        assert len({f.data_ptr() for f in feats}) == len(feats)  # no readout is another's tensor
+        assert [c for _, kind, _, c in table if kind == "combined"] == [b.resnets[-1].out_channels for b in D.unet.up_blocks]
 
 
 def test_zero_init_invariance_toy():

@@ -53,6 +53,17 @@ def test_bad_values_are_refused_by_flag(script, capsys):
     assert tried >= 8, f"{script}: only {tried} typed flags"
 
 
+@pytest.mark.parametrize("script", ["01_make_pairs", "03_ode_distill", "04_gan_finetune", "05_evaluate"])
+def test_gpu_presets_run_in_bfloat16_by_default(script):
+    """Table A1 trains every setting in bfloat16: the GPU presets need no --dtype flag;
+    the toy (CPU) stays float32, and the flag still overrides."""
+    config = lambda *argv: C.parse_config("", mod(script).FLAGS, list(argv), getattr(mod(script), "STAGE1", None)
+                                          or getattr(mod(script), "STAGE2", None))[0]["dtype"]
+    gpu = [p for p in ("cifar10", "sd15", "sd15_cfg8", "sdxl") if script != "04_gan_finetune" or p != "cifar10"]  # 04: no CIFAR10 row
+    assert [config("--preset", p) for p in gpu] == ["bfloat16"] * len(gpu)
+    assert config("--preset", "toy") == "float32" and config("--preset", "sd15", "--dtype", "float32") == "float32"
+
+
 def test_preset_values_pass_the_same_checks(monkeypatch):
     """A (user's) preset with a bad value is refused, naming the preset and the key."""
     monkeypatch.setitem(C.PRESETS, "bad", dict(C.PRESETS["toy"], num_pairs=0))

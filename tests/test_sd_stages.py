@@ -26,7 +26,7 @@ def lpips4(tmp_path_factory):
 
 def make_pairs(kind, folder, prompts, out, *extra):
     run_script("01_make_pairs.py", "--preset", kind, "--teacher", folder, "--prompts", prompts, "--out_dir", out,
-               "--num_pairs", 4, "--shard_size", 4, "--batch_per_device", 4, *STEPS, "--num_steps", 2, *extra)
+               "--num_pairs", 4, "--shard_size", 4, "--batch_per_device", 4, *STEPS, "--num_steps", 2, "--dtype", "float32", *extra)
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
