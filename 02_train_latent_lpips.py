@@ -357,6 +357,14 @@ def load_ldm_vae(teacher, device):
     return vae, vae.config.scaling_factor
 
 
+def space_of(cfg, channels, device):
+    """The latent space this run's LatentLPIPS learns (recorded in its checkpoint):
+    pixels, or the teacher VAE's latents."""
+    if cfg["family"] == "edm":
+        return C.latent_space("edm", channels)
+    return C.latent_space("ldm", channels, load_ldm_vae(cfg["teacher"], device)[1])
+
+
 def image_folder(root):
     """ImageFolder layout: root/<class>/<image>. Returns [(path, label)], classes."""
     if root is None or not os.path.isdir(root):
@@ -502,7 +510,7 @@ def main(argv=None):
     ckpt = os.path.join(lp_dir, "latent_lpips.pt")
     metrics_path = os.path.join(lp_dir, "metrics.json")
     if cfg["reconstruct"]:
-        lp = C.load_latent_lpips(ckpt).to(device)
+        lp = C.load_latent_lpips(ckpt, space=space_of(cfg, cfg["channels"], device)).to(device)
         if cfg["family"] == "edm":
             target, decode = C.toy_images([123])[0].to(device), None
         else:
@@ -551,7 +559,8 @@ def main(argv=None):
             n = cfg["num_triplets"]
             train, val = toy_triplets(n - n // 5, cfg["seed"] + 1), toy_triplets(n // 5, cfg["seed"] + 2)
         metrics.update(calibrate(lp, train, val, cfg, device), phase2_seconds=round(time.time() - t1, 1))
-        C.atomic(ckpt, lambda f: torch.save(dict(config=lp.config, state_dict=lp.state_dict(), metrics=metrics, preset=cfg["preset"]), f))
+        C.atomic(ckpt, lambda f: torch.save(dict(config=lp.config, state_dict=lp.state_dict(), metrics=metrics, preset=cfg["preset"],
+                                                 latent_space=space_of(cfg, in_ch, device)), f))
         C.save_json(metrics, metrics_path)
         print(json.dumps(metrics, indent=2), f"\nwrote {ckpt}")
     C.cleanup()

@@ -506,8 +506,10 @@ def main(argv=None):
                      f"(D is overpowering G: consider a larger --r1_gamma or a lower --d_lr)")
         if log_now:
             rate = seen / (time.time() - t0)
-            log.write(step=step, **dict(st, r1=st["r1"] if do_r1 else None), mixed=dict(zip(MIX_KINDS, mixed)), img_s=rate, lr=lr,
-                      d_lr=d_lr)
+            # r1: ||grad_x D(x)||^2 of one real sample, D(x) = d_score (the mean over readouts and positions);
+            # r1_term: its amortised share of L_D (gamma / 2 * r1), to read beside loss_d
+            r1 = dict(r1=st["r1"], r1_term=0.5 * cfg["r1_gamma"] * st["r1"]) if do_r1 else dict(r1=None, r1_term=None)
+            log.write(step=step, **dict(st, **r1), mixed=dict(zip(MIX_KINDS, mixed)), img_s=rate, lr=lr, d_lr=d_lr)
             bar.set_postfix(reg=f"{st['loss_reg']:.4f}", d=f"{st['loss_d']:.3f}", real=f"{st['logit_real']:.2f}",
                             fake=f"{st['logit_fake']:.2f}")
         if bench:

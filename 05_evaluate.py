@@ -8,17 +8,25 @@ grids of the teacher and the students from the same noise.
            (mean within-class pairwise feature distance), fidelity to the teacher
            from the same z (pixel MSE, and feature cosine distance as a toy
            DreamSim), time per image, NFE.
-  sd/sdxl  FID on COCO2014 val (clean-fid or torch-fidelity Inception features,
-           bicubic antialiased resizing), CLIP score (open_clip ViT-g-14),
-           precision/recall, DreamDiv and DreamSim-5k (dreamsim); each optional
-           package is imported only when used.
+  cifar10  FID-50k against the training set's Inception statistics, as EDM's fid.py
+           (Table 6): --fid_ref is EDM's reference .npz (mu, sigma) or a folder
+           of real images; fidelity to the teacher (pixel MSE), time, NFE.
+  sd/sdxl  --protocol coco2014 (Table 3): FID-30k against all 40,504 val2014
+           images, CLIP-30k, precision/recall on 10k. --protocol coco2017
+           (Tables 4-5): FID-5k and CLIP-5k on the 5,000 val2017 image-text pairs,
+           DreamDiv-5k (8 seeds per prompt), DreamSim-5k to the teacher; no P/R.
+           Inception: clean-fid (or torch-fidelity), 512 -> 256 -> 299 bicubic
+           antialiased; CLIP: open_clip ViT-g-14; dreamsim. Each column is named
+           by its count (fid_30k, clip_5k, ...); optional packages load when used.
 
 Output: <out_dir>/eval/{metrics.json, results.md, compare.png, diversity.png}, and the
 teacher's samples (teacher_samples_*.pt: read back by later evaluations of the same setup)
 
 Toy (CPU, ~1 min):   python 05_evaluate.py
 Extra rows:          python 05_evaluate.py --students "mse=runs/toy/distill_mse/student_ema.pt,latent=..."
-SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 05_evaluate.py --preset sd15 --coco /data/coco2014 --num_samples 30000
+Table 3 (8 GPUs):    torchrun --nproc_per_node=8 05_evaluate.py --preset sd15 --coco /data/coco2014
+Tables 4-5:          torchrun --nproc_per_node=8 05_evaluate.py --preset sdxl --coco /data/coco2017   (sd15: --protocol coco2017)
+Table 6 (1 GPU):     python 05_evaluate.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl --fid_ref cifar10-32x32.npz
 Speed (Fig. 3):      python 05_evaluate.py --preset sd15 --speed      (without --teacher: the preset's U-Net, random weights)
 """
 import hashlib
@@ -34,6 +42,18 @@ from tqdm import tqdm
 
 import common as C
 
+# §4's text-to-image protocols: the real images are every image of the split (40,504 for
+# val2014, 5,000 for val2017); n prompts are sampled from its captions, one per image.
+PROTOCOLS = {
+    "coco2014": dict(split="val2014", n=30_000, pr=10_000, div=500,  # Table 3; DreamDiv beyond it
+                     about="COCO2014 (Table 3): FID and CLIP on sampled val2014 captions, FID against every val2014 image, "
+                           "precision/recall on 10k"),
+    "coco2017": dict(split="val2017", n=5_000, pr=0, div=5_000,  # Tables 4-5: no precision/recall
+                     about="COCO2017 (Tables 4-5): FID and CLIP on the val2017 image-text pairs, DreamDiv (8 seeds per "
+                           "prompt), DreamSim to the teacher"),
+}
+DREAMSIM_N = 5_000  # DreamSim-5k: the first 5k samples' distance to the teacher's image from the same z
+
 FLOATS = C.checked_type(lambda s: [float(v) for v in s.split(",")], bool, "comma-separated numbers", "1,x")
 FLAGS = {
     "run": C.RUN_FLAGS + [
@@ -48,9 +68,11 @@ FLAGS = {
         ("students", None, None, "extra rows 'name=path,...' of student_ema.pt files; 'name=p1;p2;p3': seeds, + mean ± std"),
     ],
     "metrics (§4)": [
-        ("num_samples", 0, C.INT_NONNEG, "samples per model (0: toy 1000, sd 30000; the paper: 30k FID, 10k P/R, 5k DreamSim)"),
-        ("coco", None, None, "sd15/sdxl: COCO2014 root with val2014/ and annotations/captions_val2014.json"),
-        ("div_prompts", 500, C.INT_POS, "sd15/sdxl DreamDiv: prompts x 8 seeds each (the paper: 5k COCO2017 prompts)"),
+        ("num_samples", 0, C.INT_NONNEG, "samples per model (0: the protocol's: toy 1000, cifar10 50k, coco2014 30k, coco2017 5k)"),
+        ("protocol", None, tuple(PROTOCOLS), "sd15/sdxl: coco2014 (Table 3) or coco2017 (Tables 4-5)"),
+        ("coco", None, None, "sd15/sdxl: COCO root with val2014/ (or val2017/) and annotations/captions_val2014.json (_val2017)"),
+        ("div_prompts", 0, C.INT_NONNEG, "DreamDiv: prompts x 8 seeds each (0: the protocol's, coco2017 5000, coco2014 500)"),
+        ("fid_ref", None, None, "cifar10: the real statistics, EDM's reference .npz (mu, sigma) or a folder of real images"),
         ("classifier", None, None, "toy: the FID-toy feature classifier (default <out_dir>/eval/toy_classifier.pt, trained once); "
                                    "share one path across evaluations to compare their FID-toy"),
         ("classifier_seed", 0, C.INT_NONNEG, "toy: that classifier's seed (rerun with others to see FID-toy's spread)"),
@@ -376,15 +398,47 @@ def write_grids(outs, teacher, eval_dir, conds, cfg, models, device):
                         os.path.join(eval_dir, "grids.txt"))
 
 
+def count_name(n):
+    """30000 -> '30k' (the paper's column names: FID-30k, CLIP-5k, ...)."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+@torch.no_grad()
+def real_statistics(cfg, paths, extract, device, rank, world, load, keep=0, net="inception"):
+    """Inception mean and covariance of every real image in `paths` (split across ranks),
+    plus `keep` of their features (a fixed random subset) for precision/recall.
+    Computed once, then read back from <out_dir>/eval/real_stats_*.pt."""
+    key = dict(n=len(paths), first=paths[0], last=paths[-1], net=net, keep=keep)
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cfg["out_dir"], "eval", f"real_stats_{h}.pt")
+    if os.path.isfile(path):
+        C.print0(f"real statistics: read from '{path}' ({len(paths)} images)")
+        return C.load_checkpoint(path, "cached real statistics (delete it to recompute)", keys=("mu", "sigma", "feats"))
+    mine, B = list(range(len(paths)))[rank::world], cfg["batch_per_device"]
+    f = [extract(torch.stack([load(paths[j]) for j in mine[i:i + B]]).to(device)).cpu()
+         for i in tqdm(range(0, len(mine), B), desc="real images", disable=rank != 0)]
+    f = gather_by_rank(torch.cat(f), len(paths), world)
+    mu, sigma = feature_stats(f)
+    pick = torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:keep]
+    out = dict(mu=mu, sigma=sigma, feats=f[pick])
+    if rank == 0:
+        C.atomic(path, lambda fh: torch.save(out, fh))
+    return out
+
+
 def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world):
-    """FID (Inception), CLIP score, precision/recall, DreamSim-5k to the teacher
-    and DreamDiv for every model, on COCO captions; seeds split across ranks."""
+    """§4's protocol (PROTOCOLS) for every model on COCO captions, seeds split across
+    ranks: FID against every real image of the split, CLIP score, precision/recall
+    (coco2014), DreamSim-5k to the teacher and DreamDiv."""
     nets = load_feature_nets(cfg, device)
+    proto = PROTOCOLS[cfg["protocol"]]
     n, B = cfg["num_samples"], cfg["batch_per_device"]
     prompts, real_paths = coco
-    mine, k = list(range(n))[rank::world], min(cfg["div_prompts"], n)
+    mine, k = list(range(n))[rank::world], min(cfg["div_prompts"] or proto["div"], n)
+    real = real_statistics(cfg, real_paths, nets["inception"], device, rank, world, lambda p: C.load_image(p, 256),
+                           keep=min(n, proto["pr"]), net=nets.get("name", "inception"))
     acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
-    real, keep = [], {name: [] for name in models}
+    keep = {name: [] for name in models}
     # this rank's teacher latents (its seeds, then DreamDiv's), solved once per setup and cached
     cache, cached = teacher_cache(cfg, teacher, range(EVAL_SEED0, EVAL_SEED0 + n), device, world, keys=("x", "div_x", "sec"),
                                   rank=rank, div_prompts=k, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16])
@@ -396,7 +450,6 @@ def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
             part = mine[i:i + B]
             z = C.seed_noise([EVAL_SEED0 + j for j in part], teacher.z_shape)
             cond = [prompts[j] for j in part]
-            real.append(nets["inception"](torch.stack([C.load_image(real_paths[j], 256) for j in part]).to(device)).cpu())
             imgs = {}
             for name, fn in models.items():
                 if name == "teacher" and cached:
@@ -411,8 +464,9 @@ def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
                 acc[name]["clip"].append(nets["clip"](imgs[name], cond).cpu())
                 if i == 0:
                     keep[name] = x.float().cpu()
-            for name in models:  # DreamSim-5k: distance to the teacher's image from the same z
-                acc[name]["dsim"].append(nets["dreamsim"](imgs[name], imgs["teacher"]).cpu())
+            ds = [q for q, j in enumerate(part) if j < DREAMSIM_N]  # DreamSim-5k: distance to the teacher's image, same z
+            for name in models:
+                acc[name]["dsim"].append(nets["dreamsim"](imgs[name][ds], imgs["teacher"][ds]).cpu() if ds else torch.zeros(0))
         div = {name: [] for name in models}
         for q, p in enumerate(tqdm(list(range(k))[rank::world], desc="DreamDiv", disable=rank != 0)):
             z = C.seed_noise([EVAL_SEED0 + 50_000_000 + 8 * p + s for s in range(8)], teacher.z_shape)
@@ -428,21 +482,89 @@ def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
                 div[name].append(nets["dreamsim"](img[a], img[b]).mean().cpu().view(1))
     if not cached and mine:
         C.atomic(cache, lambda f: torch.save(dict(x=torch.cat(solved["x"]), div_x=solved["div_x"], sec=acc["teacher"]["sec"]), f))
-    real = gather_by_rank(torch.cat(real), n, world)
-    rows = {}
+    rows, m, c = {}, min(n, proto["pr"]), count_name(n)
     for name in models:
         f = gather_by_rank(torch.cat(acc[name]["inc"]), n, world)
-        m = min(n, 10_000)  # precision/recall on 10k, as in the paper
-        p, r = precision_recall(real[:m], f[:m])
-        rows[name] = dict(fid=fid_from_features(real, f), clip=gather_by_rank(torch.cat(acc[name]["clip"]), n, world).mean().item(),
-                          precision=p, recall=r, dreamdiv=gather_by_rank(torch.cat(div[name]), k, world).mean().item(),
-                          dreamsim_to_teacher=gather_by_rank(torch.cat(acc[name]["dsim"]), n, world).mean().item(),
+        row = {f"fid_{c}": frechet_distance(real["mu"], real["sigma"], *feature_stats(f)),
+               f"clip_{c}": gather_by_rank(torch.cat(acc[name]["clip"]), n, world).mean().item()}
+        if m:  # precision/recall on 10k, as in the paper (coco2014 only)
+            row[f"precision_{count_name(m)}"], row[f"recall_{count_name(m)}"] = precision_recall(real["feats"][:m], f[:m])
+        row[f"dreamdiv_{count_name(k)}"] = gather_by_rank(torch.cat(div[name]), k, world).mean().item() if k else None
+        dsim = gather_by_rank(torch.cat(acc[name]["dsim"]), min(n, DREAMSIM_N), world)
+        rows[name] = dict(row, **{f"dreamsim_{count_name(len(dsim))}": dsim.mean().item()},
                           sec_per_img=acc[name]["sec"] / max(1, len(mine)), nfe=nfe[name])
     if rank == 0:
         write_grids(keep, teacher, os.path.join(cfg["out_dir"], "eval"), [prompts[j] for j in mine[:B]], cfg, models, device)
         C.save_text("\n".join(f"{i}: {prompts[j]}" for i, j in enumerate(mine[:cfg["grid_rows"]])) + "\n",
-                            os.path.join(cfg["out_dir"], "eval", "prompts.txt"))
+                    os.path.join(cfg["out_dir"], "eval", "prompts.txt"))
     return rows
+
+
+def evaluate_cifar10(cfg, teacher, models, nfe, ref, device, rank, world):
+    """Table 6: FID-50k of each model against the training set's Inception statistics,
+    as EDM's fid.py computes it (random class labels, uint8 images, the TF Inception's
+    2048 pool features), and fidelity to the teacher from the same z."""
+    n = cfg["num_samples"]
+    seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
+    _, labels = teacher.noise_and_condition(seeds)
+    cache, cached = teacher_cache(cfg, teacher, seeds, device, world)
+    outs, secs = generate({k: f for k, f in models.items() if not (cached and k == "teacher")}, teacher, cfg, seeds, labels,
+                          device, rank, world)
+    if cached:
+        outs, secs["teacher"] = {"teacher": cached["x"], **outs}, cached["sec_per_img"]
+    elif rank == 0:
+        C.atomic(cache, lambda f: torch.save(dict(x=outs["teacher"], sec_per_img=secs["teacher"]), f))
+    inception = load_cifar_inception(device)
+    if isinstance(ref, list):  # a folder of real images: its statistics, computed once (all ranks) and cached
+        ref = real_statistics(cfg, ref, inception, device, rank, world, read_cifar_image,
+                              net="inception-tf-uint8")
+    if rank != 0:
+        return None
+    feats = lambda x: torch.cat([inception(to_uint8(x[i:i + 500]).to(device)).cpu() for i in range(0, len(x), 500)])
+    c = count_name(n)
+    rows = {name: {f"fid_{c}": frechet_distance(ref["mu"], ref["sigma"], *feature_stats(feats(x))),
+                   "fidelity_mse": fidelity(x.clamp(-1, 1), outs["teacher"].clamp(-1, 1)),
+                   "sec_per_img": secs[name], "nfe": nfe[name]} for name, x in outs.items()}
+    write_grids(outs, teacher, os.path.join(cfg["out_dir"], "eval"), labels, cfg, models, device)
+    return rows
+
+
+def to_uint8(x):
+    """[-1, 1] -> uint8 in [0, 255], as EDM's generate.py saves its PNGs."""
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def read_cifar_image(path, size=None):
+    """A real image as uint8 (3, H, W); with `size`, only checked to be size x size."""
+    from PIL import Image
+    with C.or_fail(f"--fid_ref image '{path}' is unreadable", "replace or remove it"):
+        im = Image.open(path)
+        if size is not None:
+            if im.size != (size, size):
+                C.fail(f"--fid_ref image '{path}' is {im.size[0]}x{im.size[1]}, not {size}x{size} as the training set")
+            return None
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def read_fid_ref(path, size):
+    """--fid_ref: EDM's reference statistics (.npz with mu (2048,) and sigma (2048, 2048)),
+    or a folder of real size x size images (returned as its sorted image paths, each
+    header checked here, before any sampling)."""
+    if path and os.path.isdir(path):
+        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not found:
+            C.fail(f"--fid_ref folder '{path}' holds no .png/.jpg images")
+        for p in found:
+            read_cifar_image(p, size)
+        return found
+    if not path or not os.path.isfile(path):
+        C.fail(f"--fid_ref '{path}' does not exist: pass EDM's reference statistics (e.g. cifar10-32x32.npz) or a folder of real images")
+    with C.or_fail(f"--fid_ref '{path}' is not a .npz file with mu and sigma"):
+        with np.load(path) as f:
+            mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        C.fail(f"--fid_ref '{path}': mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} are not a finite mean and covariance")
+    return dict(mu=mu, sigma=sigma)
 
 
 @torch.no_grad()
@@ -556,11 +678,12 @@ def load_feature_nets(cfg, device):
         feats = _need("cleanfid.features", "clean-fid", "FID")
         # no DataParallel (clean-fid's default): under torchrun each rank extracts its own shard on its own GPU
         model = feats.build_feature_extractor("clean", device, use_dataparallel=False)
-        nets["inception"] = lambda x: model((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5)
+        nets["inception"], nets["name"] = lambda x: model((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5), "clean-fid"
     except SystemExit:
         tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", "FID (clean-fid or torch-fidelity)")
         model = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
         nets["inception"] = lambda x: model(((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))[0]
+        nets["name"] = "torch-fidelity"
     oc = _need("open_clip", "open_clip_torch", "the CLIP score")
     clip, _, _ = oc.create_model_and_transforms("ViT-g-14", pretrained="laion2b_s34b_b88k", device=device)
     tok = oc.get_tokenizer("ViT-g-14")
@@ -578,25 +701,37 @@ def load_feature_nets(cfg, device):
     return nets
 
 
-def load_coco(root, n, seed):
-    """COCO2014 val: n captions sampled deterministically (one per image) and the
-    real image paths. Layout: <root>/annotations/captions_val2014.json, <root>/val2014/."""
-    ann = os.path.join(root or "", "annotations", "captions_val2014.json")
+def load_cifar_inception(device):
+    """CIFAR10's FID features as EDM's fid.py takes them: uint8 images at their own size
+    into TF's 2015-12-05 Inception, which resizes to 299 itself (torch-fidelity's port
+    of that network): (N, 3, H, W) uint8 -> (N, 2048)."""
+    tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", "CIFAR10 FID")
+    model = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
+    return lambda x: model(x.to(device, torch.uint8))[0]
+
+
+def load_coco(root, n, seed, split="val2014"):
+    """COCO captions of `split`: n captions sampled deterministically (one per image),
+    and the paths of every image of the split (the real set of FID). Layout:
+    <root>/annotations/captions_<split>.json, <root>/<split>/."""
+    ann = os.path.join(root or "", "annotations", f"captions_{split}.json")
     if not os.path.isfile(ann):
-        C.fail(f"COCO captions not found at '{ann}' (pass --coco ROOT with annotations/ and val2014/)")
+        C.fail(f"COCO captions not found at '{ann}' (pass --coco ROOT with annotations/ and {split}/)")
     with C.or_fail(f"'{ann}' is not a COCO captions file"):
         data = json.load(open(ann))
-        files = {im["id"]: os.path.join(root, "val2014", im["file_name"]) for im in data["images"]}
+        files = {im["id"]: os.path.join(root, split, im["file_name"]) for im in data["images"]}
         caps = {}
         for a in data["annotations"]:
             caps.setdefault(a["image_id"], a["caption"].strip())
     ids = sorted(caps)
-    g = torch.Generator().manual_seed(seed)
-    pick = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n].tolist()]
-    missing = [files[i] for i in pick if not os.path.isfile(files[i])]
+    if n > len(ids):
+        C.fail(f"--num_samples {n}: '{ann}' has captions for only {len(ids)} images")
+    missing = [files[i] for i in sorted(files) if not os.path.isfile(files[i])]
     if missing:
         C.fail(f"{len(missing)} COCO images are missing, e.g. '{missing[0]}'")
-    return [caps[i] for i in pick], [files[i] for i in pick]
+    g = torch.Generator().manual_seed(seed)
+    pick = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n].tolist()]
+    return [caps[i] for i in pick], [files[i] for i in sorted(files)]
 
 
 def student_paths(cfg, explicit_only=False):
@@ -616,10 +751,9 @@ def student_paths(cfg, explicit_only=False):
 def validate(cfg):
     """Every file this evaluation reads, before any sampling (the flags' types checked
     the values), read once: returns {name: (path, checkpoint)} of the students that
-    exist, the COCO captions and image paths (sd15/sdxl), and the toy's cached
+    exist, and what the metrics compare with: the COCO captions and image paths
+    (sd15/sdxl), the real statistics or images (cifar10), or the toy's cached
     evaluation classifier (None when it is still to be trained)."""
-    if cfg["family"] == "edm" and cfg["arch"] != "toy" and not cfg["speed"]:
-        C.fail("CIFAR10 FID needs Inception features: use the official EDM fid.py on the students' samples")
     explicit, students = student_paths(cfg, explicit_only=True), {}
     for name, path in student_paths(cfg).items():
         if name not in explicit and not os.path.isfile(path):
@@ -628,16 +762,27 @@ def validate(cfg):
         if not os.path.isfile(path):
             C.fail(f"--students: '{name}' checkpoint '{path}' does not exist")
         students[name] = path, C.load_student_file(path, f"student of 03/04 ({name})")
-    coco = load_coco(cfg["coco"], cfg["num_samples"], cfg["seed"]) if cfg["family"] == "ldm" and not cfg["speed"] else None
-    cached = cfg["arch"] == "toy" and os.path.exists(classifier_path(cfg))
-    return students, coco, toy_classifier(cfg, torch.device("cpu")) if cached else None
+    if cfg["speed"]:
+        return students, None
+    if cfg["family"] == "ldm":
+        return students, load_coco(cfg["coco"], cfg["num_samples"], cfg["seed"], PROTOCOLS[cfg["protocol"]]["split"])
+    if cfg["arch"] != "toy":
+        return students, read_fid_ref(cfg["fid_ref"], cfg["resolution"])
+    cached = os.path.exists(classifier_path(cfg))
+    return students, toy_classifier(cfg, torch.device("cpu")) if cached else None
 
 
 def main(argv=None):
     cfg, given = C.parse_config(__doc__, FLAGS, argv)
     cfg["guidance_flag"] = cfg["guidance"] if "guidance" in given else None  # else the students' checkpoints decide
-    cfg["num_samples"] = cfg["num_samples"] or (1000 if cfg["arch"] == "toy" else 30_000)
-    students, coco, clf = validate(cfg)
+    if cfg["family"] == "ldm" and cfg.get("protocol") not in PROTOCOLS:
+        C.fail(f"--protocol: the preset sets none; pass one of {', '.join(PROTOCOLS)}")
+    cfg["num_samples"] = cfg["num_samples"] or (1000 if cfg["arch"] == "toy" else 50_000 if cfg["family"] == "edm"
+                                                else PROTOCOLS[cfg["protocol"]]["n"])
+    about = ("toy: FID-toy and the rest in the features of a toy classifier" if cfg["arch"] == "toy" else
+             "CIFAR10 (Table 6): FID against --fid_ref, as EDM's fid.py" if cfg["family"] == "edm" else
+             PROTOCOLS[cfg["protocol"]]["about"]) + f"; {cfg['num_samples']} samples per model"
+    students, real = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:
         res = benchmark_speed(cfg, device, "teacher" in given)
@@ -647,19 +792,21 @@ def main(argv=None):
         return C.cleanup()
     teacher = C.load_teacher(cfg, device)
     models, nfe = model_table(cfg, teacher, device, students)
-    if cfg["family"] == "edm":
-        clf = (clf or toy_classifier(cfg, device)).to(device)
+    if cfg["arch"] == "toy":
+        clf = (real or toy_classifier(cfg, device)).to(device)
         rows = evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world)
         if cfg["eval_w"] and rank == 0:
             sweep = guidance_sweep(cfg, teacher, models, clf, device)
             C.save_json(sweep, os.path.join(cfg["out_dir"], "eval", "guidance.json"))
             print("guidance sweep (fidelity MSE to the teacher at each w):\n" + markdown_table(
                 {w: {name: r["fidelity_mse"] for name, r in t.items()} for w, t in sweep.items()}))
+    elif cfg["family"] == "edm":
+        rows = evaluate_cifar10(cfg, teacher, models, nfe, real, device, rank, world)
     else:
-        rows = evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
+        rows = evaluate_text_to_image(cfg, teacher, models, nfe, real, device, rank, world)
     if rank == 0:
         eval_dir = os.path.join(cfg["out_dir"], "eval")
-        table = markdown_table(rows)
+        table = f"protocol: {about}\n\n" + markdown_table(rows)
         groups = seed_groups(rows)
         if groups:
             C.save_json(groups, os.path.join(eval_dir, "groups.json"))

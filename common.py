@@ -60,11 +60,12 @@ PRESETS = {
         num_pairs=1_000_000, shard_size=10_000, batch_per_device=512, pair_dtype="float32", dtype="bfloat16",
         lpips_width=1.0, lpips_pools_removed=0, cls_steps=100_000, cls_batch=256, cls_lr=1e-3,
         loss="lpips", lpips_augment=None,  # Table A1: LPIPS in pixels, no augmentation
+        lpips_resize=224,  # 32 px upsampled (bilinear) before LPIPS, as Consistency Models do: VGG's deepest taps are 2x2 at 32
     ),
     "sd15": dict(
         family="ldm", arch="sd15", teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
         resolution=512, channels=4, num_classes=0,
-        num_steps=50, guidance=3.0,  # SD-CFG-3 (SD-CFG-8 is its own preset below)
+        num_steps=50, guidance=3.0, protocol="coco2014",  # SD-CFG-3 (SD-CFG-8 is its own preset below); Table 3
         num_pairs=3_000_000, shard_size=1000, batch_per_device=32, pair_dtype="float16", dtype="bfloat16",
         lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
         loss="elatent+latent", lpips_augment="bg+cutout",  # Table A1, SD-CFG-3 (E-LatentLPIPS*)
@@ -72,7 +73,7 @@ PRESETS = {
     "sdxl": dict(
         family="ldm", arch="sdxl", teacher="stabilityai/stable-diffusion-xl-base-1.0",
         resolution=1024, channels=4, num_classes=0,
-        num_steps=50, guidance=7.0,  # SDXL-CFG-7
+        num_steps=50, guidance=7.0, protocol="coco2017",  # SDXL-CFG-7; Table 5
         num_pairs=8_000_000, shard_size=1000, batch_per_device=8, pair_dtype="float16", dtype="bfloat16",
         lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
         loss="elatent", lpips_augment="bgc+cutout",  # Table A1, SDXL-CFG-7
@@ -588,6 +589,7 @@ class EDMTeacher:
             self.net, self.kind = load_edm_pickle(path).to(device), "edm-pickle"
         self.num_classes = cfg["num_classes"]
         self.z_shape = (cfg["channels"], cfg["resolution"], cfg["resolution"])
+        self.latent_space = latent_space("edm", cfg["channels"])  # pixels
         self.teacher_id = f"{os.path.basename(path)}:sha256={file_sha256(path)[:16]}"
 
     def noise_and_condition(self, seeds):
@@ -784,6 +786,7 @@ class LDMTeacher:
         if p.vae.config.get("force_upcast", False):  # SDXL's VAE overflows in fp16: fp32 when its config asks
             p.vae.to(torch.float32)
         self.unet, self.vae, self.scaling_factor = p.unet, p.vae, p.vae.config.scaling_factor
+        self.latent_space = latent_space("ldm", p.vae.config.latent_channels, self.scaling_factor)
         self.scheduler = DDIMScheduler.from_config(p.scheduler.config)
         self.pixel_res = cfg["resolution"]
         r = self.pixel_res // p.vae_scale_factor
@@ -1008,16 +1011,34 @@ class LatentLPIPS(nn.Module):
         return (d, layers) if per_layer else d
 
 
-def load_latent_lpips(path, in_ch=None):
-    """Our checkpoint (from 02) or an official E-LatentLPIPS tuned checkpoint
-    (sd15_latest_vgg16_tuned.pth / sdxl_latest_vgg16_tuned.pth)."""
+def latent_space(family, channels, vae_scaling_factor=None):
+    """The space a LatentLPIPS works in: pixels (edm) or a VAE's latents (ldm). App. B:
+    SD1.5's and SDXL's latents both have 4 channels but differ, told apart here by the
+    VAE's scaling factor (0.18215, 0.13025)."""
+    return dict(family=family, channels=channels, vae_scaling_factor=vae_scaling_factor)
+
+
+OFFICIAL_LPIPS_SPACES = {"sd15": latent_space("ldm", 4, 0.18215), "sdxl": latent_space("ldm", 4, 0.13025)}  # by file name
+
+
+def load_latent_lpips(path, in_ch=None, space=None):
+    """Our checkpoint (from 02, which records its latent space) or an official
+    E-LatentLPIPS tuned checkpoint (sd15_latest_vgg16_tuned.pth / sdxl_..., whose name
+    says its space). With `space` (latent_space(...)), a checkpoint of another space is refused."""
     if path is None or not os.path.isfile(path):
         fail(f"LatentLPIPS checkpoint not found at '{path}'; run 02_train_latent_lpips.py or pass --lpips_ckpt")
     with or_fail(f"'{path}' is not a readable LatentLPIPS checkpoint"):
         ck = torch.load(path, map_location="cpu", weights_only=True)
+    name = os.path.basename(path)
     if isinstance(ck, dict) and "config" in ck and "state_dict" in ck:
-        cfg, sd = ck["config"], ck["state_dict"]
+        cfg, sd, found = ck["config"], ck["state_dict"], ck.get("latent_space")
+        if space is not None and found is None:
+            fail(f"LatentLPIPS checkpoint '{path}' records no latent space: rerun 02_train_latent_lpips.py --calibrate_only")
     else:
+        found = OFFICIAL_LPIPS_SPACES.get(name.split("_")[0])
+        if space is not None and found is None:
+            fail(f"LatentLPIPS checkpoint '{path}': an official file's name says its latent space "
+                 f"({' | '.join(f'{k}_latest_vgg16_tuned.pth' for k in OFFICIAL_LPIPS_SPACES)}); keep that name")
         sd = map_official_lpips(ck)
         w0 = sd.get("net.slices.0.0.weight")
         if w0 is None:
@@ -1025,6 +1046,9 @@ def load_latent_lpips(path, in_ch=None):
         cfg = dict(in_ch=w0.shape[1], width=w0.shape[0] / 64, pools_removed=3, num_classes=1000)
     if in_ch is not None and cfg["in_ch"] != in_ch:
         fail(f"LatentLPIPS checkpoint '{path}' takes {cfg['in_ch']}-channel inputs but this space has {in_ch} channels")
+    if space is not None and found != space:
+        fail(f"LatentLPIPS checkpoint '{path}' was trained on {found} but this teacher's space is {space} "
+             f"(SD1.5 and SDXL latents differ, App. B): train one on this space with 02, or pass its own --lpips_ckpt")
     model = LatentLPIPS(**cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or any(not k.startswith("net.head") for k in missing):
@@ -1153,7 +1177,7 @@ def augment_letters(spec):
 
 
 AUGMENT = checked_type(str, augment_letters, "the letters b, g, c, o (o = cutout), e.g. bgco, or bg+cutout / bgc+cutout", "bgx")
-LOSSES = ("elatent", "elatent+latent", "latent", "lpips", "mse", "huber")
+LOSSES = ("elatent", "elatent+latent", "elatent+latent/2", "latent", "lpips", "mse", "huber")
 LOSS = checked_type(str, lambda s: s.removesuffix("+l1") in LOSSES, " | ".join(LOSSES) + ", each with an optional +l1", "l2")
 
 
@@ -1163,16 +1187,18 @@ class RegressionLoss(nn.Module):
       huber          Pseudo-Huber (iCT): sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim)
       latent         LatentLPIPS (Eq. 2 without the decoder)
       elatent        E-LatentLPIPS (Eq. 3): LatentLPIPS after one shared random augmentation
-      elatent+latent E-LatentLPIPS* (Table A1): the sum of both
-      lpips          decode to pixels, then pixel LPIPS (the Table 1 baseline)
+      elatent+latent E-LatentLPIPS* (Table A1, "the ensemble"): the sum of both
+      elatent+latent/2  their average (the other reading: lambda_GAN keeps its full weight)
+      lpips          decode to pixels, then pixel LPIPS (the Table 1 baseline), after a
+                     bilinear resize to `pixel_size` when given (cifar10: 224, as Consistency Models)
       MODE+l1        + mean |a - b|: the official package's add_l1_loss (on by default there, not in the paper)"""
 
-    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None):
+    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None, pixel_size=None):
         super().__init__()
         self.l1, mode = mode.endswith("+l1"), mode.removesuffix("+l1")
         if "latent" in mode and lpips is None:
             fail(f"--loss {mode} needs a LatentLPIPS checkpoint (--lpips_ckpt)")
-        self.mode, self.lpips, self.decode, self.pixel_lpips = mode, lpips, decode, pixel_lpips
+        self.mode, self.lpips, self.decode, self.pixel_lpips, self.pixel_size = mode, lpips, decode, pixel_lpips, pixel_size
         self.aug = Augment(augment) if mode.startswith("elatent") else None
 
     def forward(self, a, b):
@@ -1188,9 +1214,12 @@ class RegressionLoss(nn.Module):
             return ((a - b).pow(2).sum((1, 2, 3)) + c ** 2).sqrt() - c
         if self.mode == "lpips":
             pa, pb = (self.decode(a), self.decode(b)) if self.decode is not None else (a, b)
+            if self.pixel_size:
+                pa, pb = (F.interpolate(p, size=self.pixel_size, mode="bilinear", align_corners=False) for p in (pa, pb))
             return self.pixel_lpips(pa, pb)
         d = self.lpips(*self.aug(a, b)) if self.mode.startswith("elatent") else 0
-        return d + self.lpips(a, b) if self.mode in ("latent", "elatent+latent") else d
+        d = d + self.lpips(a, b) if self.mode != "elatent" else d
+        return d / 2 if self.mode == "elatent+latent/2" else d
 
 
 def build_loss(cfg, teacher, device):
@@ -1202,11 +1231,11 @@ def build_loss(cfg, teacher, device):
             print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
             lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
         else:
-            lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0]).to(device)
+            lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0], space=teacher.latent_space).to(device)
     if cfg["loss"].startswith("lpips"):
         pixel = load_pixel_lpips(device)
         decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
-    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel).to(device)
+    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg.get("lpips_resize")).to(device)
 
 
 def load_pixel_lpips(device):

@@ -24,24 +24,32 @@ def stand_in_nets(cfg=None, device=None):
     proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(0))
     feat = lambda x: torch.nn.functional.interpolate(x.float(), size=(8, 8), mode="area").flatten(1) @ proj.to(x.device)
     clip = lambda x, prompts: torch.nn.functional.cosine_similarity(feat(x), torch.stack([text_vector(p) for p in prompts]))
-    return dict(inception=feat, clip=clip, dreamsim=lambda a, b: (feat(a) - feat(b)).norm(dim=1) / 100)
+    return dict(inception=feat, clip=clip, dreamsim=lambda a, b: (feat(a) - feat(b)).norm(dim=1) / 100, name="stand-in")
 
 
-def make_coco(root, n=6):
+def stand_in_cifar_inception(device=None):
+    """Stand-in for the TF Inception of CIFAR10's FID: uint8 images -> 16 features."""
+    proj = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(1))
+    return lambda x: torch.nn.functional.interpolate(x.float() / 255, size=(8, 8), mode="area").flatten(1) @ proj.to(x.device)
+
+
+def make_coco(root, n=6, split="val2014", captions=None):
+    """A fake COCO split: n random images, the first `captions` of them (default all) with a caption."""
     from PIL import Image
-    os.makedirs(os.path.join(root, "val2014"), exist_ok=True)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     images, anns = [], []
     for i in range(n):
         Image.fromarray(np.random.RandomState(i).randint(0, 255, (24, 32, 3)).astype(np.uint8)).save(
-            os.path.join(root, "val2014", f"{i}.jpg"))
+            os.path.join(root, split, f"{i}.jpg"))
         images.append(dict(id=i, file_name=f"{i}.jpg"))
-        anns.append(dict(image_id=i, caption=f"a photo number {i}"))
-    json.dump(dict(images=images, annotations=anns), open(os.path.join(root, "annotations", "captions_val2014.json"), "w"))
+        if captions is None or i < captions:
+            anns.append(dict(image_id=i, caption=f"a photo number {i}"))
+    json.dump(dict(images=images, annotations=anns), open(os.path.join(root, "annotations", f"captions_{split}.json"), "w"))
     return root
 
 
 if __name__ == "__main__":
     ev = importlib.import_module("05_evaluate")
-    ev.load_feature_nets = stand_in_nets
+    ev.load_feature_nets, ev.load_cifar_inception = stand_in_nets, stand_in_cifar_inception
     ev.main(sys.argv[1:])

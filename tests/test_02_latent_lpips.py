@@ -17,7 +17,7 @@ def lp():
     return m
 
 
-@pytest.mark.parametrize("mode", ["mse", "huber", "latent", "elatent", "elatent+latent"])
+@pytest.mark.parametrize("mode", ["mse", "huber", "latent", "elatent", "elatent+latent", "elatent+latent/2"])
 def test_zero_nonneg_symmetric(lp, mode):
     loss = C.RegressionLoss(mode, lp, "bgc+cutout")
     a, b = torch.randn(6, 4, 16, 16), torch.randn(6, 4, 16, 16)
@@ -98,14 +98,23 @@ def full_width_calibrated():
     return lp
 
 
+SD15_SPACE, SDXL_SPACE = C.latent_space("ldm", 4, 0.18215), C.latent_space("ldm", 4, 0.13025)
+
+
 def test_official_checkpoint_layout(tmp_path):
     ours = full_width_calibrated()
     official = _to_official(ours.state_dict())
     assert "net.slice4.33.weight" not in official and "net.slice5.34.weight" in official  # torchvision indices
     torch.save(official, tmp_path / "sd15_latest_vgg16_tuned.pth")
-    loaded = C.load_latent_lpips(str(tmp_path / "sd15_latest_vgg16_tuned.pth"), in_ch=4)
+    loaded = C.load_latent_lpips(str(tmp_path / "sd15_latest_vgg16_tuned.pth"), in_ch=4, space=SD15_SPACE)
     x, y = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     assert torch.allclose(loaded(x, y), ours(x, y), rtol=1e-6)
+    # an official file's latent space is its name's: SD1.5's is refused for SDXL, and a renamed file for either
+    with pytest.raises(SystemExit, match="trained on .*0.18215"):
+        C.load_latent_lpips(str(tmp_path / "sd15_latest_vgg16_tuned.pth"), in_ch=4, space=SDXL_SPACE)
+    torch.save(official, tmp_path / "my_lpips.pth")
+    with pytest.raises(SystemExit, match="name says its latent space"):
+        C.load_latent_lpips(str(tmp_path / "my_lpips.pth"), in_ch=4, space=SD15_SPACE)
     # an SD3-style 16-channel checkpoint given to a 4-channel space
     sd3 = dict(official)
     sd3["net.slice1.0.weight"] = torch.randn(64, 16, 3, 3)
@@ -236,8 +245,11 @@ def test_02_sd_path(tiny_sd15, tmp_path):
             "--cls_steps", 3, "--cls_batch", 4, "--cal_steps", 5, "--val_frac", 0.25, "--out_dir", tmp_path / "run",
             "--lpips_width", 0.125]
     run_script("02_train_latent_lpips.py", *args, "--bapps", tmp_path / "bapps")
-    lp = C.load_latent_lpips(str(tmp_path / "run" / "lpips" / "latent_lpips.pt"), in_ch=4)
+    lp = C.load_latent_lpips(str(tmp_path / "run" / "lpips" / "latent_lpips.pt"), in_ch=4, space=SD15_SPACE)
     assert lp.config["in_ch"] == 4 and lp.config["num_classes"] == 2
+    # it records its latent space, so SDXL (4 channels too, another VAE) refuses it (App. B)
+    with pytest.raises(SystemExit, match="trained on .*0.18215.* but this teacher's space is .*0.13025"):
+        C.load_latent_lpips(str(tmp_path / "run" / "lpips" / "latent_lpips.pt"), in_ch=4, space=SDXL_SPACE)
     cache = tmp_path / "run" / "lpips" / "latents" / "shard_000000.safetensors"
     assert C.load_shard(str(cache))["x"].shape == (8, 4, 8, 8)
     mtime = cache.stat().st_mtime_ns
@@ -285,6 +297,30 @@ def test_blit_translation_reflects_instead_of_wrapping():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     out = C._blit(x, torch.tensor([False]), torch.tensor([0]), torch.tensor([[0, 1]]))
     assert torch.equal(out[0, 0, :, 1:], x[0, 0, :, :3]) and torch.equal(out[0, 0, :, 0], x[0, 0, :, 1])
+
+
+def test_ensemble_is_the_sum_or_the_average(lp):
+    """E-LatentLPIPS* (Table A1): elatent+latent is the sum of both terms (the code's reading);
+    elatent+latent/2 their average, the other reading."""
+    a, b = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    parts = []
+    for mode in ("elatent", "latent", "elatent+latent", "elatent+latent/2"):
+        torch.manual_seed(3)  # the same augmentation draw in each
+        parts.append(C.RegressionLoss(mode, lp)(a, b))
+    assert torch.allclose(parts[2], parts[0] + parts[1]) and torch.allclose(parts[3], (parts[0] + parts[1]) / 2)
+
+
+def test_cifar10_pixel_lpips_sees_224_px(monkeypatch):
+    """CIFAR10's pixel LPIPS upsamples 32 px to 224 first (the preset's lpips_resize), as
+    Consistency Models do; other presets give LPIPS the images at their own size."""
+    import types
+    seen = []
+    monkeypatch.setattr(C, "load_pixel_lpips", lambda device: lambda a, b: seen.append(a.shape[-2:]) or (a - b).pow(2).mean((1, 2, 3)))
+    edm = types.SimpleNamespace(family="edm", z_shape=(3, 32, 32))
+    for preset, size in [("cifar10", (224, 224)), ("toy", (32, 32))]:
+        cfg = dict(C.get_preset(preset), loss="lpips", lpips_ckpt=None, benchmark_steps=0, out_dir="unused")
+        C.build_loss(cfg, edm, torch.device("cpu"))(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+        assert seen.pop() == size
 
 
 def test_official_l1_term_is_off_by_default(lp):

@@ -1,5 +1,6 @@
 """05 on the toy: every stage's row, seed groups, grids, and the teacher's guidance
 taken from the students' checkpoints."""
+import importlib
 import json
 
 import pytest
@@ -17,6 +18,8 @@ def test_stage2_and_eval(toy_run):
     log = [json.loads(l) for l in open(toy_run / "gan" / "metrics.jsonl")]
     r1_steps = [l["step"] for l in log if l["r1"] is not None]
     assert r1_steps == [0, 4, 8] and all(l["r1"] > 0 for l in log if l["r1"] is not None)
+    gamma = importlib.import_module("04_gan_finetune").STAGE2["toy"]["r1_gamma"]  # R1's share of L_D, beside loss_d
+    assert all(l["r1_term"] == pytest.approx(0.5 * gamma * l["r1"]) for l in log if l["r1"] is not None)
     assert all(torch.isfinite(torch.tensor([l["loss_g"], l["loss_d"], l["logit_real"], l["logit_fake"]])).all() for l in log)
     ck = weights(toy_run / "gan" / "ckpt_latest.pt")
     assert ck["step"] == 10 and {"model", "ema", "D", "opt", "opt_d"} <= set(ck)

@@ -133,3 +133,41 @@ def test_precision_recall_equals_a_brute_force_loop_and_k_matters():
     assert S5.precision_recall(real, fake) == pytest.approx(ref, abs=1e-6)  # the default k is the paper's 3
     k2 = brute_force_precision_recall(real.double(), fake.double(), 2)
     assert S5.precision_recall(real, fake, k=2) == pytest.approx(k2, abs=1e-6) and abs(k2[0] - ref[0]) > 0.03
+
+
+def test_cifar10_fid_protocol(tmp_path, monkeypatch):
+    """Table 6's protocol, as EDM's fid.py: FID of uint8 samples against the training set's
+    Inception statistics, given as a folder of real images or as EDM's reference .npz
+    (mu, sigma), which give the same FID; a bad --fid_ref stops before any sampling.
+    Stand-ins: a closed-form EDM network and a fixed random feature map for Inception."""
+    import numpy as np
+    from PIL import Image
+    from fake_edm import make_fake_edm_pickle
+    from standin_eval import stand_in_cifar_inception
+    pkl, pypath = make_fake_edm_pickle(str(tmp_path / "edm"))
+    monkeypatch.syspath_prepend(pypath)
+    monkeypatch.setattr(S5, "load_cifar_inception", stand_in_cifar_inception)
+    real = tmp_path / "cifar_train" / "00000"
+    real.mkdir(parents=True)
+    imgs = np.random.RandomState(0).randint(0, 255, (12, 32, 32, 3)).astype(np.uint8)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(real / f"img{i:08d}.png")
+    argv = ["--preset", "cifar10", "--teacher", pkl, "--num_samples", 20, "--batch_per_device", 10, "--num_steps", 4,
+            "--dtype", "float32", "--grid_rows", 2, "--diversity_seeds", 2]
+    run = lambda ref, out: S5.main([str(a) for a in argv + ["--fid_ref", ref, "--out_dir", tmp_path / out]]) or \
+        json.load(open(tmp_path / out / "eval" / "metrics.json"))["teacher"]
+    from_folder = run(tmp_path / "cifar_train", "a")
+    feats = stand_in_cifar_inception()
+    f_real = feats(torch.from_numpy(imgs).permute(0, 3, 1, 2))
+    cached = torch.load(next((tmp_path / "a" / "eval").glob("teacher_samples_*.pt")), weights_only=False)["x"]
+    assert from_folder["fid_20"] == pytest.approx(S5.fid_from_features(f_real, feats(S5.to_uint8(cached))), rel=1e-6)
+    mu, sigma = S5.feature_stats(f_real)
+    np.savez(tmp_path / "ref.npz", mu=mu.numpy(), sigma=sigma.numpy())
+    assert run(tmp_path / "ref.npz", "b")["fid_20"] == pytest.approx(from_folder["fid_20"], rel=1e-6)
+    assert (tmp_path / "a" / "eval" / "results.md").read_text().startswith("protocol: CIFAR10 (Table 6)")
+    np.savez(tmp_path / "bad.npz", mu=mu.numpy())
+    Image.fromarray(imgs[0][:16]).save(real / "small.png")
+    for ref, msg in [(tmp_path / "none.npz", "does not exist"), (tmp_path / "bad.npz", "not a .npz file with mu and sigma"),
+                     (tmp_path / "cifar_train", "not 32x32")]:
+        with pytest.raises(SystemExit, match=f"--fid_ref .*{msg}"):
+            run(ref, "c")

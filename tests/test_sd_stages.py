@@ -131,48 +131,70 @@ def test_guidance_conditioned_student(tiny_sd15, prompt_file, tmp_path):
 
 
 def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_path, monkeypatch):
-    """05's full SD path (FID, CLIP, P/R, DreamDiv, DreamSim-5k, grids) with stand-in
-    feature networks injected in place of the pretrained ones: no download."""
+    """05's COCO2014 protocol (FID-30k against every val2014 image, CLIP, P/R, DreamDiv,
+    DreamSim-5k, grids) with stand-in feature networks in place of the pretrained ones."""
     import numpy as np
     from standin_eval import make_coco, stand_in_nets
     make_pairs("sd15", tiny_sd15, prompt_file, tmp_path)
     base = ["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, "--batch", 4, "--batch_per_device", 4,
             "--loss", "mse"]
     run_script("03_ode_distill.py", *base, "--steps", 2, "--grid_every", 100)
-    coco = make_coco(str(tmp_path / "coco"))
+    coco = make_coco(str(tmp_path / "coco"), n=9)  # 9 real images, 6 of whose captions are sampled
     stand_in = stand_in_nets()
     ev = importlib.import_module("05_evaluate")
     monkeypatch.setattr(ev, "load_feature_nets", lambda cfg, device: stand_in)
     argv = ["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
             "--coco", str(coco), "--num_samples", "6", "--batch_per_device", "3", "--div_prompts", "2", "--grid_rows", "3",
-            "--diversity_seeds", "3"]
+            "--diversity_seeds", "3", "--dtype", "float32"]
     solved, solve = [], C.LDMTeacher.solve  # samples the teacher solves, per evaluation
     monkeypatch.setattr(C.LDMTeacher, "solve", lambda self, z, *a, **kw: solved.append(len(z)) or solve(self, z, *a, **kw))
     ev.main(argv)
     m = json.load(open(tmp_path / "eval" / "metrics.json"))
-    # a second evaluation reads the teacher's samples back (COCO's and DreamDiv's): it solves only
+    # a second evaluation reads the teacher's samples and the real statistics back: it solves only
     # diversity.png's 3 seeds, and every metric is the same
     assert sum(solved) == 6 + 2 * 8 + 3
     solved.clear()
     ev.main(argv)
     again = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert sum(solved) == 3 and all(again[r][k] == m[r][k] for r in m for k in m[r] if k != "sec_per_img")
-    assert set(m) == {"teacher", "stage 1"}
+    assert set(m) == {"teacher", "stage 1"} and len(list((tmp_path / "eval").glob("real_stats_*.pt"))) == 1
     for row in m.values():
-        for k in ("fid", "clip", "precision", "recall", "dreamdiv", "dreamsim_to_teacher"):
-            assert row[k] is not None and np.isfinite(row[k]), k
-    assert m["teacher"]["dreamsim_to_teacher"] == 0 and m["teacher"]["nfe"] == 4 and m["stage 1"]["nfe"] == 1
+        assert set(row) == {"fid_6", "clip_6", "precision_6", "recall_6", "dreamdiv_2", "dreamsim_6", "sec_per_img", "nfe"}
+        assert all(v is not None and np.isfinite(v) for v in row.values()), row
+    assert m["teacher"]["dreamsim_6"] == 0 and m["teacher"]["nfe"] == 4 and m["stage 1"]["nfe"] == 1
     for f in ("compare.png", "diversity.png", "results.md"):
         assert (tmp_path / "eval" / f).exists()
-    # the teacher's CLIP score pairs each COCO caption with the image made from it
-    prompts, _ = ev.load_coco(str(coco), 6, 0)
+    assert (tmp_path / "eval" / "results.md").read_text().startswith("protocol: COCO2014 (Table 3)")
+    # the teacher's CLIP score pairs each COCO caption with the image made from it; its FID is
+    # against all 9 real images of the split, not only the 6 whose captions were drawn
+    prompts, real_paths = ev.load_coco(str(coco), 6, 0)
+    assert len(real_paths) == 9
     cached = torch.load(next((tmp_path / "eval").glob("teacher_samples_*.pt")), weights_only=False)
     teacher = C.LDMTeacher(dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2,
                                 dtype="float32", out_dir=str(tmp_path)), torch.device("cpu"))
     with torch.no_grad():
         imgs = teacher.to_images(cached["x"])
-    assert m["teacher"]["clip"] == pytest.approx(stand_in["clip"](imgs, prompts).mean().item(), abs=1e-6)
-    assert abs(m["teacher"]["clip"] - stand_in["clip"](imgs, prompts[1:] + prompts[:1]).mean().item()) > 1e-3
+    assert m["teacher"]["clip_6"] == pytest.approx(stand_in["clip"](imgs, prompts).mean().item(), abs=1e-6)
+    assert abs(m["teacher"]["clip_6"] - stand_in["clip"](imgs, prompts[1:] + prompts[:1]).mean().item()) > 1e-3
+    real = stand_in["inception"](torch.stack([C.load_image(p, 256) for p in real_paths]))
+    assert m["teacher"]["fid_6"] == pytest.approx(ev.fid_from_features(real, stand_in["inception"](imgs)), rel=1e-6)
+
+
+def test_05_coco2017_protocol(tiny_sd15, tmp_path, monkeypatch):
+    """Tables 4-5: FID-5k and CLIP-5k on val2017's image-text pairs, DreamDiv and DreamSim,
+    no precision/recall; the columns and results.md name the protocol."""
+    from standin_eval import make_coco, stand_in_nets
+    coco = make_coco(str(tmp_path / "coco"), n=5, split="val2017")
+    ev = importlib.import_module("05_evaluate")
+    monkeypatch.setattr(ev, "load_feature_nets", lambda cfg, device: stand_in_nets())
+    ev.main(["--preset", "sd15", "--protocol", "coco2017", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution",
+             "16", "--num_steps", "2", "--coco", coco, "--batch_per_device", "5", "--num_samples", "5", "--div_prompts", "2",
+             "--grid_rows", "2", "--diversity_seeds", "2", "--dtype", "float32"])
+    m = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert set(m["teacher"]) == {"fid_5", "clip_5", "dreamdiv_2", "dreamsim_5", "sec_per_img", "nfe"}
+    assert (tmp_path / "eval" / "results.md").read_text().startswith("protocol: COCO2017 (Tables 4-5)")
+    with pytest.raises(SystemExit, match="captions_val2014.json"):  # the split is the protocol's
+        ev.main(["--preset", "sd15", "--protocol", "coco2014", "--teacher", tiny_sd15, "--coco", coco])
 
 
 def test_bf16_frozen_encoders_outside_autocast(tiny_sd15):
