@@ -13,8 +13,8 @@ ones. Output: <out_dir>/pairs/{manifest.json, shard_*.safetensors, pairs.png}.
 
 Toy (CPU, ~2 min):      python 01_make_pairs.py
 CIFAR10 (1 GPU):        python 01_make_pairs.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl
-SD1.5 (8 GPUs):         torchrun --nproc_per_node=8 01_make_pairs.py --preset sd15 --prompts laion_prompts.txt --dtype bfloat16
-SDXL (8 GPUs):          torchrun --nproc_per_node=8 01_make_pairs.py --preset sdxl --prompts laion_prompts.txt --dtype bfloat16
+SD1.5 (8 GPUs):         torchrun --nproc_per_node=8 01_make_pairs.py --preset sd15 --prompts laion_prompts.txt
+SDXL (8 GPUs):          torchrun --nproc_per_node=8 01_make_pairs.py --preset sdxl --prompts laion_prompts.txt
 Retrain the toy teacher (writes assets/toy_teacher.safetensors, ~15 min CPU):
                         python 01_make_pairs.py --train_teacher
 Throughput vs diffusers' pipeline (same teacher, prompts, z, steps, guidance):

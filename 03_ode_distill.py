@@ -12,7 +12,7 @@ Output: <out_dir>/distill/{student_ema.pt, ckpt_latest.pt, metrics.jsonl, grid_*
 
 Toy (CPU, ~3 min):   python 03_ode_distill.py
 CIFAR10 (1 GPU):     python 03_ode_distill.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl   (pip install lpips)
-SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 03_ode_distill.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth --dtype bfloat16
+SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 03_ode_distill.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth
 Table 1 ablation:    python 03_ode_distill.py --loss mse --out_dir runs/toy --run_name distill_mse
 """
 import copy

@@ -15,7 +15,7 @@ Input:  <out_dir>/distill/student_ema.pt (03), <out_dir>/pairs, LatentLPIPS
 Output: <out_dir>/gan/{student_ema.pt, ckpt_latest.pt, metrics.jsonl, grid_*.png}
 
 Toy (CPU, ~3 min):   python 04_gan_finetune.py
-SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 04_gan_finetune.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth --dtype bfloat16
+SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 04_gan_finetune.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth
 Table 2 row:         python 04_gan_finetune.py --no-multiscale --mix_match 0 --run_name gan_no_ms
 Export (diffusers):  python 04_gan_finetune.py --preset sd15 --export runs/sd15/export   (README: the pipeline call)
 """

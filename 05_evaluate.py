@@ -338,10 +338,10 @@ def teacher_cache(cfg, teacher, seeds, device, world, keys=("x", "sec_per_img"),
     return path, C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)", keys=keys)
 
 
-def evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world):
-    eval_dir = os.path.join(cfg["out_dir"], "eval")
-    n = cfg["num_samples"]
-    seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
+def sample_class_conditional(cfg, teacher, models, device, rank, world):
+    """Every model's samples from the evaluation seeds (with their class labels), the
+    teacher's read from its cache when this setup solved them before."""
+    seeds = list(range(EVAL_SEED0, EVAL_SEED0 + cfg["num_samples"]))
     _, labels = teacher.noise_and_condition(seeds)
     cache, cached = teacher_cache(cfg, teacher, seeds, device, world)
     outs, secs = generate({k: f for k, f in models.items() if not (cached and k == "teacher")}, teacher, cfg, seeds, labels,
@@ -350,6 +350,12 @@ def evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world):
         outs, secs["teacher"] = {"teacher": cached["x"], **outs}, cached["sec_per_img"]
     elif rank == 0:
         C.atomic(cache, lambda f: torch.save(dict(x=outs["teacher"], sec_per_img=secs["teacher"]), f))
+    return outs, secs, labels
+
+
+def evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world):
+    eval_dir, n = os.path.join(cfg["out_dir"], "eval"), cfg["num_samples"]
+    outs, secs, labels = sample_class_conditional(cfg, teacher, models, device, rank, world)
     if rank != 0:
         return None
     real, real_y = toy_dataset(n, "test")
@@ -505,15 +511,7 @@ def evaluate_cifar10(cfg, teacher, models, nfe, ref, device, rank, world):
     as EDM's fid.py computes it (random class labels, uint8 images, the TF Inception's
     2048 pool features), and fidelity to the teacher from the same z."""
     n = cfg["num_samples"]
-    seeds = list(range(EVAL_SEED0, EVAL_SEED0 + n))
-    _, labels = teacher.noise_and_condition(seeds)
-    cache, cached = teacher_cache(cfg, teacher, seeds, device, world)
-    outs, secs = generate({k: f for k, f in models.items() if not (cached and k == "teacher")}, teacher, cfg, seeds, labels,
-                          device, rank, world)
-    if cached:
-        outs, secs["teacher"] = {"teacher": cached["x"], **outs}, cached["sec_per_img"]
-    elif rank == 0:
-        C.atomic(cache, lambda f: torch.save(dict(x=outs["teacher"], sec_per_img=secs["teacher"]), f))
+    outs, secs, labels = sample_class_conditional(cfg, teacher, models, device, rank, world)
     inception = load_cifar_inception(device)
     if isinstance(ref, list):  # a folder of real images: its statistics, computed once (all ranks) and cached
         ref = real_statistics(cfg, ref, inception, device, rank, world, read_cifar_image,
@@ -775,13 +773,14 @@ def validate(cfg):
 def main(argv=None):
     cfg, given = C.parse_config(__doc__, FLAGS, argv)
     cfg["guidance_flag"] = cfg["guidance"] if "guidance" in given else None  # else the students' checkpoints decide
-    if cfg["family"] == "ldm" and cfg.get("protocol") not in PROTOCOLS:
+    proto = PROTOCOLS.get(cfg.get("protocol"))
+    if cfg["family"] == "ldm" and proto is None and not cfg["speed"]:
         C.fail(f"--protocol: the preset sets none; pass one of {', '.join(PROTOCOLS)}")
     cfg["num_samples"] = cfg["num_samples"] or (1000 if cfg["arch"] == "toy" else 50_000 if cfg["family"] == "edm"
-                                                else PROTOCOLS[cfg["protocol"]]["n"])
+                                                else proto["n"] if proto else 0)
     about = ("toy: FID-toy and the rest in the features of a toy classifier" if cfg["arch"] == "toy" else
              "CIFAR10 (Table 6): FID against --fid_ref, as EDM's fid.py" if cfg["family"] == "edm" else
-             PROTOCOLS[cfg["protocol"]]["about"]) + f"; {cfg['num_samples']} samples per model"
+             proto["about"] if proto else "") + f"; {cfg['num_samples']} samples per model"
     students, real = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["speed"]:

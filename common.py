@@ -1601,7 +1601,7 @@ class MetricsLog:
     def write(self, **kw):
         if is_main() and self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in kw.items()}) + "\n")
+                f.write(json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in kw.items()}) + "\n")  # 6 digits
 
 
 def grad_norm(model, clip=0.0):

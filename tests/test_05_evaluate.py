@@ -19,7 +19,7 @@ def test_stage2_and_eval(toy_run):
     r1_steps = [l["step"] for l in log if l["r1"] is not None]
     assert r1_steps == [0, 4, 8] and all(l["r1"] > 0 for l in log if l["r1"] is not None)
     gamma = importlib.import_module("04_gan_finetune").STAGE2["toy"]["r1_gamma"]  # R1's share of L_D, beside loss_d
-    assert all(l["r1_term"] == pytest.approx(0.5 * gamma * l["r1"]) for l in log if l["r1"] is not None)
+    assert all(l["r1_term"] == pytest.approx(0.5 * gamma * l["r1"], rel=1e-3) for l in log if l["r1"] is not None)
     assert all(torch.isfinite(torch.tensor([l["loss_g"], l["loss_d"], l["logit_real"], l["logit_fake"]])).all() for l in log)
     ck = weights(toy_run / "gan" / "ckpt_latest.pt")
     assert ck["step"] == 10 and {"model", "ema", "D", "opt", "opt_d"} <= set(ck)
@@ -29,7 +29,6 @@ def test_stage2_and_eval(toy_run):
                    "--r1_every", 4, "--resume", "--ckpt_every", 100)
     assert "resumed" in p.stdout and "at step 10" in p.stdout
     # 05 on all stages, with an evaluation classifier of 2 steps (what it scores is not checked here)
-    import importlib
     importlib.import_module("05_evaluate").train_toy_classifier(str(toy_run / "clf2.pt"), steps=2, log=lambda *a: None)
     s2 = toy_run / "gan" / "student_ema.pt"
     p = run_script("05_evaluate.py", "--out_dir", toy_run, "--num_samples", 60, "--batch_per_device", 30, "--classifier",
@@ -50,7 +49,6 @@ def test_stage2_and_eval(toy_run):
 def test_05_takes_the_teachers_guidance_from_the_students(tmp_path):
     """A student distilled at w = 2 is compared with the teacher at w = 2
     (70 NFE), not at the preset's w = 1; a contradicting --guidance is refused."""
-    import importlib
     ev = importlib.import_module("05_evaluate")
     cfg = dict(C.get_preset("toy"), preset="toy", out_dir=str(tmp_path), guidance_flag=None, cfg_range=None)
     teacher = C.EDMTeacher(cfg, torch.device("cpu"))
@@ -58,12 +56,12 @@ def test_05_takes_the_teachers_guidance_from_the_students(tmp_path):
     path = tmp_path / "w2.pt"
     torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=2.0), teacher=teacher.teacher_id, stage=1, step=0), path)
     cfg1 = dict(cfg, students=f"w2={path}")
-    models, nfe = ev.model_table(cfg1, C.EDMTeacher(cfg1, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg1, classifier_seed=0, classifier=None))[0])
+    models, nfe = ev.model_table(cfg1, C.EDMTeacher(cfg1, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg1, classifier_seed=0, classifier=None, speed=False))[0])
     assert cfg1["guidance"] == 2.0 and nfe["teacher"] == 70 and nfe["w2"] == 1
     cfg2 = dict(cfg, students=f"w2={path}", guidance_flag=1.5)
     with pytest.raises(SystemExit, match="--guidance 1.5 contradicts .*guidance 2.0"):
-        ev.model_table(cfg2, C.EDMTeacher(cfg2, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg2, classifier_seed=0, classifier=None))[0])
+        ev.model_table(cfg2, C.EDMTeacher(cfg2, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg2, classifier_seed=0, classifier=None, speed=False))[0])
     torch.save(dict(ema=G.state_dict(), config=dict(cfg, guidance=3.0), teacher=teacher.teacher_id, stage=1, step=0), tmp_path / "w3.pt")
     cfg3 = dict(cfg, students=f"w2={path},w3={tmp_path / 'w3.pt'}")
     with pytest.raises(SystemExit, match="different guidance scales"):
-        ev.model_table(cfg3, C.EDMTeacher(cfg3, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg3, classifier_seed=0, classifier=None))[0])
+        ev.model_table(cfg3, C.EDMTeacher(cfg3, torch.device("cpu")), torch.device("cpu"), ev.validate(dict(cfg3, classifier_seed=0, classifier=None, speed=False))[0])

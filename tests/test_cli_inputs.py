@@ -112,7 +112,7 @@ def toy_run(tmp_path_factory):
     run_script("01_make_pairs.py", "--out_dir", d, "--num_pairs", 8, "--shard_size", 4, "--num_steps", 4)
     lp = C.LatentLPIPS(3, 0.25, 2, 10)
     os.makedirs(d / "lpips")
-    torch.save(dict(config=lp.config, state_dict=lp.state_dict()), d / "lpips" / "latent_lpips.pt")
+    torch.save(dict(config=lp.config, state_dict=lp.state_dict(), latent_space=C.latent_space("edm", 3)), d / "lpips" / "latent_lpips.pt")
     run_script("03_ode_distill.py", "--out_dir", d, "--steps", 1, "--batch", 4, "--batch_per_device", 4)
     return d
 

@@ -77,12 +77,12 @@ class FakeNet(torch.nn.Module):
 
 
 def test_toy_classifier_free_guidance():
-    """D_w = D(x; null) + w (D(x; c) - D(x; null)), null = the extra class; w = 1 is
-    the net itself (one NFE), and w can differ per sample."""
+    """D_w = D(x; null) + w (D(x; c) - D(x; null)), null = the extra class; w <= 1 is
+    the net itself (one NFE, diffusers' rule: C.guided), and w can differ per sample."""
     net, x = FakeNet(), torch.zeros(3, 1, 2, 2)
     sigma, labels = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 4, 7])
-    assert C.guided_denoiser(net, 1.0) is net
-    for w in (0.0, 2.5, torch.tensor([1.0, 2.0, 3.0])):
+    assert C.guided_denoiser(net, 1.0) is net and C.guided_denoiser(net, 0.5) is net
+    for w in (2.5, torch.tensor([1.0, 2.0, 3.0])):
         wv = torch.as_tensor(w).reshape(-1, 1, 1, 1)
         uncond, cond = sigma.view(-1, 1, 1, 1) + 10, sigma.view(-1, 1, 1, 1) + labels.view(-1, 1, 1, 1)
         got = C.guided_denoiser(net, w)(x, sigma, labels)

@@ -16,12 +16,14 @@ STEPS = ["--resolution", 16]  # 01's; 03/04 take the resolution and the teacher'
 
 @pytest.fixture(scope="module")
 def lpips4(tmp_path_factory):
-    """A small 4-channel LatentLPIPS checkpoint in our format."""
+    """Small 4-channel LatentLPIPS checkpoints in our format, one per latent space:
+    {kind: path} (SD1.5's and SDXL's tiny VAEs have SD's scaling factors)."""
     torch.manual_seed(0)
-    lp = C.LatentLPIPS(4, 0.125, 3, 10)
-    path = tmp_path_factory.mktemp("lp") / "latent_lpips.pt"
-    torch.save(dict(config=lp.config, state_dict=lp.state_dict()), path)
-    return str(path)
+    lp, out = C.LatentLPIPS(4, 0.125, 3, 10), {}
+    for kind, scale in (("sd15", 0.18215), ("sdxl", 0.13025)):
+        out[kind] = str(tmp_path_factory.mktemp("lp") / "latent_lpips.pt")
+        torch.save(dict(config=lp.config, state_dict=lp.state_dict(), latent_space=C.latent_space("ldm", 4, scale)), out[kind])
+    return out
 
 
 def make_pairs(kind, folder, prompts, out, *extra):
@@ -33,7 +35,7 @@ def make_pairs(kind, folder, prompts, out, *extra):
 def test_sd_stage1_and_stage2(kind, tiny_sd15, tiny_sdxl, prompt_file, lpips4, tmp_path):
     folder = tiny_sd15 if kind == "sd15" else tiny_sdxl
     make_pairs(kind, folder, prompt_file, tmp_path)
-    base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, "--lpips_ckpt", lpips4,
+    base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, "--lpips_ckpt", lpips4[kind],
             "--batch", 4, "--batch_per_device", 2]
     run_script("03_ode_distill.py", *base, "--steps", 12, "--lr", 2e-3, "--log_every", 1,
                "--grid_every", 100, "--ckpt_every", 100, "--ema_start", 100)
