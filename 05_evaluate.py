@@ -57,7 +57,7 @@ DREAMSIM_N = 5_000  # DreamSim-5k: the first 5k samples' distance to the teacher
 FLOATS = C.checked_type(lambda s: [float(v) for v in s.split(",")], bool, "comma-separated numbers", "1,x")
 FLAGS = {
     "run": C.RUN_FLAGS + [
-        ("dtype", None, C.DTYPES, "dtype of the teacher and students while sampling"),
+        ("dtype", None, C.DTYPES, "dtype of the teacher while sampling (the students run in float32)"),
         ("batch_per_device", None, C.INT_POS, "sampling batch per process"),
     ],
     "models": [
@@ -71,7 +71,8 @@ FLAGS = {
         ("num_samples", 0, C.INT_NONNEG, "samples per model (0: the protocol's: toy 1000, cifar10 50k, coco2014 30k, coco2017 5k)"),
         ("protocol", None, tuple(PROTOCOLS), "sd15/sdxl: coco2014 (Table 3) or coco2017 (Tables 4-5)"),
         ("coco", None, None, "sd15/sdxl: COCO root with val2014/ (or val2017/) and annotations/captions_val2014.json (_val2017)"),
-        ("div_prompts", 0, C.INT_NONNEG, "DreamDiv: prompts x 8 seeds each (0: the protocol's, coco2017 5000, coco2014 500)"),
+        ("div_prompts", None, C.INT_NONNEG, "DreamDiv: prompts x 8 seeds each (default: the protocol's, coco2017 5000, "
+                                            "coco2014 500; 0: off)"),
         ("fid_ref", None, None, "cifar10: the real statistics, EDM's reference .npz (mu, sigma) or a folder of real images"),
         ("classifier", None, None, "toy: the FID-toy feature classifier (default <out_dir>/eval/toy_classifier.pt, trained once); "
                                    "share one path across evaluations to compare their FID-toy"),
@@ -440,7 +441,7 @@ def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
     proto = PROTOCOLS[cfg["protocol"]]
     n, B = cfg["num_samples"], cfg["batch_per_device"]
     prompts, real_paths = coco
-    mine, k = list(range(n))[rank::world], min(cfg["div_prompts"] or proto["div"], n)
+    mine, k = list(range(n))[rank::world], min(proto["div"] if cfg["div_prompts"] is None else cfg["div_prompts"], n)
     real = real_statistics(cfg, real_paths, nets["inception"], device, rank, world, lambda p: C.load_image(p, 256),
                            keep=min(n, proto["pr"]), net=nets.get("name", "inception"))
     acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
@@ -510,9 +511,11 @@ def evaluate_cifar10(cfg, teacher, models, nfe, ref, device, rank, world):
     """Table 6: FID-50k of each model against the training set's Inception statistics,
     as EDM's fid.py computes it (random class labels, uint8 images, the TF Inception's
     2048 pool features), and fidelity to the teacher from the same z."""
-    n = cfg["num_samples"]
+    n, inception = cfg["num_samples"], load_cifar_inception(device)  # first: a missing package stops before sampling
+    dim = inception(torch.zeros(1, *teacher.z_shape, dtype=torch.uint8, device=device)).shape[1]
+    if isinstance(ref, dict) and len(ref["mu"]) != dim:
+        C.fail(f"--fid_ref: its statistics have {len(ref['mu'])} features, the Inception's {dim}")
     outs, secs, labels = sample_class_conditional(cfg, teacher, models, device, rank, world)
-    inception = load_cifar_inception(device)
     if isinstance(ref, list):  # a folder of real images: its statistics, computed once (all ranks) and cached
         ref = real_statistics(cfg, ref, inception, device, rank, world, read_cifar_image,
                               net="inception-tf-uint8")
@@ -555,7 +558,9 @@ def read_fid_ref(path, size):
         for p in found:
             read_cifar_image(p, size)
         return found
-    if not path or not os.path.isfile(path):
+    if not path:
+        C.fail("--fid_ref: cifar10's FID needs the real statistics: EDM's reference .npz or a folder of real images")
+    if not os.path.isfile(path):
         C.fail(f"--fid_ref '{path}' does not exist: pass EDM's reference statistics (e.g. cifar10-32x32.npz) or a folder of real images")
     with C.or_fail(f"--fid_ref '{path}' is not a .npz file with mu and sigma"):
         with np.load(path) as f:

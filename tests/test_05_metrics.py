@@ -167,7 +167,10 @@ def test_cifar10_fid_protocol(tmp_path, monkeypatch):
     assert (tmp_path / "a" / "eval" / "results.md").read_text().startswith("protocol: CIFAR10 (Table 6)")
     np.savez(tmp_path / "bad.npz", mu=mu.numpy())
     Image.fromarray(imgs[0][:16]).save(real / "small.png")
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))  # Inception's width, not the stand-in's 16
     for ref, msg in [(tmp_path / "none.npz", "does not exist"), (tmp_path / "bad.npz", "not a .npz file with mu and sigma"),
-                     (tmp_path / "cifar_train", "not 32x32")]:
-        with pytest.raises(SystemExit, match=f"--fid_ref .*{msg}"):
+                     (tmp_path / "wide.npz", "2048 features, the Inception's 16"), (tmp_path / "cifar_train", "not 32x32")]:
+        with pytest.raises(SystemExit, match=f"--fid_ref.*{msg}"):
             run(ref, "c")
+        assert not list((tmp_path / "c" / "eval").glob("teacher_samples_*"))  # stopped before any sampling
+    assert S5.to_uint8(torch.tensor([-1.0, 0.0, 1.0, 0.999])).tolist() == [0, 128, 255, 255]  # EDM's x * 127.5 + 128

@@ -60,13 +60,14 @@ def test_05_features_under_torchrun_equal_one_process(tiny_sd15, tmp_path):
     import json
     from conftest import run_script
     from standin_eval import make_coco
-    coco = make_coco(str(tmp_path / "coco"), n=8)
+    coco = make_coco(str(tmp_path / "coco"), n=10)  # the real statistics: all 10 images, split across ranks too
     args = ["--preset", "sd15", "--teacher", tiny_sd15, "--resolution", 16, "--num_steps", 2, "--coco", coco,
-            "--num_samples", 8, "--batch_per_device", 2, "--div_prompts", 2, "--grid_rows", 2, "--diversity_seeds", 2]
+            "--num_samples", 8, "--batch_per_device", 2, "--div_prompts", 2, "--grid_rows", 2, "--diversity_seeds", 2,
+            "--dtype", "float32"]
     m = {}
     for n in (1, 2):
         run_script(os.path.join("tests", "standin_eval.py"), *args, "--out_dir", tmp_path / f"p{n}", torchrun=n)
         m[n] = json.load(open(tmp_path / f"p{n}" / "eval" / "metrics.json"))["teacher"]
     print(m)
-    for k in ("fid", "clip", "precision", "recall", "dreamdiv"):
+    for k in ("fid_8", "clip_8", "precision_8", "recall_8", "dreamdiv_2", "dreamsim_8"):
         assert abs(m[1][k] - m[2][k]) <= 1e-4 * max(1.0, abs(m[1][k])), k

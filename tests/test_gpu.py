@@ -96,7 +96,8 @@ def test_tiny_sd_bf16_to_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_f
     folder = tiny_sd15 if kind == "sd15" else tiny_sdxl
     torch.manual_seed(0)
     lp = C.LatentLPIPS(4, 0.125, 3, 10)
-    torch.save(dict(config=lp.config, state_dict=lp.state_dict()), tmp_path / "lp.pt")
+    space = C.latent_space("ldm", 4, 0.18215 if kind == "sd15" else 0.13025)  # the tiny VAEs' scaling factors
+    torch.save(dict(config=lp.config, state_dict=lp.state_dict(), latent_space=space), tmp_path / "lp.pt")
     base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, "--dtype", "bfloat16"]
     run("01_make_pairs.py", *base, *SD, "--num_steps", 2, "--prompts", prompt_file, "--cycle_prompts", "--num_pairs", 8, "--shard_size", 4,
                "--batch_per_device", 4)
@@ -133,7 +134,7 @@ def test_tiny_sd_bf16_to_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_f
 def test_torchrun_nccl_stage1_and_stage2(tmp_path):
     run("01_make_pairs.py", "--out_dir", tmp_path, "--num_pairs", 64, "--shard_size", 64)
     lp = C.LatentLPIPS(3, 0.25, 2, 10)  # the loss network's weights do not matter here
-    torch.save(dict(config=lp.config, state_dict=lp.state_dict()), tmp_path / "lp.pt")
+    torch.save(dict(config=lp.config, state_dict=lp.state_dict(), latent_space=C.latent_space("edm", 3)), tmp_path / "lp.pt")
     for script, steps, extra in (("03_ode_distill.py", 6, []), ("04_gan_finetune.py", 4, ["--r1_every", 2])):
         p = run_script(script, "--out_dir", tmp_path, "--steps", steps, "--batch", 16, "--batch_per_device", 8, *extra,
                        "--lpips_ckpt", tmp_path / "lp.pt", "--log_every", 1, "--grid_every", 100, "--ckpt_every", 100,

@@ -182,18 +182,19 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     assert m["teacher"]["fid_6"] == pytest.approx(ev.fid_from_features(real, stand_in["inception"](imgs)), rel=1e-6)
 
 
-def test_05_coco2017_protocol(tiny_sd15, tmp_path, monkeypatch):
-    """Tables 4-5: FID-5k and CLIP-5k on val2017's image-text pairs, DreamDiv and DreamSim,
-    no precision/recall; the columns and results.md name the protocol."""
+def test_05_coco2017_protocol(tiny_sd15, tiny_sdxl, tmp_path, monkeypatch):
+    """Tables 4-5 (the sdxl preset's protocol): FID-5k and CLIP-5k on val2017's image-text
+    pairs, DreamDiv on as many prompts (up to 5k) and DreamSim, no precision/recall; the
+    columns and results.md name the protocol."""
     from standin_eval import make_coco, stand_in_nets
     coco = make_coco(str(tmp_path / "coco"), n=5, split="val2017")
     ev = importlib.import_module("05_evaluate")
     monkeypatch.setattr(ev, "load_feature_nets", lambda cfg, device: stand_in_nets())
-    ev.main(["--preset", "sd15", "--protocol", "coco2017", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution",
-             "16", "--num_steps", "2", "--coco", coco, "--batch_per_device", "5", "--num_samples", "5", "--div_prompts", "2",
-             "--grid_rows", "2", "--diversity_seeds", "2", "--dtype", "float32"])
-    m = json.load(open(tmp_path / "eval" / "metrics.json"))
-    assert set(m["teacher"]) == {"fid_5", "clip_5", "dreamdiv_2", "dreamsim_5", "sec_per_img", "nfe"}
+    ev.main(["--preset", "sdxl", "--teacher", tiny_sdxl, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
+             "--coco", coco, "--num_samples", "5", "--batch_per_device", "5", "--grid_rows", "2", "--diversity_seeds", "2",
+             "--dtype", "float32"])
+    m = json.load(open(tmp_path / "eval" / "metrics.json"))  # all 5 pairs of this val2017, DreamDiv on each of their prompts
+    assert set(m["teacher"]) == {"fid_5", "clip_5", "dreamdiv_5", "dreamsim_5", "sec_per_img", "nfe"}
     assert (tmp_path / "eval" / "results.md").read_text().startswith("protocol: COCO2017 (Tables 4-5)")
     with pytest.raises(SystemExit, match="captions_val2014.json"):  # the split is the protocol's
         ev.main(["--preset", "sd15", "--protocol", "coco2014", "--teacher", tiny_sd15, "--coco", coco])
