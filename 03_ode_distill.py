@@ -192,8 +192,8 @@ def main(argv=None):
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
-        fid = (x_st - x_ho).pow(2).mean().item()
-        C.print0(f"held-out fidelity (MSE student vs teacher, same z): {fid:.5f}; wrote {run_dir}/student_ema.pt")
+        C.print0(f"held-out fidelity (MSE student vs teacher, same z, mean ± s.e. over {len(x_ho)} samples): "
+                 f"{C.held_out_fidelity(x_st, x_ho)}; wrote {run_dir}/student_ema.pt")
     C.cleanup()
 
 

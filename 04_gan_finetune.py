@@ -526,8 +526,8 @@ def main(argv=None):
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
-        C.print0(f"held-out fidelity (MSE student vs teacher, same z): stage 1 {(x_s1.cpu() - x_ho).pow(2).mean():.5f}, "
-              f"stage 2 {(x_st - x_ho).pow(2).mean():.5f}; wrote {run_dir}/student_ema.pt")
+        C.print0(f"held-out fidelity (MSE student vs teacher, same z, mean ± s.e. over {len(x_ho)} samples): stage 1 "
+                 f"{C.held_out_fidelity(x_s1, x_ho)}, stage 2 {C.held_out_fidelity(x_st, x_ho)}; wrote {run_dir}/student_ema.pt")
     C.cleanup()
 
 

@@ -1712,6 +1712,14 @@ def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000, w=None):
     return z, cond, x
 
 
+def held_out_fidelity(x, x_teacher):
+    """The held-out batch's MSE to the teacher (same z): the mean over its samples,
+    ± the standard error of that mean, so that two students a few samples apart
+    are not read as different."""
+    per = (x.float().cpu() - x_teacher.float().cpu()).pow(2).flatten(1).mean(1)
+    return f"{per.mean():.5f} ± {per.std() / len(per) ** 0.5:.5f}"
+
+
 def mid_guidance(cfg):
     """The guidance scale shown in grids of a guidance-conditioned run."""
     if not cfg.get("cfg_range"):

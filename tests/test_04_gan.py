@@ -86,7 +86,7 @@ def test_stage2_resume_is_exact_and_seeded(toy_run):
     resumed = run_script("04_gan_finetune.py", *args, "--run_name", "gan_resumed", "--resume").stdout
     # the grid's and the fidelity line's "stage 1" is the stage-1 student, also after a resume
     fid = lambda out: next(l for l in out.splitlines() if l.startswith("held-out fidelity"))
-    assert fid(straight) == fid(resumed).replace("gan_resumed", "gan_straight")
+    assert fid(straight) == fid(resumed).replace("gan_resumed", "gan_straight") and " ± " in fid(straight)
     a, b = weights(toy_run / "gan_straight" / "ckpt_latest.pt"), weights(toy_run / "gan_resumed" / "ckpt_latest.pt")
     assert a["step"] == b["step"] == 4
     for part in ("model", "ema", "D"):

@@ -100,3 +100,11 @@ def test_grad_norm_reports_the_global_norm_and_clips_to_it():
     assert C.grad_norm(model, clip=norm / 4) == pytest.approx(norm)
     assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() == pytest.approx(norm / 4, rel=1e-4)
     assert all(torch.allclose(p.grad, g / 4, rtol=1e-4) for p, g in zip(model.parameters(), grads))
+
+
+def test_held_out_fidelity_reports_mean_and_standard_error():
+    """03/04's end-of-run fidelity: per-sample MSE to the teacher, mean ± standard error
+    (per-sample MSEs 1, 2, 3, 4: mean 2.5, s.e. = std 1.2910 / sqrt 4)."""
+    ref = torch.zeros(4, 1, 1, 2)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).sqrt().view(4, 1, 1, 1).expand(4, 1, 1, 2)
+    assert C.held_out_fidelity(x, ref) == "2.50000 ± 0.64550"
