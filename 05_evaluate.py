@@ -535,16 +535,11 @@ def to_uint8(x):
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
-def read_cifar_image(path, size=None):
-    """A real image as uint8 (3, H, W); with `size`, only checked to be size x size."""
+def read_cifar_image(path):
+    """A real image as uint8 (3, H, W)."""
     from PIL import Image
     with C.or_fail(f"--fid_ref image '{path}' is unreadable", "replace or remove it"):
-        im = Image.open(path)
-        if size is not None:
-            if im.size != (size, size):
-                C.fail(f"--fid_ref image '{path}' is {im.size[0]}x{im.size[1]}, not {size}x{size} as the training set")
-            return None
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def read_fid_ref(path, size):
@@ -555,8 +550,12 @@ def read_fid_ref(path, size):
         found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith((".png", ".jpg", ".jpeg")))
         if not found:
             C.fail(f"--fid_ref folder '{path}' holds no .png/.jpg images")
-        for p in found:
-            read_cifar_image(p, size)
+        from PIL import Image
+        for p in found:  # the headers only; the pixels are read once the statistics are computed
+            with C.or_fail(f"--fid_ref image '{p}' is unreadable", "replace or remove it"):
+                w, h = Image.open(p).size
+            if (w, h) != (size, size):
+                C.fail(f"--fid_ref image '{p}' is {w}x{h}, not {size}x{size} as the training set")
         return found
     if not path:
         C.fail("--fid_ref: cifar10's FID needs the real statistics: EDM's reference .npz or a folder of real images")
