@@ -233,7 +233,8 @@ def main(argv=None):
     todo = [k for k in mine if not os.path.isfile(C.shard_path(pairs_dir, k))]
     for k in set(mine) - set(todo):  # a finished shard must be readable and complete
         C.open_shard(C.shard_path(pairs_dir, k), min(S, N - k * S))
-    C.print0(f"{num_shards} shards of {S} pairs: {num_shards - len(todo) * world if world == 1 else 'some'} done, "
+    done = sum(os.path.isfile(C.shard_path(pairs_dir, k)) for k in range(num_shards))
+    C.print0(f"{num_shards} shards of {S} pairs: {done} done, "
              f"{len(todo)} to make on this rank ({world} rank(s), batch_per_device {cfg['batch_per_device']})")
     def conditions(seeds, idx):  # z from each seed; c the class label drawn from it, or prompt i (mod n) for pair i
         z, c = teacher.noise_and_condition(seeds)

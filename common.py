@@ -159,6 +159,7 @@ TRAIN_RUN_FLAGS = [
 TRAIN_INPUT_FLAGS = [
     ("teacher", None, None, "the teacher the pairs came from (App. A); its steps, guidance and resolution come from the pairs"),
     ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
+    ("first_pairs", 0, INT_NONNEG, "train on the first N pairs of the folder only (0: all); Table 6 varies it"),
     ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one)"),
 ]
 TRAIN_BATCH_FLAGS = [
@@ -1343,6 +1344,8 @@ class PairDataset:
                         z_shape=list(teacher.z_shape), solver=teacher.solver_name())  # the solver fixes the student's T
         check_manifest(m, expected, f"the pairs in '{pairs_dir}'")
         self.teacher, self.N, self.S = teacher, m["num_pairs"], m["shard_size"]
+        if cfg.get("first_pairs"):  # pair i has seed `seed + i`: the first N are the pairs of a --num_pairs N run
+            self.N = min(self.N, cfg["first_pairs"])
         self.shards = [open_shard(shard_path(pairs_dir, k), min(self.S, self.N - k * self.S))
                        for k in range((self.N + self.S - 1) // self.S)]
         self.keys = set(self.shards[0].keys())
@@ -1404,6 +1407,8 @@ def training_setup(cfg, world, device, m=None):
         return accum, run_dir, None, teacher, RandomPairs(teacher, cfg)
     pairs = cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs")
     m = m or read_manifest(pairs)
+    if cfg["first_pairs"] > m["num_pairs"]:
+        fail(f"--first_pairs {cfg['first_pairs']}, but '{pairs}' holds {m['num_pairs']} pairs")
     cfg.update(num_steps=m["num_steps"], guidance=m["guidance"], cfg_range=m.get("cfg_range"),
                resolution=m.get("resolution", cfg["resolution"]))  # the student learns the teacher that made the pairs
     print0(f"from the pairs' manifest: num_steps {cfg['num_steps']}, guidance {cfg['guidance']}, cfg_range {cfg['cfg_range']}, "

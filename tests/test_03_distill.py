@@ -116,6 +116,17 @@ def test_stage1_nan_guard_keeps_last_checkpoint(toy_run):
     step = int(msg.split("at step ")[1].split(";")[0])
     assert weights(toy_run / "nan" / "ckpt_latest.pt")["step"] == step
 
+def test_first_pairs_trains_on_the_pairs_a_smaller_run_makes(toy_run, tmp_path):
+    """Table 6 varies the pair count: --first_pairs 32 of the 64 shared pairs trains
+    exactly as on a folder that 01 made with --num_pairs 32 (pair i has seed i)."""
+    run_script("01_make_pairs.py", "--out_dir", tmp_path, "--num_pairs", 32, "--shard_size", 32, "--batch_per_device", 32)
+    lp = ["--lpips_ckpt", toy_run / "lpips" / "latent_lpips.pt", "--steps", 2, *S1]
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "first32", "--first_pairs", 32, *lp)
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "only32", "--pairs", tmp_path / "pairs", *lp)
+    a, b = weights(toy_run / "first32" / "student_ema.pt"), weights(toy_run / "only32" / "student_ema.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
 def test_stage1_bad_input(toy_run, tmp_path):
     def fails(*args):
         p = run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 2, *args, check=False)
@@ -123,6 +134,7 @@ def test_stage1_bad_input(toy_run, tmp_path):
         return p.stderr.strip().splitlines()[-1]
     assert "not divisible" in fails("--batch", 10, "--batch_per_device", 4)
     assert "LatentLPIPS checkpoint not found" in fails("--lpips_ckpt", tmp_path / "missing.pt", *S1)
+    assert "--first_pairs 65, but" in fails("--first_pairs", 65, *S1)
     m = json.load(open(toy_run / "pairs" / "manifest.json"))
     other = tmp_path / "pairs"
     other.mkdir()
