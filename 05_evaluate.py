@@ -682,9 +682,8 @@ def load_feature_nets(cfg, device):
         model = feats.build_feature_extractor("clean", device, use_dataparallel=False)
         nets["inception"], nets["name"] = lambda x: model((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5), "clean-fid"
     except SystemExit:
-        tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", "FID (clean-fid or torch-fidelity)")
-        model = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
-        nets["inception"] = lambda x: model(((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))[0]
+        tf_inception = load_cifar_inception(device, "FID (clean-fid or torch-fidelity)")  # the same TF Inception, fed 299 px
+        nets["inception"] = lambda x: tf_inception(((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5).round())
         nets["name"] = "torch-fidelity"
     oc = _need("open_clip", "open_clip_torch", "the CLIP score")
     clip, _, _ = oc.create_model_and_transforms("ViT-g-14", pretrained="laion2b_s34b_b88k", device=device)
@@ -703,11 +702,11 @@ def load_feature_nets(cfg, device):
     return nets
 
 
-def load_cifar_inception(device):
+def load_cifar_inception(device, what="CIFAR10 FID"):
     """CIFAR10's FID features as EDM's fid.py takes them: uint8 images at their own size
     into TF's 2015-12-05 Inception, which resizes to 299 itself (torch-fidelity's port
     of that network): (N, 3, H, W) uint8 -> (N, 2048)."""
-    tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", "CIFAR10 FID")
+    tf = _need("torch_fidelity.feature_extractor_inceptionv3", "torch-fidelity", what)
     model = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).to(device).eval()
     return lambda x: model(x.to(device, torch.uint8))[0]
 

@@ -1343,9 +1343,9 @@ class PairDataset:
         expected = dict(preset=cfg["preset"], family=teacher.family, teacher=teacher.teacher_id,
                         z_shape=list(teacher.z_shape), solver=teacher.solver_name())  # the solver fixes the student's T
         check_manifest(m, expected, f"the pairs in '{pairs_dir}'")
-        self.teacher, self.N, self.S = teacher, m["num_pairs"], m["shard_size"]
-        if cfg.get("first_pairs"):  # pair i has seed `seed + i`: the first N are the pairs of a --num_pairs N run
-            self.N = min(self.N, cfg["first_pairs"])
+        # --first_pairs N (checked against the folder in training_setup): pair i has seed `seed + i`,
+        # so the first N are the pairs of a --num_pairs N run
+        self.teacher, self.N, self.S = teacher, cfg.get("first_pairs") or m["num_pairs"], m["shard_size"]
         self.shards = [open_shard(shard_path(pairs_dir, k), min(self.S, self.N - k * self.S))
                        for k in range((self.N + self.S - 1) // self.S)]
         self.keys = set(self.shards[0].keys())
