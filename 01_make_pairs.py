@@ -4,7 +4,7 @@ condition c and store the (z, c, x) pairs that stages 1 and 2 regress onto.
 
   toy / cifar10  EDM Heun sampler, 18 steps (35 NFE), ODE state in float64
   sd15 / sdxl    DDIM 50 steps with classifier-free guidance (Eq. 1), cond and
-                 uncond batched together, matching diffusers' pipelines exactly
+  (and toy_sd)   uncond batched together, matching diffusers' pipelines exactly
 
 Every pair has its own seed (pair i: seed + i); z (and, for toy/cifar10, the
 class label) is regenerated from it on the CPU generator, so shards don't depend
@@ -17,17 +17,22 @@ SD1.5 (8 GPUs):         torchrun --nproc_per_node=8 01_make_pairs.py --preset sd
 SDXL (8 GPUs):          torchrun --nproc_per_node=8 01_make_pairs.py --preset sdxl --prompts laion_prompts.txt
 Retrain the toy teacher (writes assets/toy_teacher.safetensors, ~15 min CPU):
                         python 01_make_pairs.py --train_teacher
+toy_sd (CPU, ~3 min):   python 01_make_pairs.py --preset toy_sd    (prompts: the teacher's captions)
+Retrain the toy_sd teacher (writes assets/toy_sd/, ~35 min CPU):
+                        python 01_make_pairs.py --preset toy_sd --train_teacher
 Throughput vs diffusers' pipeline (same teacher, prompts, z, steps, guidance):
                         python 01_make_pairs.py --preset sd15 --teacher DIR --prompts p.txt --benchmark
 """
 import copy
 import hashlib
 import json
+import math
 import os
 import time
 
 import torch
 from safetensors.torch import save_file
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import common as C
@@ -55,9 +60,10 @@ FLAGS = {
         ("grid", 8, C.INT_POS, "pairs shown in pairs.png"),
     ],
     "toy teacher": [
-        ("train_teacher", False, None, "train the toy teacher and write it to --teacher"),
-        ("teacher_steps", 4000, C.INT_POS, "its training steps"),
-        ("teacher_batch", 128, C.INT_POS, "its batch size"),
+        ("train_teacher", False, None, "train the toy (or toy_sd) teacher and write it to --teacher"),
+        ("teacher_steps", None, C.INT_POS, "its training steps (toy_sd: of the text encoder and U-Net)"),
+        ("teacher_batch", None, C.INT_POS, "its batch size"),
+        ("vae_steps", None, C.INT_POS, "toy_sd: the autoencoder's training steps, before the U-Net's"),
     ],
 }
 
@@ -120,6 +126,92 @@ def train_toy_teacher(cfg, device):
     print(f"wrote {cfg['teacher']}")
 
 
+TOY_SD_TRAIN_SEEDS = 30_000  # the toy_sd teacher's training images: seeds [0, 30k) of the toy world
+
+
+def train_toy_sd_teacher(cfg, device):
+    """toy_sd's teacher in Stable Diffusion's layout, trained with SD's recipe: an
+    AutoencoderKL (32 px -> 4x8x8 latents, L1 + L2 + a weak KL), its scaling factor set to
+    1 / std of the latents (as SD's 0.18215 was); then a small CLIPTextModel and a
+    UNet2DConditionModel trained together with SD's epsilon objective on SD's noise
+    schedule, 10% of captions dropped to the empty prompt (SD's negative) for
+    classifier-free guidance. Written with save_pretrained as a StableDiffusionPipeline
+    folder (EMA weights) at --teacher, with its first 10k training captions as prompts.txt."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(cfg["seed"])
+    g = torch.Generator().manual_seed(cfg["seed"])
+    imgs, captions, _ = C.toy_scene(range(TOY_SD_TRAIN_SEEDS), cfg["resolution"])
+    B = cfg["teacher_batch"]
+    # 4 channels per GroupNorm group at the first level: with 1 per group (16 groups of 16) the norm
+    # removes each channel's mean, and the autoencoder learned grey shapes, not coloured ones
+    vae = AutoencoderKL(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+                        sample_size=cfg["resolution"]).to(device)
+    tok = C.word_tokenizer(captions)
+    tok.model_max_length = 16  # the longest caption is 14 tokens; SD pads every prompt to this length
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_hidden_layers=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).to(device)
+    unet = UNet2DConditionModel(sample_size=cfg["resolution"] // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                                up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=64, attention_head_dim=8,
+                                norm_num_groups=16).to(device)
+
+    def run(name, models, steps, batch, lr, loss_fn):  # AdamW, warmup then cosine decay, an EMA of each model
+        params = [p for m in models for p in m.parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        emas = [copy.deepcopy(m).eval().requires_grad_(False) for m in models]
+        bar = tqdm(range(steps), desc=name)
+        for step in bar:
+            for pg in opt.param_groups:
+                pg["lr"] = lr * min(1, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            loss = loss_fn(torch.randint(0, len(imgs), (batch,), generator=g))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                beta = min(0.999, (1 + step) / (10 + step))
+                for e, m in zip(emas, models):
+                    for pe, p in zip(e.parameters(), m.parameters()):
+                        pe.lerp_(p, 1 - beta)
+            if step % 100 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        return emas
+
+    def vae_loss(idx):
+        x = imgs[idx].to(device)
+        d = vae.encode(x).latent_dist
+        err = vae.decode(d.sample()).sample - x
+        return err.abs().mean() + err.pow(2).mean() + 1e-6 * d.kl().mean()
+    vae, = run("toy_sd autoencoder", [vae], cfg["vae_steps"], max(1, B // 2), 1e-3, vae_loss)
+    with torch.no_grad():  # every training image's latent distribution, once; the U-Net samples from it
+        dists = [vae.encode(imgs[i:i + 500].to(device)).latent_dist for i in range(0, len(imgs), 500)]
+        mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+    vae.register_to_config(scaling_factor=round(1 / mean.std().item(), 5))
+    sched = DDPMScheduler.from_config(C.sd_scheduler().config)
+    ids = tok(captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=16, return_tensors="pt").input_ids
+
+    def eps_loss(idx):
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g).to(device)) * vae.config.scaling_factor
+        n = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(device)
+        drop = torch.rand(len(idx), generator=g) < 0.1
+        text = te(torch.where(drop[:, None], empty, ids[idx]).to(device))[0]
+        return F.mse_loss(unet(sched.add_noise(x0, n, t), t, text).sample, n)
+    te, unet = run("toy_sd text encoder + U-Net", [te, unet], cfg["teacher_steps"], B, 1e-3, eps_loss)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=C.sd_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def write(folder):  # float16 weights (3.7 MB), as the toy teacher's; every stage loads them in --dtype
+        pipe.to(torch.float16).save_pretrained(folder)
+        C.save_text("\n".join(captions[:10_000]) + "\n", os.path.join(folder, "prompts.txt"))  # 01's default prompts
+    C.atomic(cfg["teacher"], write)
+    print(f"wrote {cfg['teacher']} (scaling factor {vae.config.scaling_factor})")
+
+
 @torch.no_grad()
 def benchmark_pairs(cfg, prompts, device, batches=2):
     """Our pair generation vs diffusers' own pipeline making the same latents (same
@@ -180,8 +272,8 @@ def validate(cfg):
     """Every file this script reads, before any work (the flags' types checked the values).
     Returns the prompts (sd15/sdxl) and the manifest of pairs already begun, read once here."""
     if cfg["train_teacher"]:
-        if cfg["arch"] != "toy":
-            C.fail("--train_teacher trains the toy teacher only")
+        if cfg.get("data") != "toy":
+            C.fail("--train_teacher trains the toy teachers only (--preset toy or toy_sd)")
         return None, None
     prompts = None
     if cfg["family"] == "ldm":
@@ -203,7 +295,8 @@ def main(argv=None):
     prompts, begun = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["train_teacher"]:
-        return train_toy_teacher(cfg, device) if rank == 0 else None
+        train = train_toy_teacher if cfg["family"] == "edm" else train_toy_sd_teacher
+        return train(cfg, device) if rank == 0 else None
 
     if cfg["benchmark"]:
         print(json.dumps(benchmark_pairs(cfg, [prompts[i % len(prompts)] for i in range(cfg["batch_per_device"])], device), indent=2))

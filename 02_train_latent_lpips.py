@@ -50,6 +50,7 @@ FLAGS = {
     "phase 1: classifier (Table A2)": [
         ("images", None, None, "sd15/sdxl/cifar10: an ImageFolder root (class subfolders of images)"),
         ("image_size", 256, C.INT_POS, "images are resized and centre-cropped to this before encoding"),
+        ("num_images", 24_000, C.INT_POS, "toy/toy_sd: images of the built-in world for phase 1"),
         ("val_frac", 0.05, C.FRACTION, "held-out fraction for the top-1 accuracy"),
         ("cls_steps", None, C.INT_POS, "training steps"),
         ("cls_batch", None, C.INT_POS, "global batch"),
@@ -60,7 +61,7 @@ FLAGS = {
     ],
     "phase 2: 2AFC calibration (Table A3)": [
         ("bapps", None, None, "BAPPS root holding 2afc/{train,val}/<subset>/{ref,p0,p1,judge} (required for sd15/sdxl)"),
-        ("num_triplets", 6000, C.INT_POS, "toy: synthetic triplets (20%% held out)"),
+        ("num_triplets", 6000, C.INT_POS, "toy/toy_sd: synthetic triplets (20%% held out)"),
         ("cal_steps", 2000, C.INT_POS, "calibration steps (cheap: the heads are linear in cached distances)"),
         ("calibrate_only", False, None, "phase 2 alone, on the phase-1 classifier saved in <out_dir>/lpips/classifier.pt"),
     ],
@@ -68,6 +69,8 @@ FLAGS = {
         ("reconstruct", False, None, "Fig. 5 / A1: reconstruct one image under MSE, LatentLPIPS and E-LatentLPIPS"),
         ("recon_steps", 400, C.INT_POS, "its optimisation steps"),
         ("lpips_augment", None, C.AUGMENT, "its E-LatentLPIPS augmentation (letters b, g, c, o, or bg+cutout)"),
+        ("pixels", False, None, "toy_sd: learn it on the decoded images instead (3 channels): the pixel LPIPS of "
+                                "03/04 --loss lpips --lpips_ckpt, the Table 1 baseline"),
         ("speed", False, None, "Fig. 4: time and memory of E-LatentLPIPS vs decode + pixel LPIPS (SD1.5 shapes)"),
     ],
 }
@@ -76,19 +79,30 @@ FLAGS = {
 # --- phase 1: the classifier -----------------------------------------------------
 def phase1_data(cfg, device):
     """(x_train, y_train, x_val, y_val) in the model's space."""
-    if cfg["family"] == "edm":
-        if cfg["arch"] == "cifar10" and cfg["images"] is None:
-            C.fail("cifar10: pass --images with an ImageFolder tree of CIFAR10/ImageNet images for phase 1")
-        if cfg["images"] is None:
-            x, y = C.toy_images(range(0, 24_000))
-            n_val = int(len(x) * cfg["val_frac"])
-            return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+    if cfg["arch"] == "cifar10" and cfg["images"] is None:
+        C.fail("cifar10: pass --images with an ImageFolder tree of CIFAR10/ImageNet images for phase 1")
+    if cfg.get("data") == "toy" and cfg["images"] is None:
+        render, to_space, _ = toy_data(cfg, device)
+        x, y = render(range(0, cfg["num_images"]))
+        x, n_val = to_space(x), int(len(x) * cfg["val_frac"])
+        return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
     return cached_image_latents(cfg, device)
+
+
+def toy_data(cfg, device):
+    """The toy worlds' own data in the model's space: render(seeds) -> (images, class),
+    to_space(images) (toy: pixels as they are; toy_sd: the teacher VAE's latents of its
+    captioned scenes, classed by shape), and decode (None in pixels)."""
+    render = lambda seeds: (lambda im, _, a: (im, a[:, 0]))(*C.toy_scene(seeds, cfg["resolution"]))
+    if cfg["family"] == "edm" or cfg["pixels"]:
+        return C.toy_images if cfg["family"] == "edm" else render, lambda x: x, None
+    vae, scaling = load_ldm_vae(cfg["teacher"], device)
+    return render, lambda x: encode_images(vae, scaling, x, device, 500), lambda z: vae.decode(z / scaling).sample.clamp(-1, 1)
 
 
 # settings a phase-1 --resume must not change (world: each process keeps its own sampling generator)
 CLS_RESUME_KEYS = ("cls_steps", "cls_batch", "cls_lr", "lpips_width", "lpips_pools_removed", "seed", "world", "images", "image_size",
-                   "val_frac")
+                   "val_frac", "pixels", "num_images")
 PHASE1_STATE_KEYS = ("net", "opt", "sched", "rng", "step", "settings")  # what lpips/classifier_latest.pt holds
 
 
@@ -165,19 +179,20 @@ def toy_distort(x, family, s, g):
 FAMILY_WEIGHT = torch.tensor([1.0, 1.0, 0.4, 0.8, 0.5])  # noise, blur, shift, colour, contrast
 
 
-def toy_triplets(n, seed):
-    """Synthetic 2AFC: p0 and p1 are distortions of ref (random families) of
+def toy_triplets(n, seed, render=C.toy_images):
+    """Synthetic 2AFC in pixels: p0 and p1 are distortions of ref (random families) of
     strengths s0, s1; their perceived magnitudes are m = FAMILY_WEIGHT[family] * s,
     and judge = P(p1 judged closer) = sigmoid((m0 - m1) / 0.1)."""
     g = torch.Generator().manual_seed(seed)
-    ref, _ = C.toy_images(range(90_000_000 + seed * n, 90_000_000 + seed * n + n))
+    ref, _ = render(range(90_000_000 + seed * n, 90_000_000 + seed * n + n))
     s0, s1 = torch.rand(n, generator=g), torch.rand(n, generator=g)
     f0, f1 = torch.randint(5, (n,), generator=g), torch.randint(5, (n,), generator=g)
     p0, p1 = ref.clone(), ref.clone()
     for f in range(5):
         m0, m1 = f0 == f, f1 == f
-        p0[m0] = toy_distort(ref[m0], f, s0[m0], g)
-        p1[m1] = toy_distort(ref[m1], f, s1[m1], g)
+        for p, m, s in ((p0, m0, s0), (p1, m1, s1)):
+            if m.any():
+                p[m] = toy_distort(ref[m], f, s[m], g)
     return ref, p0, p1, torch.sigmoid((FAMILY_WEIGHT[f0] * s0 - FAMILY_WEIGHT[f1] * s1) / 0.1)
 
 
@@ -360,7 +375,7 @@ def load_ldm_vae(teacher, device):
 def space_of(cfg, channels, device):
     """The latent space this run's LatentLPIPS learns (recorded in its checkpoint):
     pixels, or the teacher VAE's latents."""
-    if cfg["family"] == "edm":
+    if cfg["family"] == "edm" or cfg["pixels"]:
         return C.latent_space("edm", channels)
     return C.latent_space("ldm", channels, load_ldm_vae(cfg["teacher"], device)[1])
 
@@ -480,6 +495,8 @@ def validate(cfg):
     """Every file this run will read, before any work (the flags' types checked the
     values). Returns the BAPPS file lists (read once here)."""
     lp_dir = os.path.join(cfg["out_dir"], "lpips")
+    if cfg["pixels"] and (cfg["family"] != "ldm" or cfg.get("data") != "toy"):
+        C.fail("--pixels learns toy_sd's pixel LPIPS from its rendered images: use --preset toy_sd")
     if cfg["speed"]:
         return None
     if cfg["reconstruct"]:
@@ -491,10 +508,10 @@ def validate(cfg):
     state = os.path.join(lp_dir, "classifier_latest.pt")
     if cfg["resume"] and not cfg["calibrate_only"] and os.path.isfile(state):
         C.load_checkpoint(state, "phase-1 state (delete it to start phase 1 again)", mmap=True, keys=PHASE1_STATE_KEYS)
-    needs_images = cfg["arch"] != "toy" and not cfg["calibrate_only"]
+    needs_images = cfg.get("data") != "toy" and not cfg["calibrate_only"]
     if needs_images and not os.path.isfile(os.path.join(lp_dir, "latents", "manifest.json")):
         image_folder(cfg["images"])  # a missing or empty --images stops here
-    if cfg["family"] == "ldm" and not cfg["bapps"]:
+    if cfg["family"] == "ldm" and cfg.get("data") != "toy" and not cfg["bapps"]:
         C.fail("phase 2 for sd15/sdxl needs 2AFC judgments: pass --bapps DIR (the BAPPS 2afc layout)")
     return {split: bapps_files(cfg, split) for split in ("train", "val")} if cfg["bapps"] else None
 
@@ -511,8 +528,9 @@ def main(argv=None):
     metrics_path = os.path.join(lp_dir, "metrics.json")
     if cfg["reconstruct"]:
         lp = C.load_latent_lpips(ckpt, space=space_of(cfg, cfg["channels"], device)).to(device)
-        if cfg["family"] == "edm":
-            target, decode = C.toy_images([123])[0].to(device), None
+        if cfg.get("data") == "toy":
+            render, to_space, decode = toy_data(cfg, device)
+            target = to_space(render([123])[0]).to(device)
         else:
             target, decode = first_cached_latent(cfg, device)
         res, png = reconstruct(cfg, lp, device, target, decode)
@@ -556,8 +574,9 @@ def main(argv=None):
         if cfg["bapps"]:
             train, val = (load_bapps(cfg, split, device, bapps[split]) for split in ("train", "val"))
         else:
-            n = cfg["num_triplets"]
-            train, val = toy_triplets(n - n // 5, cfg["seed"] + 1), toy_triplets(n // 5, cfg["seed"] + 2)
+            n, (render, to_space, _) = cfg["num_triplets"], toy_data(cfg, device)
+            train, val = ((*map(to_space, t[:3]), t[3]) for t in (toy_triplets(n - n // 5, cfg["seed"] + 1, render),
+                                                                   toy_triplets(n // 5, cfg["seed"] + 2, render)))
         metrics.update(calibrate(lp, train, val, cfg, device), phase2_seconds=round(time.time() - t1, 1))
         C.atomic(ckpt, lambda f: torch.save(dict(config=lp.config, state_dict=lp.state_dict(), metrics=metrics, preset=cfg["preset"],
                                                  latent_space=space_of(cfg, in_ch, device)), f))

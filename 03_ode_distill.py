@@ -58,6 +58,7 @@ STAGE1 = {  # Table A1's stage-1 row per preset (toy: scaled to 2 CPU cores)
 }
 # micro-batches: the paper's per-GPU batch where one 80 GB GPU holds it (measured on an H100, docs/scaling.md:
 # SD1.5 at 32 peaks at 57.4 GB; SDXL at 8 needs gradient checkpointing, 53.0 GB)
+STAGE1["toy_sd"] = STAGE1["toy"]  # toy_sd's G is a U-Net of the toy's size
 STAGE1["sd15_cfg8"] = dict(STAGE1["sd15"], steps=50_000, batch=2048)  # Table A1, SD-CFG-8
 RESUME_CKPT_KEYS = ("model", "ema", "opt", "step", "config", "teacher", "stage")  # what ckpt_latest.pt holds
 
@@ -130,7 +131,8 @@ def main(argv=None):
         C.save_json(cfg, os.path.join(run_dir, "config.json"))
     if viewer and not bench:
         w_ho = C.mid_guidance(cfg)
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
+        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if cfg.get("data") or teacher.family == "edm" else 4, device,
+                                               w=w_ho)
     teacher.release_unet()
 
     def save(step):  # the resumable state, and the EMA student that 04 and 05 read (also from a run stopped early)

@@ -73,6 +73,7 @@ STAGE2 = {
                  r1_gamma=0.0, mix_match=0.25, noise_aug=True, d_t=0, d_betas="0.0,0.99", weight_decay=1e-2,
                  attn_weight_decay=1e-5, ema_start=4000, ema_beta=0.9999, grid_every=1000, ckpt_every=1000),
 }
+STAGE2["toy_sd"] = dict(STAGE2["toy"], d_t=0)  # D at SD's timestep 0, as sd15
 STAGE2["sd15_cfg8"] = dict(STAGE2["sd15"], batch=1024)  # Table A1, SD-CFG-8: 2048 -> 1024
 # micro-batches (H100-measured, docs/scaling.md): SD1.5 at the paper's 16 per GPU needs gradient
 # checkpointing (51.7 GB; without it D's forward runs out of memory). SDXL does not fit one 80 GB GPU under DDP at
@@ -402,7 +403,8 @@ def main(argv=None):
     viewer = rank == 0 or cfg["fsdp"]  # the ranks that run G and the EMA for grids
     if viewer and not bench:  # held-out z and the grid's "stage 1" row, from G before a resume changes it
         w_ho = C.mid_guidance(cfg)
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if teacher.family == "edm" else 4, device, w=w_ho)
+        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if cfg.get("data") or teacher.family == "edm" else 4, device,
+                                               w=w_ho)
         with torch.no_grad():
             x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
     step = 0

@@ -18,11 +18,16 @@ grids of the teacher and the students from the same noise.
            Inception: clean-fid (or torch-fidelity), 512 -> 256 -> 299 bicubic
            antialiased; CLIP: open_clip ViT-g-14; dreamsim. Each column is named
            by its count (fid_30k, clip_5k, ...); optional packages load when used.
+  toy_sd   the same text-to-image protocol (--protocol toy) on 1000 captions of the
+           toy world, a toy classifier of shape and colour in every network's
+           place: FID in its features of the decoded images, caption agreement
+           (caption_1k: shape and colour as the caption says) for CLIP score,
+           DreamDiv / DreamSim as feature cosine distances. No download.
 
 Output: <out_dir>/eval/{metrics.json, results.md, compare.png, diversity.png}, and the
 teacher's samples (teacher_samples_*.pt: read back by later evaluations of the same setup)
 
-Toy (CPU, ~1 min):   python 05_evaluate.py
+Toy (CPU, ~1 min):   python 05_evaluate.py              (toy_sd, ~4 min: --preset toy_sd)
 Extra rows:          python 05_evaluate.py --students "mse=runs/toy/distill_mse/student_ema.pt,latent=..."
 Table 3 (8 GPUs):    torchrun --nproc_per_node=8 05_evaluate.py --preset sd15 --coco /data/coco2014
 Tables 4-5:          torchrun --nproc_per_node=8 05_evaluate.py --preset sdxl --coco /data/coco2017   (sd15: --protocol coco2017)
@@ -52,6 +57,9 @@ PROTOCOLS = {
                      about="COCO2017 (Tables 4-5): FID and CLIP on the val2017 image-text pairs, DreamDiv (8 seeds per "
                            "prompt), DreamSim to the teacher"),
 }
+PROTOCOLS["toy"] = dict(split="test", n=1000, pr=1000, div=50,  # toy_sd: the same protocol in toy features
+                        about="toy_sd: FID, precision/recall, DreamSim and DreamDiv in a toy classifier's features of the "
+                              "decoded images; caption agreement (shape and colour) in CLIP score's place")
 DREAMSIM_N = 5_000  # DreamSim-5k: the first 5k samples' distance to the teacher's image from the same z
 
 FLOATS = C.checked_type(lambda s: [float(v) for v in s.split(",")], bool, "comma-separated numbers", "1,x")
@@ -69,14 +77,14 @@ FLAGS = {
     ],
     "metrics (§4)": [
         ("num_samples", 0, C.INT_NONNEG, "samples per model (0: the protocol's: toy 1000, cifar10 50k, coco2014 30k, coco2017 5k)"),
-        ("protocol", None, tuple(PROTOCOLS), "sd15/sdxl: coco2014 (Table 3) or coco2017 (Tables 4-5)"),
+        ("protocol", None, tuple(PROTOCOLS), "sd15/sdxl: coco2014 (Table 3) or coco2017 (Tables 4-5); toy_sd: toy"),
         ("coco", None, None, "sd15/sdxl: COCO root with val2014/ (or val2017/) and annotations/captions_val2014.json (_val2017)"),
         ("div_prompts", None, C.INT_NONNEG, "DreamDiv: prompts x 8 seeds each (default: the protocol's, coco2017 5000, "
                                             "coco2014 500; 0: off)"),
         ("fid_ref", None, None, "cifar10: the real statistics, EDM's reference .npz (mu, sigma) or a folder of real images"),
-        ("classifier", None, None, "toy: the FID-toy feature classifier (default <out_dir>/eval/toy_classifier.pt, trained once); "
+        ("classifier", None, None, "toy/toy_sd: the FID-toy feature classifier (default <out_dir>/eval/toy_classifier.pt, trained once); "
                                    "share one path across evaluations to compare their FID-toy"),
-        ("classifier_seed", 0, C.INT_NONNEG, "toy: that classifier's seed (rerun with others to see FID-toy's spread)"),
+        ("classifier_seed", 0, C.INT_NONNEG, "toy/toy_sd: that classifier's seed (rerun with others to see FID-toy's spread)"),
         ("eval_w", None, FLOATS, "toy guidance sweep, e.g. '1,2,3': fidelity of each student to the teacher at each w"),
     ],
     "grids": [
@@ -186,24 +194,33 @@ def gather_by_rank(local, n, world):
 # ----------------------------------------------------------------------------
 # The toy's judge: a classifier trained on the toy data (never the loss network).
 
-def toy_dataset(n, split="train"):
-    """n toy images with labels. Splits use disjoint seed ranges."""
-    base = {"train": 0, "val": 50_000_000, "test": 60_000_000}[split]
-    return C.toy_images(range(base, base + n))
+SPLITS = {"train": 0, "val": 50_000_000, "test": 60_000_000, "judge": 70_000_000}  # disjoint seed ranges
+
+
+def toy_dataset(n, split="train", scene=False):
+    """n toy images and their labels: the class (toy), or shape and colour (toy_sd's
+    captioned world, scene=True: (n, 2))."""
+    seeds = range(SPLITS[split], SPLITS[split] + n)
+    if scene:
+        x, _, a = C.toy_scene(seeds)
+        return x, a[:, :2]
+    return C.toy_images(seeds)
 
 
 class ToyClassifier(nn.Module):
-    """A small CNN on toy images. It judges teacher/student samples (class
-    accuracy) and gives FID-toy features; it is never the training loss network."""
+    """A small CNN on toy images, one head per attribute (toy: the class; toy_sd:
+    shape and colour). It judges teacher/student samples (accuracy, caption
+    agreement) and gives FID-toy features; it is never the training loss network."""
 
-    def __init__(self, num_classes=10, ch=32):
+    def __init__(self, heads=(10,), ch=32):
         super().__init__()
         def block(i, o):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU(),
                                  nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
         self.body = nn.Sequential(block(3, ch), nn.AvgPool2d(2), block(ch, 2 * ch), nn.AvgPool2d(2),
                                   block(2 * ch, 4 * ch), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(4 * ch, num_classes)
+        self.heads = tuple(heads)
+        self.head = nn.Linear(4 * ch, sum(heads))
 
     def features(self, x):
         return self.body(x)
@@ -212,34 +229,51 @@ class ToyClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_toy_classifier(path, steps=300, batch=128, seed=0, log=print):
-    """Train (or load a cached) ToyClassifier (~20 s on 2 CPU cores)."""
+def train_toy_classifier(path, steps=300, batch=128, seed=0, log=print, scene=False):
+    """Train (or load a cached) ToyClassifier (toy ~20 s, toy_sd ~1 min on 2 CPU cores)."""
     torch.manual_seed(seed)  # before the model: its initialisation is part of what the seed fixes
-    model = ToyClassifier()
+    model = ToyClassifier((10, len(C.TOY_SCENE["colour"])) if scene else (10,))
     if os.path.exists(path):
         with C.or_fail(f"toy classifier '{path}' is unreadable or of another shape", "delete it to retrain"):
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    x, y = C.toy_images(range(70_000_000, 70_000_000 + 12_000))
+    x, y = toy_dataset(12_000, "judge", scene)
+    y = y.view(len(y), -1)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = torch.randint(len(x), (batch,), generator=g)
         xb = x[idx] + 0.05 * torch.randn(batch, *x.shape[1:], generator=g)  # robust to slight sample noise
-        loss = F.cross_entropy(model(xb), y[idx])
+        logits = model(xb).split(model.heads, 1)
+        loss = sum(F.cross_entropy(lg, y[idx, h]) for h, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    xv, yv = toy_dataset(2000, "val")
-    acc = classify(model.eval(), xv).eq(yv).float().mean().item()
-    log(f"toy classifier: held-out accuracy {acc:.4f}")
+    xv, yv = toy_dataset(2000, "val", scene)
+    acc = classify(model.eval(), xv).eq(yv).float().mean(0)
+    log(f"toy classifier: held-out accuracy {' / '.join(f'{a:.4f}' for a in acc.view(-1).tolist())}")
     C.atomic(path, lambda f: torch.save(model.state_dict(), f))
     return model
 
 
 @torch.no_grad()
 def classify(model, x, batch=512):
-    return torch.cat([model(x[i:i + batch].float()).argmax(1) for i in range(0, len(x), batch)])
+    """The predicted label per head: (N,) for one head, else (N, heads)."""
+    out = torch.cat([torch.stack([lg.argmax(1) for lg in model(x[i:i + batch].float()).split(model.heads, 1)], 1)
+                     for i in range(0, len(x), batch)])
+    return out[:, 0] if out.shape[1] == 1 else out
+
+
+def caption_attributes(prompts):
+    """(N, 2): the shape and colour that toy_sd captions name (longest shape name first)."""
+    T = C.TOY_SCENE
+    shapes = sorted(range(len(T["shape"])), key=lambda k: -len(T["shape"][k]))
+    def find(p, names, order):
+        k = next((k for k in order if f" {names[k]} " in f" {p} "), None)
+        if k is None:
+            C.fail(f"caption '{p}' names no toy {names}")
+        return k
+    return torch.tensor([[find(p, T["shape"], shapes), find(p, T["colour"], range(len(T["colour"])))] for p in prompts])
 
 
 # ----------------------------------------------------------------------------
@@ -319,7 +353,8 @@ def classifier_path(cfg):
 
 
 def toy_classifier(cfg, device):
-    return train_toy_classifier(classifier_path(cfg), seed=cfg["classifier_seed"], log=C.print0).to(device)
+    return train_toy_classifier(classifier_path(cfg), seed=cfg["classifier_seed"], log=C.print0,
+                                scene=cfg["family"] == "ldm").to(device)
 
 
 def teacher_cache(cfg, teacher, seeds, device, world, keys=("x", "sec_per_img"), **more):
@@ -440,10 +475,10 @@ def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
     nets = load_feature_nets(cfg, device)
     proto = PROTOCOLS[cfg["protocol"]]
     n, B = cfg["num_samples"], cfg["batch_per_device"]
-    prompts, real_paths = coco
+    prompts, real_paths, load = coco
     mine, k = list(range(n))[rank::world], min(proto["div"] if cfg["div_prompts"] is None else cfg["div_prompts"], n)
-    real = real_statistics(cfg, real_paths, nets["inception"], device, rank, world, lambda p: C.load_image(p, 256),
-                           keep=min(n, proto["pr"]), net=nets.get("name", "inception"))
+    real = real_statistics(cfg, real_paths, nets["inception"], device, rank, world, load, keep=min(n, proto["pr"]),
+                           net=nets.get("name", "inception"))
     acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
     keep = {name: [] for name in models}
     # this rank's teacher latents (its seeds, then DreamDiv's), solved once per setup and cached
@@ -493,7 +528,7 @@ def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
     for name in models:
         f = gather_by_rank(torch.cat(acc[name]["inc"]), n, world)
         row = {f"fid_{c}": frechet_distance(real["mu"], real["sigma"], *feature_stats(f)),
-               f"clip_{c}": gather_by_rank(torch.cat(acc[name]["clip"]), n, world).mean().item()}
+               f"{nets.get('score', 'clip')}_{c}": gather_by_rank(torch.cat(acc[name]["clip"]), n, world).mean().item()}
         if m:  # precision/recall on 10k, as in the paper (coco2014 only)
             row[f"precision_{count_name(m)}"], row[f"recall_{count_name(m)}"] = precision_recall(real["feats"][:m], f[:m])
         row[f"dreamdiv_{count_name(k)}"] = gather_by_rank(torch.cat(div[name]), k, world).mean().item() if k else None
@@ -674,7 +709,14 @@ def _resize(x, size):
 def load_feature_nets(cfg, device):
     """dict(inception=f(imgs) -> (N, 2048), clip=f(imgs, prompts) -> (N,) cosine,
     dreamsim=f(a, b) -> (N,) distance). Resizing follows the paper's protocol:
-    512 -> 256 -> 299, bicubic with antialiasing (Parmar et al.)."""
+    512 -> 256 -> 299, bicubic with antialiasing (Parmar et al.). The toy protocol
+    puts a toy classifier in each role (its features; caption agreement)."""
+    if cfg["protocol"] == "toy":
+        clf = toy_classifier(cfg, device)
+        agree = lambda x, prompts: classify(clf, x).eq(caption_attributes(prompts).to(x.device)).all(1).float()
+        dist = lambda a, b: 1 - F.cosine_similarity(clf.features(a), clf.features(b), dim=1)
+        return dict(inception=clf.features, clip=agree, dreamsim=dist, name=f"toy-classifier:{classifier_path(cfg)}",
+                    score="caption")
     nets = {}
     try:
         feats = _need("cleanfid.features", "clean-fid", "FID")
@@ -732,7 +774,14 @@ def load_coco(root, n, seed, split="val2014"):
         C.fail(f"{len(missing)} COCO images are missing, e.g. '{missing[0]}'")
     g = torch.Generator().manual_seed(seed)
     pick = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n].tolist()]
-    return [caps[i] for i in pick], [files[i] for i in sorted(files)]
+    return [caps[i] for i in pick], [files[i] for i in sorted(files)], lambda p: C.load_image(p, 256)
+
+
+def toy_captions(n):
+    """The toy protocol's COCO: the captions of n test seeds of toy_sd's world, and
+    those seeds as the real set (each rendered when its features are taken)."""
+    seeds = list(range(SPLITS["test"], SPLITS["test"] + n))
+    return C.toy_scene(seeds)[1], seeds, lambda s: C.toy_scene([s])[0][0]
 
 
 def student_paths(cfg, explicit_only=False):
@@ -766,6 +815,8 @@ def validate(cfg):
     if cfg["speed"]:
         return students, None
     if cfg["family"] == "ldm":
+        if cfg["protocol"] == "toy":
+            return students, toy_captions(cfg["num_samples"])
         return students, load_coco(cfg["coco"], cfg["num_samples"], cfg["seed"], PROTOCOLS[cfg["protocol"]]["split"])
     if cfg["arch"] != "toy":
         return students, read_fid_ref(cfg["fid_ref"], cfg["resolution"])

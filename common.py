@@ -51,7 +51,18 @@ PRESETS = {
         # toy LatentLPIPS: a quarter-width VGG16-bn; on a 16x16 space only 2 pools are
         # removed (taps at 16, 16, 8, 4, 2 px), as 3 would cost 2.4x for no gain here
         lpips_width=0.25, lpips_pools_removed=2, cls_steps=300, cls_batch=64, cls_lr=2e-3,
-        loss="elatent", lpips_augment="bgc+cutout",
+        loss="elatent", lpips_augment="bgc+cutout", data="toy", teacher_steps=4000, teacher_batch=128,
+    ),
+    # the latent-diffusion path on a laptop: a tiny SD1.5-layout text-to-image model of
+    # the captioned toy world (toy_scene), trained by `01 --preset toy_sd --train_teacher`
+    "toy_sd": dict(
+        family="ldm", arch="sd15", data="toy", teacher=os.path.join(REPO, "assets", "toy_sd"),
+        prompts=os.path.join(REPO, "assets", "toy_sd", "prompts.txt"),
+        resolution=32, channels=4, num_classes=0, num_steps=50, guidance=3.0, protocol="toy",
+        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32",
+        lpips_width=0.25, lpips_pools_removed=3, cls_steps=300, cls_batch=64, cls_lr=2e-3,  # the paper's 3: taps at 8, 8, 8, 4, 2
+        loss="elatent", lpips_augment="bgc+cutout", teacher_steps=3000, teacher_batch=128, vae_steps=2000,
+        stage_row="toy_sd",  # 03/04's rows (also for a user's copy of this preset, whose arch is sd15's)
     ),
     "cifar10": dict(
         family="edm", arch="cifar10", teacher=None,  # the official NVlabs EDM pickle, e.g. edm-cifar10-32x32-cond-vp.pkl
@@ -84,8 +95,9 @@ PRESETS = {
 # SD-CFG-8 (Table A1) differs from SD-CFG-3 in more than the guidance: plain
 # E-LatentLPIPS with colour augmentation, 12M pairs (its stage tables: 03, 04).
 PRESETS["sd15_cfg8"] = dict(PRESETS["sd15"], guidance=8.0, num_pairs=12_000_000, loss="elatent", lpips_augment="bgc+cutout")
-# Code checks a preset's `family` (edm | ldm) and `arch` (toy | cifar10 | sd15 | sdxl), never
-# its name, so a user's new preset (a copy with other values) works everywhere.
+# Code checks a preset's `family` (edm | ldm), `arch` (toy | cifar10 | sd15 | sdxl) and `data`
+# (toy: a built-in world, no dataset), never its name, so a user's new preset (a copy with
+# other values) works everywhere.
 
 
 def get_preset(name):
@@ -188,7 +200,7 @@ RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_chan
 def parse_config(doc, flags, argv=None, table=None):
     """Every script's configuration, with one precedence: the preset, then the flags
     given. The preset is PRESETS[--preset] plus, in 03 and 04, that stage's own Table
-    A1 row from `table` (by preset name, or by the preset's arch for a user's own
+    A1 row from `table` (by preset name, else its `stage_row` or arch for a user's own
     preset). `flags` is {group: [(name, default, type, help)]}; a default of None means
     "the preset's value". Types refuse bad values (argparse then stops with one line
     naming the flag), and the preset's values pass the same checks. Values that the
@@ -212,7 +224,7 @@ def parse_config(doc, flags, argv=None, table=None):
     args = vars(p.parse_args(argv))
     cfg = get_preset(args["preset"])
     if table is not None:
-        row = table.get(args["preset"]) or table.get(cfg["arch"])
+        row = table.get(args["preset"]) or table.get(cfg.get("stage_row") or cfg["arch"])
         if row is None:
             fail(f"the paper's {cfg['arch']} setting has no row for this stage (Table A1); use {' | '.join(table)}")
         cfg.update(row)
@@ -418,16 +430,81 @@ def toy_images(seeds, labels=None, resolution=16, supersample=4):
     hue = params[:, 3:4]
     fg = _hsv_to_rgb(hue, 0.6 + 0.4 * params[:, 4:5], 0.75 + 0.25 * params[:, 5:6])
     bg = _hsv_to_rgb(params[:, 6:7], 0.3 * params[:, 7:8], 0.1 + 0.25 * params[:, 8:9])
+    return _render(out_labels, r, cx, cy, fg, bg, resolution, supersample), out_labels
+
+
+def _render(labels, r, cx, cy, fg, bg, resolution, supersample):
+    """Shape labels[i] of half-size r, centred at (cx, cy) (supersampled pixels), in
+    colour fg on bg: (B, 3, R, R) in [-1, 1], anti-aliased by area coverage."""
+    S = resolution * supersample
     coords = torch.arange(S, dtype=torch.float32) + 0.5
-    imgs = torch.empty(n, 3, resolution, resolution)
-    for cls in out_labels.unique().tolist():  # all images of a class at once (elementwise: the same numbers)
-        i = (out_labels == cls).nonzero()[:, 0]
+    imgs = torch.empty(len(labels), 3, resolution, resolution)
+    for cls in labels.unique().tolist():  # all images of a class at once (elementwise: the same numbers)
+        i = (labels == cls).nonzero()[:, 0]
         px = coords[None, None, :] - cx[i, None, None]
         py = coords[None, :, None] - cy[i, None, None]
         inside = (_toy_sdf(cls, px, py, r[i, None, None]) < 0).float()
         mask = F.avg_pool2d(inside[:, None], supersample)  # anti-aliased coverage
         imgs[i] = mask * fg[i][:, :, None, None] + (1 - mask) * bg[i][:, :, None, None]
-    return imgs * 2 - 1, out_labels
+    return imgs * 2 - 1
+
+
+# toy_sd's captioned world: the same shapes at 32x32, every attribute discrete and named
+TOY_SCENE = dict(shape=("circle", "square", "triangle", "plus", "ring", "horizontal bar", "vertical bar", "diamond", "cross",
+                        "hollow square"),
+                 colour=("red", "yellow", "green", "cyan", "blue", "magenta"), background=("black", "grey", "white"),
+                 size=("small", "large"), place=("top left", "top right", "bottom left", "bottom right", "in the centre"))
+
+
+def toy_scene(seeds, resolution=32, supersample=4):
+    """The toy_sd world: image i, its caption and its attributes (B, 5: the index of
+    each TOY_SCENE entry), all drawn from torch.Generator().manual_seed(seeds[i]),
+    e.g. "a small red triangle on a grey background top left"."""
+    n, S = len(seeds), resolution * supersample
+    a, jit = torch.empty(n, 5, dtype=torch.long), torch.empty(n, 4)
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(s))
+        a[i] = torch.cat([torch.randint(len(v), (1,), generator=g) for v in TOY_SCENE.values()])
+        jit[i] = torch.rand(4, generator=g) - 0.5
+    r = (0.16 + 0.11 * a[:, 3] + 0.03 * jit[:, 0]) * S  # half-size: small 4.6-5.6 px, large 8.1-9.1 px at 32
+    place = a[:, 4]
+    cx = torch.where(place % 2 == 0, 1.15 * r, S - 1.15 * r) + jit[:, 1] * 0.04 * S
+    cy = torch.where(place < 2, 1.15 * r, S - 1.15 * r) + jit[:, 2] * 0.04 * S
+    cx, cy = (torch.where(place == 4, S / 2 + j * 0.06 * S, c) for c, j in ((cx, jit[:, 1]), (cy, jit[:, 2])))
+    fg = _hsv_to_rgb((a[:, 1:2] + 0.25 * jit[:, 3:4]) / 6, 0.85, 0.95)
+    bg = _hsv_to_rgb(torch.zeros(n, 1), 0.0, torch.tensor([0.08, 0.45, 0.88])[a[:, 2]][:, None])
+    captions = [f"a {T['size'][sz]} {T['colour'][c]} {T['shape'][k]} on a {T['background'][b]} background {T['place'][p]}"
+                for T in [TOY_SCENE] for k, c, b, sz, p in a.tolist()]
+    return _render(a[:, 0], r, cx, cy, fg, bg, resolution, supersample), captions, a
+
+
+def word_tokenizer(texts):
+    """A CLIP tokenizer (CLIP's BPE, no download) whose merges, learned by BPE on the
+    words of `texts`, spell each of those words as one token: toy_sd's tokenizer."""
+    from collections import Counter
+    from transformers import CLIPTokenizer
+    words = sorted({w for t in texts for w in t.lower().split()})
+    seqs, merges = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words], []
+    while any(len(q) > 1 for q in seqs):
+        counts = Counter(p for q in seqs for p in zip(q, q[1:]))
+        best = max(counts, key=lambda p: (counts[p], p))  # the most frequent pair; ties broken by the pair itself
+        merges.append(best)
+        joined = []
+        for q in seqs:
+            out, i = [], 0
+            while i < len(q):
+                if q[i:i + 2] == best:
+                    out.append(q[i] + q[i + 1])
+                    i += 2
+                else:
+                    out.append(q[i])
+                    i += 1
+            joined.append(tuple(out))
+        seqs = joined
+    chars = list("abcdefghijklmnopqrstuvwxyz")
+    tokens = chars + [c + "</w>" for c in chars] + list(dict.fromkeys(a + b for a, b in merges))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def _hsv_to_rgb(h, s, v):
@@ -1233,8 +1310,9 @@ def build_loss(cfg, teacher, device):
             lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
         else:
             lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0], space=teacher.latent_space).to(device)
-    if cfg["loss"].startswith("lpips"):
-        pixel = load_pixel_lpips(device)
+    if cfg["loss"].startswith("lpips"):  # the official LPIPS, or one that 02 --pixels trained on a toy world's images
+        pixel = load_latent_lpips(cfg["lpips_ckpt"], in_ch=3, space=latent_space("edm", 3)).to(device) \
+            if cfg["lpips_ckpt"] and teacher.family == "ldm" else load_pixel_lpips(device)
         decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
     return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg.get("lpips_resize")).to(device)
 
@@ -1711,7 +1789,8 @@ def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000, w=None):
             cond = torch.arange(n) % cfg["num_classes"]  # one of each class, in order
     else:
         z = seed_noise(seeds, teacher.z_shape)
-        prompts = ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake"]
+        prompts = toy_scene(seeds)[1] if cfg.get("data") == "toy" else \
+            ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake"]
         cond = [prompts[i % len(prompts)] for i in range(n)]
     x = teacher.solve(z, cond, guidance=w).float().cpu()
     return z, cond, x

@@ -169,7 +169,7 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     assert (tmp_path / "eval" / "results.md").read_text().startswith("protocol: COCO2014 (Table 3)")
     # the teacher's CLIP score pairs each COCO caption with the image made from it; its FID is
     # against all 9 real images of the split, not only the 6 whose captions were drawn
-    prompts, real_paths = ev.load_coco(str(coco), 6, 0)
+    prompts, real_paths, _ = ev.load_coco(str(coco), 6, 0)
     assert len(real_paths) == 9
     cached = torch.load(next((tmp_path / "eval").glob("teacher_samples_*.pt")), weights_only=False)
     teacher = C.LDMTeacher(dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2,
