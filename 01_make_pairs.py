@@ -126,6 +126,35 @@ def train_toy_teacher(cfg, device):
     print(f"wrote {cfg['teacher']}")
 
 
+def word_tokenizer(texts):
+    """A CLIP tokenizer (CLIP's BPE, no download) whose merges, learned by BPE on the
+    words of `texts`, spell each of those words as one token: toy_sd's tokenizer."""
+    from collections import Counter
+    from transformers import CLIPTokenizer
+    words = sorted({w for t in texts for w in t.lower().split()})
+    seqs, merges = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words], []
+    while any(len(q) > 1 for q in seqs):
+        counts = Counter(p for q in seqs for p in zip(q, q[1:]))
+        best = max(counts, key=lambda p: (counts[p], p))  # the most frequent pair; ties broken by the pair itself
+        merges.append(best)
+        joined = []
+        for q in seqs:
+            out, i = [], 0
+            while i < len(q):
+                if q[i:i + 2] == best:
+                    out.append(q[i] + q[i + 1])
+                    i += 2
+                else:
+                    out.append(q[i])
+                    i += 1
+            joined.append(tuple(out))
+        seqs = joined
+    chars = list("abcdefghijklmnopqrstuvwxyz")
+    tokens = chars + [c + "</w>" for c in chars] + list(dict.fromkeys(a + b for a, b in merges))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
 TOY_SD_TRAIN_SEEDS = 30_000  # the toy_sd teacher's training images: seeds [0, 30k) of the toy world
 
 
@@ -148,7 +177,7 @@ def train_toy_sd_teacher(cfg, device):
     vae = AutoencoderKL(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4, layers_per_block=1,
                         sample_size=cfg["resolution"]).to(device)
-    tok = C.word_tokenizer(captions)
+    tok = word_tokenizer(captions)
     tok.model_max_length = 16  # the longest caption is 14 tokens; SD pads every prompt to this length
     te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                       num_hidden_layers=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,

@@ -57,7 +57,7 @@ PROTOCOLS = {
                      about="COCO2017 (Tables 4-5): FID and CLIP on the val2017 image-text pairs, DreamDiv (8 seeds per "
                            "prompt), DreamSim to the teacher"),
 }
-PROTOCOLS["toy"] = dict(split="test", n=1000, pr=1000, div=50,  # toy_sd: the same protocol in toy features
+PROTOCOLS["toy"] = dict(split="test", n=500, pr=500, div=10,  # toy_sd: the same protocol in toy features (n: the 15-min quick start)
                         about="toy_sd: FID, precision/recall, DreamSim and DreamDiv in a toy classifier's features of the "
                               "decoded images; caption agreement (shape and colour) in CLIP score's place")
 DREAMSIM_N = 5_000  # DreamSim-5k: the first 5k samples' distance to the teacher's image from the same z

@@ -478,35 +478,6 @@ def toy_scene(seeds, resolution=32, supersample=4):
     return _render(a[:, 0], r, cx, cy, fg, bg, resolution, supersample), captions, a
 
 
-def word_tokenizer(texts):
-    """A CLIP tokenizer (CLIP's BPE, no download) whose merges, learned by BPE on the
-    words of `texts`, spell each of those words as one token: toy_sd's tokenizer."""
-    from collections import Counter
-    from transformers import CLIPTokenizer
-    words = sorted({w for t in texts for w in t.lower().split()})
-    seqs, merges = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words], []
-    while any(len(q) > 1 for q in seqs):
-        counts = Counter(p for q in seqs for p in zip(q, q[1:]))
-        best = max(counts, key=lambda p: (counts[p], p))  # the most frequent pair; ties broken by the pair itself
-        merges.append(best)
-        joined = []
-        for q in seqs:
-            out, i = [], 0
-            while i < len(q):
-                if q[i:i + 2] == best:
-                    out.append(q[i] + q[i + 1])
-                    i += 2
-                else:
-                    out.append(q[i])
-                    i += 1
-            joined.append(tuple(out))
-        seqs = joined
-    chars = list("abcdefghijklmnopqrstuvwxyz")
-    tokens = chars + [c + "</w>" for c in chars] + list(dict.fromkeys(a + b for a, b in merges))
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
 def _hsv_to_rgb(h, s, v):
     k = torch.tensor([5.0, 3.0, 1.0])
     t = (k + h * 6) % 6
@@ -1312,7 +1283,7 @@ def build_loss(cfg, teacher, device):
             lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0], space=teacher.latent_space).to(device)
     if cfg["loss"].startswith("lpips"):  # the official LPIPS, or one that 02 --pixels trained on a toy world's images
         pixel = load_latent_lpips(cfg["lpips_ckpt"], in_ch=3, space=latent_space("edm", 3)).to(device) \
-            if cfg["lpips_ckpt"] and teacher.family == "ldm" else load_pixel_lpips(device)
+            if cfg.get("lpips_ckpt") and teacher.family == "ldm" else load_pixel_lpips(device)
         decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
     return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg.get("lpips_resize")).to(device)
 
