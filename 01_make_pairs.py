@@ -173,7 +173,7 @@ def train_toy_sd_teacher(cfg, device):
     imgs, captions, _ = C.toy_scene(range(TOY_SD_TRAIN_SEEDS), cfg["resolution"])
     B = cfg["teacher_batch"]
     # 4 channels per GroupNorm group at the first level: with 1 per group (16 groups of 16) the norm
-    # removes each channel's mean, and the autoencoder learned grey shapes, not coloured ones
+    # removes each channel's mean, and the autoencoder learns grey shapes, not coloured ones
     vae = AutoencoderKL(block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4, layers_per_block=1,
                         sample_size=cfg["resolution"]).to(device)

@@ -131,8 +131,7 @@ def main(argv=None):
         C.save_json(cfg, os.path.join(run_dir, "config.json"))
     if viewer and not bench:
         w_ho = C.mid_guidance(cfg)
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if cfg.get("data") or teacher.family == "edm" else 4, device,
-                                               w=w_ho)
+        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, device, w=w_ho)
     teacher.release_unet()
 
     def save(step):  # the resumable state, and the EMA student that 04 and 05 read (also from a run stopped early)

@@ -403,8 +403,7 @@ def main(argv=None):
     viewer = rank == 0 or cfg["fsdp"]  # the ranks that run G and the EMA for grids
     if viewer and not bench:  # held-out z and the grid's "stage 1" row, from G before a resume changes it
         w_ho = C.mid_guidance(cfg)
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, 10 if cfg.get("data") or teacher.family == "edm" else 4, device,
-                                               w=w_ho)
+        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, device, w=w_ho)
         with torch.no_grad():
             x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
     step = 0

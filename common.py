@@ -1750,9 +1750,10 @@ def load_checkpoint(path, what, mmap=False, keys=()):
 
 
 @torch.no_grad()
-def held_out_batch(teacher, cfg, n, device, seed0=1_000_000_000, w=None):
+def held_out_batch(teacher, cfg, device, seed0=1_000_000_000, w=None):
     """Fixed held-out seeds (never in the pairs): z, c and the teacher's x (at
-    guidance w when given)."""
+    guidance w when given); 10 of them on the toys and CIFAR10, 4 at SD's size."""
+    n = 10 if cfg.get("data") or teacher.family == "edm" else 4
     seeds = list(range(seed0, seed0 + n))
     if teacher.family == "edm":
         z, cond = teacher.noise_and_condition(seeds)
