@@ -527,7 +527,7 @@ def main(argv=None):
     ckpt = os.path.join(lp_dir, "latent_lpips.pt")
     metrics_path = os.path.join(lp_dir, "metrics.json")
     if cfg["reconstruct"]:
-        lp = C.load_latent_lpips(ckpt, space=space_of(cfg, cfg["channels"], device)).to(device)
+        lp = C.load_latent_lpips(ckpt, space=space_of(cfg, 3 if cfg["pixels"] else cfg["channels"], device)).to(device)
         if cfg.get("data") == "toy":
             render, to_space, decode = toy_data(cfg, device)
             target = to_space(render([123])[0]).to(device)
