@@ -93,7 +93,9 @@ def toy_data(cfg, device):
     """The toy worlds' own data in the model's space: render(seeds) -> (images, class),
     to_space(images) (toy: pixels as they are; toy_sd: the teacher VAE's latents of its
     captioned scenes, classed by shape), and decode (None in pixels)."""
-    render = lambda seeds: (lambda im, _, a: (im, a[:, 0]))(*C.toy_scene(seeds, cfg["resolution"]))
+    def render(seeds):  # toy_sd's scenes, classed by shape
+        imgs, _, attributes = C.toy_scene(seeds, cfg["resolution"])
+        return imgs, attributes[:, 0]
     if cfg["family"] == "edm" or cfg["pixels"]:
         return C.toy_images if cfg["family"] == "edm" else render, lambda x: x, None
     vae, scaling = load_ldm_vae(cfg["teacher"], device)

@@ -18,16 +18,16 @@ grids of the teacher and the students from the same noise.
            Inception: clean-fid (or torch-fidelity), 512 -> 256 -> 299 bicubic
            antialiased; CLIP: open_clip ViT-g-14; dreamsim. Each column is named
            by its count (fid_30k, clip_5k, ...); optional packages load when used.
-  toy_sd   the same text-to-image protocol (--protocol toy) on 1000 captions of the
+  toy_sd   the same text-to-image protocol (--protocol toy) on 500 captions of the
            toy world, a toy classifier of shape and colour in every network's
            place: FID in its features of the decoded images, caption agreement
-           (caption_1k: shape and colour as the caption says) for CLIP score,
+           (caption_500: shape and colour as the caption says) for CLIP score,
            DreamDiv / DreamSim as feature cosine distances. No download.
 
 Output: <out_dir>/eval/{metrics.json, results.md, compare.png, diversity.png}, and the
 teacher's samples (teacher_samples_*.pt: read back by later evaluations of the same setup)
 
-Toy (CPU, ~1 min):   python 05_evaluate.py              (toy_sd, ~4 min: --preset toy_sd)
+Toy (CPU, ~1 min):   python 05_evaluate.py              (toy_sd, ~1.5 min: --preset toy_sd)
 Extra rows:          python 05_evaluate.py --students "mse=runs/toy/distill_mse/student_ema.pt,latent=..."
 Table 3 (8 GPUs):    torchrun --nproc_per_node=8 05_evaluate.py --preset sd15 --coco /data/coco2014
 Tables 4-5:          torchrun --nproc_per_node=8 05_evaluate.py --preset sdxl --coco /data/coco2017   (sd15: --protocol coco2017)
@@ -779,9 +779,10 @@ def load_coco(root, n, seed, split="val2014"):
 
 def toy_captions(n):
     """The toy protocol's COCO: the captions of n test seeds of toy_sd's world, and
-    those seeds as the real set (each rendered when its features are taken)."""
+    those seeds as the real set, with their images rendered once."""
     seeds = list(range(SPLITS["test"], SPLITS["test"] + n))
-    return C.toy_scene(seeds)[1], seeds, lambda s: C.toy_scene([s])[0][0]
+    imgs, captions, _ = C.toy_scene(seeds)
+    return captions, seeds, lambda s: imgs[s - SPLITS["test"]]
 
 
 def student_paths(cfg, explicit_only=False):

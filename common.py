@@ -172,7 +172,8 @@ TRAIN_INPUT_FLAGS = [
     ("teacher", None, None, "the teacher the pairs came from (App. A); its steps, guidance and resolution come from the pairs"),
     ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
     ("first_pairs", 0, INT_NONNEG, "train on the first N pairs of the folder only (0: all); Table 6 varies it"),
-    ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one)"),
+    ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one); "
+                               "with --loss lpips: a pixel-space one (02 --pixels) instead of the official LPIPS"),
 ]
 TRAIN_BATCH_FLAGS = [
     ("steps", None, INT_POS, "training iterations"),
@@ -1281,9 +1282,9 @@ def build_loss(cfg, teacher, device):
             lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
         else:
             lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0], space=teacher.latent_space).to(device)
-    if cfg["loss"].startswith("lpips"):  # the official LPIPS, or one that 02 --pixels trained on a toy world's images
+    if cfg["loss"].startswith("lpips"):  # the official LPIPS, or --lpips_ckpt: a pixel-space one of 02 (toy_sd: --pixels)
         pixel = load_latent_lpips(cfg["lpips_ckpt"], in_ch=3, space=latent_space("edm", 3)).to(device) \
-            if cfg.get("lpips_ckpt") and teacher.family == "ldm" else load_pixel_lpips(device)
+            if cfg.get("lpips_ckpt") else load_pixel_lpips(device)
         decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
     return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg.get("lpips_resize")).to(device)
 
