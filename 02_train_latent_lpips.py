@@ -130,6 +130,7 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     end = steps if not cfg["max_steps_this_run"] else min(steps, start + cfg["max_steps_this_run"])
     bar = tqdm(range(start, end), initial=start, total=steps, desc="phase 1: classifier", disable=rank != 0)
+    stop = C.StopSignal(os.path.dirname(state_path))
     for step in bar:
         idx = torch.randint(len(x), (B,), generator=g)
         xb = x[idx].float()
@@ -141,7 +142,8 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % cfg["cls_ckpt_every"] == 0 or step + 1 == end:  # the resumable state, every rank's generator in it
+        stopping = stop.requested(device) and step + 1 < end  # SIGTERM/SIGUSR1 on any rank: save the state, then exit
+        if (step + 1) % cfg["cls_ckpt_every"] == 0 or step + 1 == end or stopping:  # the resumable state, with every rank's generator
             rng = [g.get_state()] * world
             if world > 1:
                 torch.distributed.all_gather_object(rng, g.get_state())
@@ -149,6 +151,9 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
                 state = dict(net=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), rng=rng, step=step + 1,
                              settings=settings)
                 C.atomic(state_path, lambda f: torch.save(state, f))
+        if stopping:
+            stop.exit(step + 1)
+    stop.restore()
     if end < steps:
         return None, None
     net.eval()

@@ -86,6 +86,7 @@ def validate(cfg):
     """Every file this stage reads, before any work (the flags' types checked the values;
     training_setup checks the batch split before it builds anything), read once:
     returns the pairs' manifest and the --resume checkpoint (memory-mapped)."""
+    C.check_tracker(cfg["log_to"])
     if cfg["benchmark_steps"]:
         return None, None
     if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
@@ -125,7 +126,7 @@ def main(argv=None):
     model = G  # DDP without a 2nd copy of the grads; FSDP reduces the grads itself
     if world > 1 and not cfg["fsdp"]:
         model = torch.nn.parallel.DistributedDataParallel(G, gradient_as_bucket_view=True)
-    log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
+    log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step, cfg["log_to"], cfg)
     viewer = rank == 0 or cfg["fsdp"]  # the ranks that run the EMA for grids
     if rank == 0 and not bench:
         C.save_json(cfg, os.path.join(run_dir, "config.json"))
@@ -145,15 +146,17 @@ def main(argv=None):
                 x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
         if rank == 0:
             imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_st)]).cpu()
-            C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
-                              scale=max(1, 64 // imgs.shape[-1]))
+            log.image(C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
+                                        scale=max(1, 64 // imgs.shape[-1])), step)
 
     start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 1", rank)
-    t0, seen = time.time(), 0
+    t0, seen, stop, flops = time.time(), 0, C.StopSignal(run_dir), C.StepFlops(end)
     for step in bar:
         if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
             C.synchronize(device)
             t_bench, n_bench = time.perf_counter(), end - step
+        if bench:
+            flops.begin(step)
         lr = C.lr_at(step, cfg["steps"], cfg["lr"])
         for g in opt.param_groups:
             g["lr"] = lr
@@ -182,15 +185,22 @@ def main(argv=None):
             log.write(step=step, loss=total, grad_norm=gnorm, img_s=rate, lr=lr)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")
         if bench:
+            flops.end(step)
             continue
-        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end:
+        stopping = stop.requested(device) and step + 1 < end  # SIGTERM/SIGUSR1 on any rank: checkpoint, then exit
+        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
             save(step + 1)
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
             grid(step + 1)
+        if stopping:
+            log.close()
+            stop.exit(step + 1)
+    stop.restore()
+    log.close()
     if bench:
         C.synchronize(device)
         C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G),
-                        ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"))
+                        ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"), flops.total)
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

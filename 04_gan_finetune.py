@@ -348,6 +348,7 @@ def validate(cfg):
     """Every file this stage reads, before any work (the flags' types checked the values;
     training_setup checks the batch split before it builds anything), read once:
     returns the pairs' manifest, the stage-1 student and the --resume checkpoint."""
+    C.check_tracker(cfg["log_to"])
     if cfg["benchmark_steps"] or cfg["export"]:
         return None, None, None
     init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
@@ -418,7 +419,7 @@ def main(argv=None):
         del ck  # memory-mapped: not held open (and on disk) once replaced
     C.print0(f"D: {len(D.heads)} readout heads, z_cond={cfg['z_cond']}, multiscale={cfg['multiscale']}, "
              f"R1 gamma={cfg['r1_gamma']} every {cfg['r1_every']}, mix-and-match={cfg['mix_match']}, noise_aug={cfg['noise_aug']}")
-    log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step)
+    log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step, cfg["log_to"], cfg)
     if rank == 0 and not bench:
         C.save_json(cfg, os.path.join(run_dir, "config.json"))
     teacher.release_unet()
@@ -435,15 +436,17 @@ def main(argv=None):
                 x_s2 = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
         if rank == 0:
             imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_s1), teacher.to_images(x_s2)]).cpu()
-            C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
-                              scale=max(1, 64 // imgs.shape[-1]))
+            log.image(C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
+                                        scale=max(1, 64 // imgs.shape[-1])), step)
 
     start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 2", rank)
-    t0, seen, d_wins = time.time(), 0, 0
+    t0, seen, d_wins, stop, flops = time.time(), 0, 0, C.StopSignal(run_dir), C.StepFlops(end)
     for step in bar:
         if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
             C.synchronize(device)
             t_bench, n_bench = time.perf_counter(), end - step
+        if bench:
+            flops.begin(step)
         lr, d_lr = C.lr_at(step, cfg["steps"], cfg["lr"]), C.lr_at(step, cfg["steps"], cfg["d_lr"])
         for g in opt_g.param_groups:
             g["lr"] = lr
@@ -514,16 +517,23 @@ def main(argv=None):
             bar.set_postfix(reg=f"{st['loss_reg']:.4f}", d=f"{st['loss_d']:.3f}", real=f"{st['logit_real']:.2f}",
                             fake=f"{st['logit_fake']:.2f}")
         if bench:
+            flops.end(step)
             continue
-        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end:
+        stopping = stop.requested(device) and step + 1 < end  # SIGTERM/SIGUSR1 on any rank: checkpoint, then exit
+        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
             save(step + 1)
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
             grid(step + 1)
+        if stopping:
+            log.close()
+            stop.exit(step + 1)
+    stop.restore()
+    log.close()
     if bench:
         C.synchronize(device)
         C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G, D=D),
                         ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond", "multiscale",
-                         "r1_gamma", "r1_every", "mix_match", "noise_aug"))
+                         "r1_gamma", "r1_every", "mix_match", "noise_aug"), flops.total)
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

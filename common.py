@@ -5,7 +5,7 @@ ideas (the discriminator, the metrics, the plots) live in that stage's script.
 Read beside the paper (Kang et al., "Distilling Diffusion Models into Conditional
 GANs"). Sections, in order:
    1. presets and configuration  (Table A1; parse_config: preset -> flags; flag types)
-   2. distributed                (setup_distributed for python / torchrun, CPU / CUDA)
+   2. distributed                (setup_distributed for python / torchrun, CPU / CUDA; StopSignal)
    3. files                      (atomic writes, PNG grids, one-line errors, images)
    4. the toy world              (procedural 10-class 16x16 images)
    5. EDM teachers               (preconditioning, Heun sampler, toy and NVlabs nets)
@@ -13,7 +13,7 @@ GANs"). Sections, in order:
    7. pairs on disk              (shards, manifest)
    8. LatentLPIPS                (F, E-LatentLPIPS augmentation, the regression loss)
    9. the student                (G(z, c), Eq. 8; guidance conditioning)
-  10. training helpers           (03 and 04: data, batches, resume, optimisers, EMA, sizing)
+  10. training helpers           (03 and 04: data, batches, resume, optimisers, EMA, logs, sizing and FLOPs)
   11. timing
 """
 import argparse
@@ -26,6 +26,9 @@ import math
 import os
 import pathlib
 import pickle
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -189,12 +192,14 @@ TRAIN_REST_FLAGS = [
 ]
 TRAIN_LOG_FLAGS = [
     ("log_every", 10, INT_POS, "metrics.jsonl every this many steps"),
+    ("log_to", "none", ("none", "tensorboard", "wandb"), "also send those scalars and the grids to TensorBoard (<run>/tensorboard) "
+                                                       "or W&B offline (<run>/wandb); needs that pip package"),
     ("grid_every", None, INT_POS, "grid PNG every this many steps"),
     ("ckpt_every", None, INT_POS, "checkpoint every this many steps"),
     ("benchmark_steps", 0, INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
 ]
 # what --resume may change without --allow_config_change: every other setting is the run's and is compared
-RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_change", "batch_per_device", "log_every", "grid_every",
+RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_change", "batch_per_device", "log_every", "log_to", "grid_every",
                      "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "grad_clip", "out_dir", "pairs")  # pairs: identity in pairs_id
 
 
@@ -286,6 +291,51 @@ def cleanup():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+PREEMPTED = 75  # exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (sysexits' EX_TEMPFAIL: try again)
+
+
+class StopSignal:
+    """SIGTERM and SIGUSR1, what a scheduler sends before it kills a job (SLURM: preemption,
+    `--signal=USR1@600` before the time limit), ask a training loop to stop. The step in
+    progress finishes (Python runs the handler between operations); `requested()`, one
+    all-reduce that every rank calls after every step, makes all ranks see the request at
+    the same step, so they write the checkpoint together and none is left waiting at a
+    collective the others skipped. `exit()` then leaves <run>/preempted.json for a requeue
+    script and exits with PREEMPTED."""
+
+    def __init__(self, run_dir):
+        self.got, self.old, self.marker = None, {}, os.path.join(run_dir, "preempted.json")
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        if is_main() and os.path.isfile(self.marker):  # the marker describes the last stop only
+            os.remove(self.marker)
+
+    def _catch(self, signum, frame):
+        self.got = signal.Signals(signum).name
+        print(f"{self.got}: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
+
+    def requested(self, device):
+        flag = torch.tensor([int(self.got is not None)], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        self.old = {}
+
+    def exit(self, step):
+        """After the checkpoint of `step`, on every rank."""
+        self.restore()
+        if is_main():
+            save_json(dict(step=step, signal=self.got or "on another rank", exit_status=PREEMPTED), self.marker)
+        print0(f"stopped by a signal at step {step}, checkpoint written; exit status {PREEMPTED}: "
+               f"rerun the same command with --resume to continue ({self.marker})")
+        cleanup()
+        sys.exit(PREEMPTED)
 
 
 def autocast(device, dtype):
@@ -1497,20 +1547,56 @@ class RandomPairs:
         return dict(z=z, x=x, seed=torch.as_tensor(idx), cond=cond)
 
 
-def sizing_report(cfg, world, device, step_s, steps_timed, models, keys):
+# dense bf16 tensor-core peaks in TFLOP/s (NVIDIA's data sheets: the sparse figures halved), by device name
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312))
+
+
+class StepFlops:
+    """Sizing mode: the FLOPs of one training step, counted once (torch's FlopCounterMode:
+    matmuls, convolutions and attention, forward and backward) on the first warm-up
+    step, which is not timed. Call begin(step) at the top of the step, end(step) after it."""
+
+    def __init__(self, steps):
+        self.at, self.mode, self.total = 0 if steps > 1 else None, None, None
+
+    def begin(self, step):
+        if step == self.at:
+            from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+            aten = torch.ops.aten  # torch's counter has formulas for the CUDA attention kernels, not for the CPU one
+            cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+                             aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                                 lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}
+            self.mode = FlopCounterMode(display=False, custom_mapping=cpu_attention)
+            self.mode.__enter__()
+
+    def end(self, step):
+        if step == self.at:
+            self.mode.__exit__(None, None, None)
+            self.total = self.mode.get_total_flops()
+
+
+def sizing_report(cfg, world, device, step_s, steps_timed, models, keys, flops=None):
     """Sizing mode's one JSON line (rank 0): peak memory (GPU: allocated; CPU: the process's
     peak resident set), what stays allocated between steps (GPU), the time of a step after
-    the warm-up, img/s, parameter counts and the settings `keys`."""
+    the warm-up, img/s, parameter counts and the settings `keys`. With `flops` (one step's
+    count on this process, StepFlops): the FLOPs per training image, the TFLOP/s achieved
+    per device, and on a known GPU that as a fraction of its dense bf16 peak."""
     if device.type == "cuda":
         peak, held = torch.cuda.max_memory_allocated(device) / 2 ** 30, round(torch.cuda.memory_allocated(device) / 2 ** 30, 2)
     else:
         import resource
         peak, held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, None
-    out = dict(peak_gb=round(peak, 2), held_gb=held, step_s=round(step_s, 4), img_s_per_device=round(cfg["batch"] / world / step_s, 2),
-               img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=steps_timed, world=world, device=str(device),
-               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    img_s = cfg["batch"] / world / step_s
+    out = dict(peak_gb=round(peak, 2), held_gb=held, step_s=round(step_s, 4), img_s_per_device=round(img_s, 2),
+               img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=steps_timed, world=world, device=str(device), gpu=gpu,
                params_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for k, m in models.items()},
                **{k: cfg[k] for k in keys})
+    if flops:
+        per_img = flops / (cfg["batch"] / world)  # this process's step covers batch / world images
+        peak_tf = next((p for name, p in BF16_PEAK_TFLOPS if gpu and name in gpu), None)
+        out.update(gflop_per_img=float(f"{per_img / 1e9:.6g}"), tflop_s_per_device=float(f"{per_img * img_s / 1e12:.4g}"),
+                   bf16_peak_tflop_s=peak_tf, frac_of_peak=round(per_img * img_s / 1e12 / peak_tf, 4) if peak_tf else None)
     print0("benchmark: " + json.dumps(out))
 
 
@@ -1633,17 +1719,37 @@ def update_ema(ema, model, beta):
         be.copy_(b)
 
 
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log_to: the pip package each needs
+
+
+def check_tracker(name):
+    """--log_to's package, checked by 03's and 04's validate before any work: one line naming what to install."""
+    import importlib.util
+    if name != "none" and importlib.util.find_spec(TRACKERS[name]) is None:
+        fail(f"--log_to {name} needs the '{TRACKERS[name]}' package, which is not installed: pip install {TRACKERS[name]}")
+
+
 class MetricsLog:
     """JSONL metrics on rank 0. On resume, lines past the resumed step are dropped.
-    path None: nothing is written (sizing mode)."""
+    path None: nothing is written (sizing mode). --log_to sends the same scalars and
+    the grids to TensorBoard (<run>/tensorboard) or to W&B in offline mode (<run>/wandb,
+    `wandb sync` uploads it later), imported only then."""
 
-    def __init__(self, path, resume_step=0):
-        self.path = path
+    def __init__(self, path, resume_step=0, log_to="none", config=None):
+        self.path, self.tb, self.wandb = path, None, None
         if is_main() and path:
             lines = []
             if resume_step and os.path.isfile(path):
                 lines = [l.rstrip("\n") + "\n" for l in open(path) if self._step(l) <= resume_step]
             save_text("".join(lines), path)
+            run_dir = os.path.dirname(path)
+            if log_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step or None)
+            elif log_to == "wandb":
+                import wandb
+                self.wandb = wandb.init(dir=run_dir, mode="offline", project="diffusion2gan", name=os.path.basename(run_dir),
+                                        config=json.loads(json.dumps(config or {}, default=str)))
 
     @staticmethod
     def _step(line):
@@ -1657,6 +1763,27 @@ class MetricsLog:
         if is_main() and self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in kw.items()}) + "\n")  # 6 digits
+            flat = {f"{k}/{j}" if isinstance(v, dict) else k: u for k, v in kw.items() if k != "step"
+                    for j, u in (v.items() if isinstance(v, dict) else [(k, v)]) if isinstance(u, (int, float))}
+            if self.tb:
+                for k, v in flat.items():
+                    self.tb.add_scalar(k, v, kw["step"])
+            if self.wandb:
+                self.wandb.log(flat, step=kw["step"])
+
+    def image(self, path, step):
+        """A grid PNG that was just written, to the tracker."""
+        if self.tb:
+            from PIL import Image
+            self.tb.add_image("grid", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if self.wandb:
+            import wandb
+            self.wandb.log({"grid": wandb.Image(path)}, step=step)
+
+    def close(self):
+        for t in (self.tb, self.wandb):
+            if t:
+                t.close() if t is self.tb else t.finish()
 
 
 def grad_norm(model, clip=0.0):

@@ -39,7 +39,9 @@ def _in_process(name, args):
     import io
     import traceback
     import torch
+    import signal
     out, err, code, cwd, rng = io.StringIO(), io.StringIO(), 0, os.getcwd(), torch.random.get_rng_state()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}  # a run that stops early may leave its own
     os.chdir(REPO)
     torch.manual_seed(zlib.crc32(repr((name, args)).encode()))
     try:
@@ -57,6 +59,8 @@ def _in_process(name, args):
     finally:
         os.chdir(cwd)
         torch.random.set_rng_state(rng)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
 
 
