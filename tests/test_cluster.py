@@ -115,7 +115,8 @@ def test_sigterm_stops_03_with_a_checkpoint_and_resumes_exactly(toy_run):
 @pytest.mark.slow  # 3 torchrun launches of 2 processes, ~40 s each
 @pytest.mark.parametrize("script,sig,who", [("03_ode_distill.py", signal.SIGTERM, "torchrun"),
                                             ("04_gan_finetune.py", signal.SIGTERM, "torchrun"),
-                                            ("04_gan_finetune.py", signal.SIGUSR1, "rank 1")])
+                                            ("04_gan_finetune.py", signal.SIGUSR1, "rank 1")],
+                         ids=["03-SIGTERM-to-torchrun", "04-SIGTERM-to-torchrun", "04-SIGUSR1-to-rank1"])
 def test_signal_under_torchrun_stops_every_rank_and_resumes_exactly(toy_run, script, sig, who):
     """2 processes under torchrun; the signal goes to torchrun (what SLURM signals), which
     passes it on to its workers, or to rank 1's worker alone (the ranks agree through one
@@ -126,7 +127,7 @@ def test_signal_under_torchrun_stops_every_rank_and_resumes_exactly(toy_run, scr
         if not (toy_run / "s1_for_04" / "student_ema.pt").exists():
             run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "s1_for_04", "--steps", 4, *S1)
         extra = ["--init", toy_run / "s1_for_04" / "student_ema.pt", "--r1_every", 2]
-    args = ["--out_dir", toy_run, *RUN, *extra]
+    args = ["--out_dir", toy_run, *RUN, *extra, "--dist_timeout_min", 1]  # ranks that disagree fail in a minute, not hang
     tag = f"{script[:2]}_{sig.name}"
     if not (toy_run / f"{script[:2]}_tr_straight" / "student_ema.pt").exists():
         run_script(script, *args, "--run_name", f"{script[:2]}_tr_straight", torchrun=2)
@@ -234,6 +235,17 @@ def test_log_to_tensorboard_writes_the_scalars_and_grids(toy_run):
         assert [e.step for e in ea.Scalars(key)] == [l["step"] for l in logged], key
         assert [e.value for e in ea.Scalars(key)] == pytest.approx([l[key] for l in logged], rel=1e-5), key
     assert [e.step for e in ea.Images("grid")] == [2, 4]
+
+
+def test_log_to_wandb_writes_an_offline_run_with_the_grids(toy_run, monkeypatch):
+    """--log_to wandb: an offline run under <run>/wandb (nothing uploaded), holding each grid."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "wb", "--steps", 4, *S1[:4], "--ckpt_every", 4,
+               "--grid_every", 2, "--log_every", 1, "--log_to", "wandb")
+    runs = list((toy_run / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), runs
+    assert len(list(runs[0].glob("files/media/images/grid_*.png"))) == 2
 
 
 def test_log_to_without_its_package_is_one_line(toy_run, monkeypatch):
