@@ -302,6 +302,18 @@ def test_flop_count_of_the_sizing_report_equals_a_hand_count(toy_run):
     assert rep["frac_of_peak"] is None  # a CPU has no entry in the peak table
 
 
+def test_stage2_sizing_counts_r1_and_every_d_pass(toy_run):
+    """04's count runs through R1's double backward (autograd.grad on x), and each part of
+    the step adds FLOPs: R1 on step 0 > no R1 > stage 1's step at the same batch."""
+    def gflop(script, *args):
+        p = run_script(script, "--out_dir", toy_run, "--benchmark_steps", 2, "--batch", 4, "--batch_per_device", 4, *args)
+        return json.loads(p.stdout.split("benchmark: ")[1].splitlines()[0])["gflop_per_img"]
+    with_r1, without, stage1 = gflop("04_gan_finetune.py", "--r1_every", 1), gflop("04_gan_finetune.py", "--r1_gamma", 0), \
+        gflop("03_ode_distill.py")
+    print(with_r1, without, stage1)
+    assert with_r1 > without > 1.5 * stage1
+
+
 def test_peak_table_names_the_gpus():
     names = {"NVIDIA A100-SXM4-80GB": 312, "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989}
     for name, peak in names.items():
