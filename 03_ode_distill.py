@@ -152,7 +152,7 @@ def main(argv=None):
     start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 1", rank)
     t0, seen, stop, flops = time.time(), 0, C.StopSignal(run_dir), C.StepFlops(end)
     for step in bar:
-        if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
+        if bench and step == flops.first_timed:  # sizing mode: time the steps after the warm-up
             C.synchronize(device)
             t_bench, n_bench = time.perf_counter(), end - step
         if bench:
@@ -185,7 +185,7 @@ def main(argv=None):
             log.write(step=step, loss=total, grad_norm=gnorm, img_s=rate, lr=lr)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")
         if bench:
-            flops.end(step)
+            flops.end()
             continue
         stopping = stop.requested(device) and step + 1 < end  # SIGTERM/SIGUSR1 on any rank: checkpoint, then exit
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
@@ -200,7 +200,7 @@ def main(argv=None):
     if bench:
         C.synchronize(device)
         C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G),
-                        ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"), flops.total)
+                        ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"), flops)
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

@@ -442,17 +442,17 @@ def main(argv=None):
     start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 2", rank)
     t0, seen, d_wins, stop, flops = time.time(), 0, 0, C.StopSignal(run_dir), C.StepFlops(end)
     for step in bar:
-        if bench and step == min(2, end - 1):  # sizing mode: time the steps after two warm-up steps
+        if bench and step == flops.first_timed:  # sizing mode: time the steps after the warm-up
             C.synchronize(device)
             t_bench, n_bench = time.perf_counter(), end - step
-        if bench:
-            flops.begin(step)
         lr, d_lr = C.lr_at(step, cfg["steps"], cfg["lr"]), C.lr_at(step, cfg["steps"], cfg["d_lr"])
         for g in opt_g.param_groups:
             g["lr"] = lr
         for g in opt_d.param_groups:
             g["lr"] = d_lr
         do_r1 = cfg["r1_gamma"] > 0 and step % cfg["r1_every"] == 0
+        if bench:
+            flops.begin(step, "r1" if do_r1 else "no_r1")
         log_now = step % cfg["log_every"] == 0 or do_r1 or step == cfg["steps"] - 1
         st = {k: torch.zeros((), device=device) for k in STATS}  # this step's statistics, summed over its micro-batches
         mixed = torch.zeros(3, device=device)  # mix-and-match fakes of each kind in this step (all ranks)
@@ -517,7 +517,7 @@ def main(argv=None):
             bar.set_postfix(reg=f"{st['loss_reg']:.4f}", d=f"{st['loss_d']:.3f}", real=f"{st['logit_real']:.2f}",
                             fake=f"{st['logit_fake']:.2f}")
         if bench:
-            flops.end(step)
+            flops.end()
             continue
         stopping = stop.requested(device) and step + 1 < end  # SIGTERM/SIGUSR1 on any rank: checkpoint, then exit
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
@@ -533,7 +533,7 @@ def main(argv=None):
         C.synchronize(device)
         C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G, D=D),
                         ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond", "multiscale",
-                         "r1_gamma", "r1_every", "mix_match", "noise_aug"), flops.total)
+                         "r1_gamma", "r1_every", "mix_match", "noise_aug"), flops)
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

@@ -299,7 +299,7 @@ PREEMPTED = 75  # exit status of a run stopped by SIGTERM/SIGUSR1 after its chec
 
 class StopSignal:
     """SIGTERM and SIGUSR1, what a scheduler sends before it kills a job (SLURM: preemption,
-    `--signal=USR1@600` before the time limit), ask a training loop to stop. The step in
+    `--signal=USR1@900` before the time limit), ask a training loop to stop. The step in
     progress finishes (Python runs the handler between operations); `requested()`, one
     all-reduce that every rank calls after every step, makes all ranks see the request at
     the same step, so they write the checkpoint together and none is left waiting at a
@@ -1553,15 +1553,20 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("
 
 
 class StepFlops:
-    """Sizing mode: the FLOPs of one training step, counted once (torch's FlopCounterMode:
-    matmuls, convolutions and attention, forward and backward) on the first warm-up
-    step, which is not timed. Call begin(step) at the top of the step, end(step) after it."""
+    """Sizing mode's FLOP count, by torch's FlopCounterMode (matmuls, convolutions and
+    attention, forward and backward). The first step of each kind is counted (04's kinds:
+    with R1 and without); steps are timed from `first_timed` on, after the warm-up steps
+    that hold those counts, and `per_step` is the timed steps' mean, each step at its
+    kind's count. Call begin(step, kind) at the top of a step, end() after it."""
 
     def __init__(self, steps):
-        self.at, self.mode, self.total = 0 if steps > 1 else None, None, None
+        self.first_timed, self.counts, self.timed, self.mode, self.kind = min(2, steps - 1), {}, [], None, ""
 
-    def begin(self, step):
-        if step == self.at:
+    def begin(self, step, kind=""):
+        self.kind = kind
+        if step >= self.first_timed:
+            self.timed.append(kind)
+        if kind not in self.counts:
             from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
             aten = torch.ops.aten  # torch's counter has formulas for the CUDA attention kernels, not for the CPU one
             cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
@@ -1572,18 +1577,23 @@ class StepFlops:
             self.mode.mod_tracker = types.SimpleNamespace(parents={"Global"}, __enter__=lambda: None, __exit__=lambda *a: None)
             self.mode.__enter__()
 
-    def end(self, step):
-        if step == self.at:
+    def end(self):
+        if self.mode is not None:
             self.mode.__exit__(None, None, None)
-            self.total = self.mode.get_total_flops()
+            self.counts[self.kind], self.mode = self.mode.get_total_flops(), None
+
+    @property
+    def per_step(self):
+        return sum(self.counts[k] for k in self.timed) / len(self.timed) if self.timed else None
 
 
 def sizing_report(cfg, world, device, step_s, steps_timed, models, keys, flops=None):
     """Sizing mode's one JSON line (rank 0): peak memory (GPU: allocated; CPU: the process's
     peak resident set), what stays allocated between steps (GPU), the time of a step after
     the warm-up, img/s, parameter counts and the settings `keys`. With `flops` (one step's
-    count on this process, StepFlops): the FLOPs per training image, the TFLOP/s achieved
-    per device, and on a known GPU that as a fraction of its dense bf16 peak."""
+    counts on this process, StepFlops): the FLOPs per training image of the timed steps
+    (and of each kind of step), the TFLOP/s achieved per device, and on a known GPU that
+    as a fraction of its dense bf16 peak."""
     if device.type == "cuda":
         peak, held = torch.cuda.max_memory_allocated(device) / 2 ** 30, round(torch.cuda.memory_allocated(device) / 2 ** 30, 2)
     else:
@@ -1595,8 +1605,10 @@ def sizing_report(cfg, world, device, step_s, steps_timed, models, keys, flops=N
                img_s_total=round(cfg["batch"] / step_s, 2), steps_timed=steps_timed, world=world, device=str(device), gpu=gpu,
                params_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for k, m in models.items()},
                **{k: cfg[k] for k in keys})
-    if flops:
-        per_img = flops / (cfg["batch"] / world)  # this process's step covers batch / world images
+    if flops and flops.per_step:
+        per_img = flops.per_step / (cfg["batch"] / world)  # this process's step covers batch / world images
+        if len(flops.counts) > 1:
+            out["gflop_per_img_each"] = {k: float(f"{v / (cfg['batch'] / world) / 1e9:.6g}") for k, v in flops.counts.items()}
         peak_tf = next((p for name, p in BF16_PEAK_TFLOPS if gpu and name in gpu), None)
         out.update(gflop_per_img=float(f"{per_img / 1e9:.6g}"), tflop_s_per_device=float(f"{per_img * img_s / 1e12:.4g}"),
                    bf16_peak_tflop_s=peak_tf, frac_of_peak=round(per_img * img_s / 1e12 / peak_tf, 4) if peak_tf else None)

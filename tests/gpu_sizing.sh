@@ -20,7 +20,7 @@ run() {  # name, timeout, command...
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/size_$name.log" 2>&1
   echo "$name: exit $? in $((SECONDS - t0)) s"
-  grep -h "^benchmark: {\|^{\|pairs_s\|ours_over\|OutOfMemoryError\|^error" "$OUT/size_$name.log" | tail -4 | cut -c1-700
+  grep -h "^benchmark: {\|^{\|pairs_s\|ours_over\|OutOfMemoryError\|^error" "$OUT/size_$name.log" | tail -4 | cut -c1-1200
 }
 run sd15_s1_b32 180 python 03_ode_distill.py $SD15 --benchmark_steps $N --batch 32 --batch_per_device 32
 run sd15_s2_b16 180 python 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --r1_every 2

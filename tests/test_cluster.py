@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -30,12 +31,21 @@ def popen(script, args, torchrun=0, env=None, nnodes=1, port=None):
                                                        f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=d2g_test"]
         cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={torchrun}", *cmd[1:]]
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO)
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files, not pipes: a full pipe would block it
+    p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=e, cwd=REPO)
+    p.logs = out, err
+    return p
 
 
 def finish(p, limit=600):
-    out, err = p.communicate(timeout=limit)
-    return p.returncode, out, err
+    """Wait for p; its exit status, stdout and stderr."""
+    p.wait(timeout=limit)
+    text = []
+    for f in p.logs:
+        f.seek(0)
+        text.append(f.read())
+        f.close()
+    return p.returncode, *text
 
 
 def signal_mid_run(p, metrics, sig, target=None, after=3, limit=300):
@@ -136,7 +146,8 @@ def test_signal_under_torchrun_stops_every_rank_and_resumes_exactly(toy_run, scr
     signal_mid_run(p, toy_run / tag / "metrics.jsonl", sig, target=(lambda: worker_pid(1)) if who == "rank 1" else None)
     rc, out, err = finish(p)
     marker = check_stopped(toy_run / tag, rc, out, err, 16, plain=False)
-    assert err.count(f"exitcode  : {C.PREEMPTED}") + err.count(f"exitcode: {C.PREEMPTED}") >= (1 if who == "rank 1" else 0), err[-3000:]
+    if who == "rank 1":  # torchrun itself was not signalled: its failure report names the workers' status
+        assert f"exitcode  : {C.PREEMPTED}" in err, err[-3000:]
     print(script, sig.name, who, "stopped at", marker)
     run_script(script, *args, "--run_name", tag, "--resume", torchrun=2)
     parts = ("model", "ema", "D") if script.startswith("04") else ("model", "ema")
@@ -303,15 +314,19 @@ def test_flop_count_of_the_sizing_report_equals_a_hand_count(toy_run):
 
 
 def test_stage2_sizing_counts_r1_and_every_d_pass(toy_run):
-    """04's count runs through R1's double backward (autograd.grad on x), and each part of
-    the step adds FLOPs: R1 on step 0 > no R1 > stage 1's step at the same batch."""
-    def gflop(script, *args):
-        p = run_script(script, "--out_dir", toy_run, "--benchmark_steps", 2, "--batch", 4, "--batch_per_device", 4, *args)
-        return json.loads(p.stdout.split("benchmark: ")[1].splitlines()[0])["gflop_per_img"]
-    with_r1, without, stage1 = gflop("04_gan_finetune.py", "--r1_every", 1), gflop("04_gan_finetune.py", "--r1_gamma", 0), \
-        gflop("03_ode_distill.py")
-    print(with_r1, without, stage1)
-    assert with_r1 > without > 1.5 * stage1
+    """04's count runs through R1's double backward (autograd.grad on x) and each part of
+    the step adds FLOPs: R1 > no R1 > 1.5x stage 1's step at the same batch. With R1
+    every 2 steps, each kind is counted once and the timed steps 2 (R1) and 3 (none)
+    average the two."""
+    def report(script, *args, steps=2):
+        p = run_script(script, "--out_dir", toy_run, "--benchmark_steps", steps, "--batch", 4, "--batch_per_device", 4, *args)
+        return json.loads(p.stdout.split("benchmark: ")[1].splitlines()[0])
+    with_r1, without = report("04_gan_finetune.py", "--r1_every", 1), report("04_gan_finetune.py", "--r1_gamma", 0)
+    stage1, mixed = report("03_ode_distill.py"), report("04_gan_finetune.py", "--r1_every", 2, steps=4)
+    print(with_r1["gflop_per_img"], without["gflop_per_img"], stage1["gflop_per_img"], mixed)
+    assert with_r1["gflop_per_img"] > without["gflop_per_img"] > 1.5 * stage1["gflop_per_img"]
+    assert mixed["gflop_per_img_each"] == dict(r1=with_r1["gflop_per_img"], no_r1=without["gflop_per_img"])
+    assert mixed["gflop_per_img"] == pytest.approx((with_r1["gflop_per_img"] + without["gflop_per_img"]) / 2, rel=1e-5)
 
 
 def test_peak_table_names_the_gpus():
