@@ -108,9 +108,10 @@ CLS_RESUME_KEYS = ("cls_steps", "cls_batch", "cls_lr", "lpips_width", "lpips_poo
 PHASE1_STATE_KEYS = ("net", "opt", "sched", "rng", "step", "settings")  # what lpips/classifier_latest.pt holds
 
 
-def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
+def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path, stop):
     """Phase 1. Returns (net, held-out top-1), or (None, None) when --max_steps_this_run
-    stopped it early (its state is saved at `state_path`; --resume continues it)."""
+    stopped it early (its state is saved at `state_path`; --resume continues it). A
+    signal (`stop`, C.StopSignal) saves that state after the step, then exits."""
     torch.manual_seed(cfg["seed"])
     net = C.LatentVGG(x.shape[1], cfg["lpips_width"], cfg["lpips_pools_removed"], int(y.max()) + 1).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["cls_lr"], weight_decay=1e-4)
@@ -130,7 +131,6 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path):
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     end = steps if not cfg["max_steps_this_run"] else min(steps, start + cfg["max_steps_this_run"])
     bar = tqdm(range(start, end), initial=start, total=steps, desc="phase 1: classifier", disable=rank != 0)
-    stop = C.StopSignal(os.path.dirname(state_path))
     for step in bar:
         idx = torch.randint(len(x), (B,), generator=g)
         xb = x[idx].float()
@@ -559,9 +559,10 @@ def main(argv=None):
         net, acc, ncls, in_ch = None, ck["top1"], ck["num_classes"], ck["in_ch"]
         C.print0(f"phase 2 only: classifier '{cls_path}' (held-out top-1 {acc:.4f})")
     else:
+        stop = C.StopSignal(lp_dir)  # SIGTERM/SIGUSR1, from here on (encoding an image set's latents takes long)
         x, y, xv, yv = phase1_data(cfg, device)
         C.print0(f"phase 1: {len(x)} train / {len(xv)} held-out samples of shape {tuple(x.shape[1:])}, {int(y.max()) + 1} classes")
-        net, acc = train_classifier(cfg, x, y, xv, yv, device, rank, world, os.path.join(lp_dir, "classifier_latest.pt"))
+        net, acc = train_classifier(cfg, x, y, xv, yv, device, rank, world, os.path.join(lp_dir, "classifier_latest.pt"), stop)
         if net is None:
             C.print0("phase 1 stopped early (--max_steps_this_run); rerun with --resume to continue it")
             return C.cleanup()

@@ -101,6 +101,7 @@ def main(argv=None):
     cfg = get_config(argv)
     manifest, ck = validate(cfg)
     rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
+    stop = C.StopSignal(None if cfg["benchmark_steps"] else os.path.join(cfg["out_dir"], cfg["run_name"]))  # SIGTERM/SIGUSR1
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device, manifest)
     loss_fn = C.build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
@@ -150,7 +151,7 @@ def main(argv=None):
                                         scale=max(1, 64 // imgs.shape[-1])), step)
 
     start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 1", rank)
-    t0, seen, stop, flops = time.time(), 0, C.StopSignal(run_dir), C.StepFlops(end)
+    t0, seen, flops = time.time(), 0, C.StepFlops(end)
     for step in bar:
         if bench and step == flops.first_timed:  # sizing mode: time the steps after the warm-up
             C.synchronize(device)

@@ -376,6 +376,7 @@ def main(argv=None):
             cfg["num_steps"] = ck["config"]["num_steps"]
             export_diffusers(cfg, C.LDMTeacher(cfg, device), path, ck)
         return C.cleanup()
+    stop = C.StopSignal(None if cfg["benchmark_steps"] else os.path.join(cfg["out_dir"], cfg["run_name"]))  # SIGTERM/SIGUSR1
     accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device, manifest)
     bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
     if s1 and s1["teacher"] != teacher.teacher_id:
@@ -440,7 +441,7 @@ def main(argv=None):
                                         scale=max(1, 64 // imgs.shape[-1])), step)
 
     start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 2", rank)
-    t0, seen, d_wins, stop, flops = time.time(), 0, 0, C.StopSignal(run_dir), C.StepFlops(end)
+    t0, seen, d_wins, flops = time.time(), 0, 0, C.StepFlops(end)
     for step in bar:
         if bench and step == flops.first_timed:  # sizing mode: time the steps after the warm-up
             C.synchronize(device)

@@ -26,6 +26,7 @@ import math
 import os
 import pathlib
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -299,25 +300,30 @@ PREEMPTED = 75  # exit status of a run stopped by SIGTERM/SIGUSR1 after its chec
 
 class StopSignal:
     """SIGTERM and SIGUSR1, what a scheduler sends before it kills a job (SLURM: preemption,
-    `--signal=USR1@900` before the time limit), ask a training loop to stop. The step in
-    progress finishes (Python runs the handler between operations); `requested()`, one
-    all-reduce that every rank calls after every step, makes all ranks see the request at
-    the same step, so they write the checkpoint together and none is left waiting at a
-    collective the others skipped. `exit()` then leaves <run>/preempted.json for a requeue
-    script and exits with PREEMPTED."""
+    `--signal=USR1@900` before the time limit), ask a training loop to stop. Installed
+    before the models load, so a signal during the set-up stops the run after its first
+    step. The step in progress finishes (Python runs the handler between operations);
+    `requested()`, one all-reduce that every rank calls after every step, makes all ranks
+    see the request at the same step, so they write the checkpoint together and none is
+    left waiting at a collective the others skipped. `exit()` then leaves
+    <run>/preempted.json for a requeue script and exits with PREEMPTED. run_dir None
+    (sizing mode): no handler, and nothing is touched."""
 
     def __init__(self, run_dir):
-        self.got, self.old, self.marker = None, {}, os.path.join(run_dir, "preempted.json")
-        if threading.current_thread() is threading.main_thread():
+        self.got, self.said, self.old = None, False, {}
+        self.marker = run_dir and os.path.join(run_dir, "preempted.json")
+        if run_dir and threading.current_thread() is threading.main_thread():
             self.old = {s: signal.signal(s, self._catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        if is_main() and os.path.isfile(self.marker):  # the marker describes the last stop only
+        if run_dir and is_main() and os.path.isfile(self.marker):  # the marker describes the last stop only
             os.remove(self.marker)
 
-    def _catch(self, signum, frame):
+    def _catch(self, signum, frame):  # no I/O here: a handler that writes while the loop writes can raise
         self.got = signal.Signals(signum).name
-        print(f"{self.got}: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
 
     def requested(self, device):
+        if self.got and not self.said:
+            print(f"{self.got}: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
+            self.said = True
         flag = torch.tensor([int(self.got is not None)], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -329,13 +335,14 @@ class StopSignal:
         self.old = {}
 
     def exit(self, step):
-        """After the checkpoint of `step`, on every rank."""
-        self.restore()
+        """After the checkpoint of `step`, on every rank: the marker, then cleanup's barrier,
+        so that no rank exits (and makes torchrun stop the others) before rank 0 has written."""
         if is_main():
             save_json(dict(step=step, signal=self.got or "on another rank", exit_status=PREEMPTED), self.marker)
         print0(f"stopped by a signal at step {step}, checkpoint written; exit status {PREEMPTED}: "
                f"rerun the same command with --resume to continue ({self.marker})")
         cleanup()
+        self.restore()
         sys.exit(PREEMPTED)
 
 
@@ -1566,14 +1573,15 @@ class StepFlops:
         self.kind = kind
         if step >= self.first_timed:
             self.timed.append(kind)
-        if kind not in self.counts:
+        if kind not in self.counts and step < self.first_timed:  # the counter slows the step: never on a timed one
             from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
             aten = torch.ops.aten  # torch's counter has formulas for the CUDA attention kernels, not for the CPU one
             cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
                              aten._scaled_dot_product_flash_attention_for_cpu_backward:
                                  lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}
             self.mode = FlopCounterMode(display=False, custom_mapping=cpu_attention)
-            # only the total is needed: its per-module breakdown hooks autograd and breaks R1's autograd.grad
+            # only the total is needed: its per-module breakdown (a private attribute, torch 2.13) hooks
+            # autograd and breaks R1's autograd.grad; tests/test_cluster.py fails if a torch release changes it
             self.mode.mod_tracker = types.SimpleNamespace(parents={"Global"}, __enter__=lambda: None, __exit__=lambda *a: None)
             self.mode.__enter__()
 
@@ -1584,7 +1592,8 @@ class StepFlops:
 
     @property
     def per_step(self):
-        return sum(self.counts[k] for k in self.timed) / len(self.timed) if self.timed else None
+        if self.timed and all(k in self.counts for k in self.timed):  # else a kind first came in a timed step
+            return sum(self.counts[k] for k in self.timed) / len(self.timed)
 
 
 def sizing_report(cfg, world, device, step_s, steps_timed, models, keys, flops=None):
@@ -1609,7 +1618,7 @@ def sizing_report(cfg, world, device, step_s, steps_timed, models, keys, flops=N
         per_img = flops.per_step / (cfg["batch"] / world)  # this process's step covers batch / world images
         if len(flops.counts) > 1:
             out["gflop_per_img_each"] = {k: float(f"{v / (cfg['batch'] / world) / 1e9:.6g}") for k, v in flops.counts.items()}
-        peak_tf = next((p for name, p in BF16_PEAK_TFLOPS if gpu and name in gpu), None)
+        peak_tf = next((p for name, p in BF16_PEAK_TFLOPS if gpu and re.search(rf"\b{name}\b", gpu)), None)  # not "RTX A1000"
         out.update(gflop_per_img=float(f"{per_img / 1e9:.6g}"), tflop_s_per_device=float(f"{per_img * img_s / 1e12:.4g}"),
                    bf16_peak_tflop_s=peak_tf, frac_of_peak=round(per_img * img_s / 1e12 / peak_tf, 4) if peak_tf else None)
     print0("benchmark: " + json.dumps(out))
@@ -1734,18 +1743,17 @@ def update_ema(ema, model, beta):
         be.copy_(b)
 
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log_to: the pip package each needs
-
-
 def check_tracker(name):
-    """--log_to's package, checked by 03's and 04's validate before any work: one line naming what to install."""
+    """--log_to's package (tensorboard or wandb, named as on pip), checked by 03's and 04's
+    validate before any work: one line naming what to install."""
     import importlib.util
-    if name != "none" and importlib.util.find_spec(TRACKERS[name]) is None:
-        fail(f"--log_to {name} needs the '{TRACKERS[name]}' package, which is not installed: pip install {TRACKERS[name]}")
+    if name != "none" and importlib.util.find_spec(name) is None:
+        fail(f"--log_to {name} needs the '{name}' package, which is not installed: pip install {name}")
 
 
 class MetricsLog:
-    """JSONL metrics on rank 0. On resume, lines past the resumed step are dropped.
+    """JSONL metrics on rank 0. On resume from checkpoint N (N steps done), the lines of
+    step N and later are dropped: the resumed run writes them again.
     path None: nothing is written (sizing mode). --log_to sends the same scalars and
     the grids to TensorBoard (<run>/tensorboard) or to W&B in offline mode (<run>/wandb,
     `wandb sync` uploads it later), imported only then."""
@@ -1755,7 +1763,7 @@ class MetricsLog:
         if is_main() and path:
             lines = []
             if resume_step and os.path.isfile(path):
-                lines = [l.rstrip("\n") + "\n" for l in open(path) if self._step(l) <= resume_step]
+                lines = [l.rstrip("\n") + "\n" for l in open(path) if self._step(l) < resume_step]  # steps 0..N-1 made it
             save_text("".join(lines), path)
             run_dir = os.path.dirname(path)
             if log_to == "tensorboard":
@@ -1796,9 +1804,10 @@ class MetricsLog:
             self.wandb.log({"grid": wandb.Image(path)}, step=step)
 
     def close(self):
-        for t in (self.tb, self.wandb):
-            if t:
-                t.close() if t is self.tb else t.finish()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def grad_norm(model, clip=0.0):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import common as C
-from conftest import REPO, S1, run_script, weights
+from conftest import REPO, S1, close_weights, run_script, weights
 
 RUN = ["--steps", 16, "--batch", 8, "--batch_per_device", 4, "--ckpt_every", 100, "--grid_every", 100, "--log_every", 1,
        "--ema_start", 0]
@@ -58,17 +58,17 @@ def signal_mid_run(p, metrics, sig, target=None, after=3, limit=300):
     os.kill(target() if target else p.pid, sig)
 
 
-def worker_pid(rank):
-    """The pid of torchrun's worker with this global rank (from /proc: its RANK variable)."""
+def worker_pid(torchrun, rank):
+    """The pid of the worker of this global rank among torchrun's children (/proc: RANK)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
+            parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
+        except (OSError, IndexError, ValueError):
             continue
-        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env) and b"torch.distributed.run" not in cmd:
+        if parent == torchrun.pid and f"RANK={rank}".encode() in env:
             return int(pid)
-    raise AssertionError(f"no worker of rank {rank}")
+    raise AssertionError(f"torchrun {torchrun.pid} has no worker of rank {rank}")
 
 
 @contextlib.contextmanager
@@ -143,7 +143,7 @@ def test_signal_under_torchrun_stops_every_rank_and_resumes_exactly(toy_run, scr
         run_script(script, *args, "--run_name", f"{script[:2]}_tr_straight", torchrun=2)
     env = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGUSR1"}  # torchrun --signals_to_handle
     p = popen(script, [*args, "--run_name", tag], torchrun=2, env=env)
-    signal_mid_run(p, toy_run / tag / "metrics.jsonl", sig, target=(lambda: worker_pid(1)) if who == "rank 1" else None)
+    signal_mid_run(p, toy_run / tag / "metrics.jsonl", sig, target=(lambda: worker_pid(p, 1)) if who == "rank 1" else None)
     rc, out, err = finish(p)
     marker = check_stopped(toy_run / tag, rc, out, err, 16, plain=False)
     if who == "rank 1":  # torchrun itself was not signalled: its failure report names the workers' status
@@ -159,7 +159,7 @@ def test_sigusr1_stops_02_phase1_and_resumes_exactly(tmp_path):
     """Phase 1 of 02 (plain python): SIGUSR1 after its first saved state (step 5), exit
     status 75 with the state of the step it stopped at; --resume gives the straight run's
     classifier exactly."""
-    base = ["--cls_steps", 60, "--num_triplets", 200, "--cal_steps", 20, "--cls_ckpt_every", 5]
+    base = ["--cls_steps", 150, "--num_triplets", 200, "--cal_steps", 20, "--cls_ckpt_every", 5]
     assert finish(popen("02_train_latent_lpips.py", ["--out_dir", tmp_path / "a", *base]))[0] == 0
     p = popen("02_train_latent_lpips.py", ["--out_dir", tmp_path / "b", *base])
     lp = tmp_path / "b" / "lpips"
@@ -170,7 +170,7 @@ def test_sigusr1_stops_02_phase1_and_resumes_exactly(tmp_path):
     os.kill(p.pid, signal.SIGUSR1)
     rc, out, err = finish(p)
     marker = json.load(open(lp / "preempted.json"))
-    assert rc == C.PREEMPTED and 0 < marker["step"] < 60, (rc, err[-2000:])
+    assert rc == C.PREEMPTED and 0 < marker["step"] < 150, (rc, err[-2000:])
     assert weights(lp / "classifier_latest.pt")["step"] == marker["step"] and not (lp / "latent_lpips.pt").exists()
     assert finish(popen("02_train_latent_lpips.py", ["--out_dir", tmp_path / "b", *base, "--resume"]))[0] == 0
     a, b = (weights(tmp_path / r / "lpips" / "classifier.pt")["state_dict"] for r in "ab")
@@ -230,6 +230,7 @@ def test_two_nodes_equal_one_process_and_rank0_writes_the_shared_files(tmp_path)
     assert len(la) == len(lb) == 4
     for x, y in zip(la, lb):
         assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]), (x, y)
+    close_weights(weights(one / "distill" / "ckpt_latest.pt"), weights(two / "distill" / "ckpt_latest.pt"), ("model", "ema"), 1e-4)
 
 
 def test_log_to_tensorboard_writes_the_scalars_and_grids(toy_run):
@@ -345,7 +346,8 @@ def test_slurm_example_uses_flags_that_exist_and_requeues_on_a_stop(tmp_path, ca
     """docs/slurm.sbatch: its #SBATCH and srun options are sbatch's and srun's, its torchrun
     options are in `torchrun --help`, and its stage flags in 03's and 04's --help. Run with
     stand-ins for srun and scontrol, it requeues the job when the stage left preempted.json
-    (exit 0), and passes a failure's status on otherwise."""
+    (exit 0), and passes a failure's status on otherwise, also when the last start's
+    marker is still there."""
     import re
     text = open(os.path.join(REPO, "docs", "slurm.sbatch")).read()
     assert set(re.findall(r"^#SBATCH --([a-z-]+)", text, re.M)) <= SBATCH_OPTIONS
@@ -373,12 +375,11 @@ def test_slurm_example_uses_flags_that_exist_and_requeues_on_a_stop(tmp_path, ca
     for f in bin_.iterdir():
         f.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", LOG=str(tmp_path / "log"), SLURM_JOB_NODELIST="node1",
-               SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="42")
+               SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="64")
     script = os.path.join(REPO, "docs", "slurm.sbatch")
     stopped = subprocess.run(["bash", script], env=dict(env, STOP="1"), cwd=tmp_path, capture_output=True, text=True)
     log = (tmp_path / "log").read_text()
     assert stopped.returncode == 0 and "scontrol requeue 42" in log and "--rdzv_endpoint=node1:29500" in log, (stopped, log)
-    (tmp_path / "runs" / "sd15" / "distill" / "preempted.json").unlink()
-    (tmp_path / "log").unlink()
+    (tmp_path / "log").unlink()  # the stop's marker stays: the next start must not take it for its own
     failed = subprocess.run(["bash", script], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert failed.returncode == 1 and "requeue" not in (tmp_path / "log").read_text()
