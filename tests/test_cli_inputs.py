@@ -256,12 +256,14 @@ def test_checkpoint_that_does_not_fit_is_refused():
 
 def test_resume_survives_a_metrics_line_cut_by_a_kill(tmp_path):
     """metrics.jsonl is appended to, so a kill can leave its last line cut short; --resume
-    keeps the lines up to the resumed step and drops the torn one instead of stopping."""
+    from checkpoint N (steps 0..N-1 done) keeps the lines before step N, which the resumed
+    run makes again, and drops the torn one instead of stopping."""
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "loss": 1.0}\n{"step": 10, "loss": 0.5}\n{"step": 20, "loss": 0.25}\n{"step": 30, "lo')
     log = C.MetricsLog(str(path), resume_step=20)
-    log.write(step=21, loss=0.2)
-    assert [json.loads(l)["step"] for l in open(path)] == [0, 10, 20, 21]
+    log.write(step=20, loss=0.2)
+    assert [json.loads(l)["step"] for l in open(path)] == [0, 10, 20]
+    assert json.loads(open(path).readlines()[-1])["loss"] == 0.2  # step 20 of the resumed run, once
     path.write_text('{"step": 0, "loss": 1.0}')  # whole, but its newline was not written
     C.MetricsLog(str(path), resume_step=5).write(step=6, loss=0.9)
     assert [json.loads(l)["step"] for l in open(path)] == [0, 6]
