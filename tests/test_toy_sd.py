@@ -114,8 +114,8 @@ def test_toy_sd_teacher_matches_its_captions(tmp_path):
     """At the preset's guidance the teacher's samples show the shape and the colour their
     caption names, judged by the toy attribute classifier of 05 (not the loss network).
     Measured on these 600 captions: both 81.5%, large shapes 96.5%, colour 100%. The issue's
-    bar is 90% overall; small shapes miss it because the 4x autoencoder blurs them (its
-    reconstructions of the real scenes score 86% on small shapes, docs/toy_sd.md)."""
+    bar is 90% overall; small shapes miss it: the 4x autoencoder reconstructs 86% of them, and
+    the U-Net loses more (docs/toy_sd.md)."""
     torch.set_num_threads(2)
     clf = S5.train_toy_classifier(str(tmp_path / "clf.pt"), scene=True, log=print)
     cfg = dict(C.get_preset("toy_sd"), preset="toy_sd", out_dir=str(tmp_path))
