@@ -173,7 +173,7 @@ def main(argv=None):
                 loss = loss_fn(model(b["z"].to(device), cond, b.get("w")), b["x"].to(device)).mean()  # Eq. 1 / 4
                 (loss / accum).backward()
             total += loss.detach() / accum
-        total = C.all_reduce_mean(total).item()
+        total, votes = C.all_reduce_mean(torch.stack([total, stop.vote(device)])).tolist()  # a SIGTERM/SIGUSR1 on any rank
         C.finite_or_stop(total, step, ckpt_path)
         log_now = step % cfg["log_every"] == 0 or step == cfg["steps"] - 1
         gnorm = C.grad_norm(G, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # measured when logged
@@ -188,7 +188,7 @@ def main(argv=None):
         if bench:
             flops.end()
             continue
-        stopping = stop.requested(device) and step + 1 < end  # SIGTERM/SIGUSR1 on any rank: checkpoint, then exit
+        stopping = votes > 0 and step + 1 < end  # checkpoint, then exit
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
             save(step + 1)
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:

@@ -493,7 +493,8 @@ def main(argv=None):
             for k, v in dict(loss_g=loss_g, loss_reg=loss_reg, loss_d=loss_d, logit_real=d_score(lr_real).mean(),
                              logit_fake=d_score(lr_fake).mean()).items():
                 st[k] += v.detach() / accum
-        st = dict(zip(STATS, C.all_reduce_mean(torch.stack(list(st.values()))).tolist()))
+        *means, votes = C.all_reduce_mean(torch.stack([*st.values(), stop.vote(device)])).tolist()  # a SIGTERM/SIGUSR1 on any rank
+        st = dict(zip(STATS, means))
         mixed = (C.all_reduce_mean(mixed) * world).round().int().tolist()
         for k in ("loss_g", "loss_d", "r1"):
             C.finite_or_stop(st[k], step, ckpt_path, k)
@@ -520,7 +521,7 @@ def main(argv=None):
         if bench:
             flops.end()
             continue
-        stopping = stop.requested(device) and step + 1 < end  # SIGTERM/SIGUSR1 on any rank: checkpoint, then exit
+        stopping = votes > 0 and step + 1 < end  # checkpoint, then exit
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
             save(step + 1)
         if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:

@@ -303,9 +303,9 @@ class StopSignal:
     `--signal=USR1@900` before the time limit), ask a training loop to stop. Installed
     before the models load, so a signal during the set-up stops the run after its first
     step. The step in progress finishes (Python runs the handler between operations);
-    `requested()`, one all-reduce that every rank calls after every step, makes all ranks
-    see the request at the same step, so they write the checkpoint together and none is
-    left waiting at a collective the others skipped. `exit()` then leaves
+    every rank's `vote()` goes into one all-reduce after every step, so all ranks see the
+    request at the same step, write the checkpoint together, and none is left waiting at
+    a collective the others skipped. `exit()` then leaves
     <run>/preempted.json for a requeue script and exits with PREEMPTED. run_dir None
     (sizing mode): no handler, and nothing is touched."""
 
@@ -320,14 +320,17 @@ class StopSignal:
     def _catch(self, signum, frame):  # no I/O here: a handler that writes while the loop writes can raise
         self.got = signal.Signals(signum).name
 
-    def requested(self, device):
+    def vote(self, device):
+        """This rank's request (1.0 after a signal), to be averaged over the ranks with the
+        step's statistics (03, 04: no collective of its own); any rank's makes the mean > 0."""
         if self.got and not self.said:
             print(f"{self.got}: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
             self.said = True
-        flag = torch.tensor([int(self.got is not None)], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return torch.tensor(float(self.got is not None), device=device)
+
+    def requested(self, device):
+        """The vote alone, for a loop that reduces nothing else (02's phase 1)."""
+        return all_reduce_mean(self.vote(device)).item() > 0
 
     def restore(self):
         for s, handler in self.old.items():
