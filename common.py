@@ -66,7 +66,7 @@ PRESETS = {
         resolution=32, channels=4, num_classes=0, num_steps=50, guidance=3.0, protocol="toy",
         num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32",
         lpips_width=0.25, lpips_pools_removed=3, cls_steps=300, cls_batch=64, cls_lr=2e-3,  # the paper's 3: taps at 8, 8, 8, 4, 2
-        loss="elatent", lpips_augment="bgc+cutout", teacher_steps=3000, teacher_batch=128, vae_steps=2000,
+        loss="elatent", lpips_augment="bgc+cutout", teacher_steps=6000, teacher_batch=128, vae_steps=2000,
         stage_row="toy_sd",  # 03/04's rows (also for a user's copy of this preset, whose arch is sd15's)
     ),
     "cifar10": dict(

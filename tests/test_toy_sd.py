@@ -112,10 +112,9 @@ def test_pixel_lpips_for_the_table1_baseline(toy_sd_run, tmp_path):
 @pytest.mark.slow  # ~2 min: 600 DDIM-50 + CFG samples and the attribute classifier
 def test_toy_sd_teacher_matches_its_captions(tmp_path):
     """At the preset's guidance the teacher's samples show the shape and the colour their
-    caption names, judged by the toy attribute classifier of 05 (not the loss network).
-    Measured on these 600 captions: both 81.5%, large shapes 96.5%, colour 100%. The issue's
-    bar is 90% overall; small shapes miss it: the 4x autoencoder reconstructs 86% of them, and
-    the U-Net loses more (docs/toy_sd.md)."""
+    caption names for at least 90% of these 600 held-out captions (the issue's bar), judged by
+    the toy attribute classifier of 05 (not the loss network). Measured: both 95.8% (large
+    shapes 99.7%, small 92.4%), colour 100%; the teacher trained for half as long scored 81.5%."""
     torch.set_num_threads(2)
     clf = S5.train_toy_classifier(str(tmp_path / "clf.pt"), scene=True, log=print)
     cfg = dict(C.get_preset("toy_sd"), preset="toy_sd", out_dir=str(tmp_path))
@@ -128,7 +127,7 @@ def test_toy_sd_teacher_matches_its_captions(tmp_path):
     both, large = hit.all(1).float(), a[:, 3] == 1
     print(f"toy_sd teacher at w={cfg['guidance']}: shape {hit[:, 0].float().mean():.3f}, colour {hit[:, 1].float().mean():.3f}, "
           f"both {both.mean():.3f} (large {both[large].mean():.3f}, small {both[~large].mean():.3f}) of {len(seeds)} captions")
-    assert hit[:, 1].float().mean() >= 0.97 and both[large].mean() >= 0.9 and both.mean() >= 0.75
+    assert both.mean() >= 0.9 and both[~large].mean() >= 0.85 and hit[:, 1].float().mean() >= 0.97
 
 
 def test_a_copy_of_the_preset_keeps_its_stage_rows(monkeypatch):
@@ -145,7 +144,7 @@ def test_toy_sd_quickstart_end_to_end(tmp_path):
     for s in ("01_make_pairs", "02_train_latent_lpips", "03_ode_distill", "04_gan_finetune", "05_evaluate"):
         run_script(f"{s}.py", "--preset", "toy_sd", "--out_dir", tmp_path)
     m = json.load(open(tmp_path / "eval" / "metrics.json"))
-    assert m["teacher"]["caption_500"] > 0.75
+    assert m["teacher"]["caption_500"] > 0.85
     # stage 2 removes much of stage 1's artefacts (measured: FID-toy 7.24 -> 3.22, captions 0.28 -> 0.50; docs/toy_sd.md)
     assert m["stage 2"]["fid_500"] < 0.8 * m["stage 1"]["fid_500"]
     assert m["stage 2"]["caption_500"] > m["stage 1"]["caption_500"] + 0.05
