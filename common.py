@@ -430,6 +430,31 @@ def file_sha256(path, chunk=1 << 20):
     return h.hexdigest()
 
 
+def folder_fingerprint(folder, parts, chunks=64, chunk=1 << 16):
+    """sha256 of the files under `parts` (sub-folders or files) of a model folder: each
+    file's relative name and size, the whole of each small file (configs, tokenizers),
+    and 64 evenly spaced 64-KiB reads of each large one (weights). Two trainings of one
+    architecture differ here, at the cost of reading a few MiB of an SD checkpoint
+    instead of its gigabytes."""
+    h = hashlib.sha256()
+    paths = []
+    for part in sorted(parts):
+        top = os.path.join(folder, part)
+        paths += [top] if os.path.isfile(top) else \
+            sorted(os.path.join(r, n) for r, _, files in os.walk(top, followlinks=True) for n in files)
+    for path in paths:
+        size = os.path.getsize(path)
+        h.update(f"{os.path.relpath(path, folder)}:{size}".encode())
+        with open(path, "rb") as f:
+            if size <= chunks * chunk:
+                h.update(f.read())
+                continue
+            for i in range(chunks):
+                f.seek((size - chunk) * i // (chunks - 1))
+                h.update(f.read(chunk))
+    return h.hexdigest()
+
+
 def load_image(path, size):
     """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
     from PIL import Image
@@ -911,8 +936,11 @@ class LDMTeacher:
         self.T = int(self.timesteps[0])
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float32)
         self.prediction_type = self.scheduler.config.prediction_type
-        cfg_hash = hashlib.sha256(open(os.path.join(path, "unet", "config.json"), "rb").read()).hexdigest()[:12]
-        self.teacher_id = f"{src}:unet-config={cfg_hash}"
+        # which teacher made a run's pairs and students: the hub id or the folder's name (a run folder moves
+        # between clones and machines) and the weights themselves (a retrained teacher is another teacher)
+        name = os.path.basename(os.path.normpath(src)) if os.path.isdir(src) else src
+        parts = ["model_index.json"] + [k for k, v in index.items() if isinstance(v, list) and v[0]]
+        self.teacher_id = f"{name}:sha256={folder_fingerprint(path, parts)[:16]}"
 
     def noise_and_condition(self, seeds):
         """z from each pair's seed on the CPU generator (the prompts are the caller's)."""

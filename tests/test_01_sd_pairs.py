@@ -141,6 +141,35 @@ def test_broken_teacher_folder(tiny_sd15, prompt_file, tmp_path):
         assert msg.startswith("error: ") and "does not load" in msg and part in msg, (part, msg)
 
 
+def test_teacher_identity_is_its_weights_not_its_place(tiny_sd15, prompt_file, tmp_path):
+    """Pairs and students record their teacher by the folder's name and a fingerprint of its
+    files: the same teacher elsewhere (a clone, a copied run) is accepted, and a retrained
+    one (one weight changed) is refused with the field named."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    here, there, other = (tmp_path / d / "model" for d in ("here", "there", "other"))
+    for d in (here, there, other):
+        shutil.copytree(tiny_sd15, d)
+    w = other / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(w)
+    k = sorted(sd)[len(sd) // 2]
+    sd[k] = sd[k] + 1e-3
+    save_file(sd, w)
+    args = ["--preset", "sd15", "--prompts", prompt_file, "--out_dir", tmp_path / "out", *SMALL]
+    run_script("01_make_pairs.py", "--teacher", here, *args)
+    run_script("01_make_pairs.py", "--teacher", there, *args)  # the finished pairs, accepted as this teacher's
+    msg = _fails("--teacher", other, *args)
+    assert "different setup" in msg and "teacher: found 'model:sha256=" in msg, msg
+    # a large file is read in 64 strided chunks: a retraining (every byte) changes it, its place does not
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "w.bin").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "w.bin").write_bytes(bytes((i + 1) % 256 for i in range(256)) * 64)
+    fp = {d: C.folder_fingerprint(tmp_path / d, ["w.bin"], chunks=4, chunk=16) for d in "abc"}
+    assert fp["a"] == fp["b"] != fp["c"]
+
+
 def test_prompt_files(tmp_path):
     """--prompts: a .txt, a .jsonl of strings or objects (prompt/caption/text), or a folder
     of them in name order; a .jsonl line of another shape stops with the file named."""
