@@ -145,8 +145,8 @@ def test_toy_sd_quickstart_end_to_end(tmp_path):
         run_script(f"{s}.py", "--preset", "toy_sd", "--out_dir", tmp_path)
     m = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert m["teacher"]["caption_500"] > 0.85
-    # stage 2 removes much of stage 1's artefacts (measured: FID-toy 7.24 -> 3.22, captions 0.28 -> 0.50; docs/toy_sd.md)
-    assert m["stage 2"]["fid_500"] < 0.8 * m["stage 1"]["fid_500"]
-    assert m["stage 2"]["caption_500"] > m["stage 1"]["caption_500"] + 0.05
+    # stage 2 draws more captions right than stage 1 (measured: captions 0.72 -> 0.79, FID-toy 1.19 -> 0.92; docs/toy_sd.md)
+    assert m["stage 2"]["caption_500"] > m["stage 1"]["caption_500"] + 0.03
+    assert m["stage 2"]["fid_500"] < m["stage 1"]["fid_500"]
     for f in ("compare.png", "diversity.png", "results.md", "prompts.txt"):
         assert os.path.isfile(tmp_path / "eval" / f)
