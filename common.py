@@ -431,20 +431,25 @@ def file_sha256(path, chunk=1 << 20):
 
 
 def folder_fingerprint(folder, parts, chunks=64, chunk=1 << 16):
-    """sha256 of the files under `parts` (sub-folders or files) of a model folder: each
-    file's relative name and size, the whole of each small file (configs, tokenizers),
-    and 64 evenly spaced 64-KiB reads of each large one (weights). Two trainings of one
-    architecture differ here, at the cost of reading a few MiB of an SD checkpoint
-    instead of its gigabytes."""
+    """sha256 of the files under `parts` (sub-folders or files) of a model folder that a
+    plain from_pretrained reads: each one's relative name and size, the whole of each
+    small file (configs, tokenizers), and 64 evenly spaced 64-KiB reads of each large one
+    (weights). Weight variants (name.fp16.safetensors), other formats' weights and
+    hidden files are left out. A retraining changes every tensor and so this; an edit
+    of a few tensors of a multi-GB file can fall between the reads."""
     h = hashlib.sha256()
     paths = []
     for part in sorted(parts):
         top = os.path.join(folder, part)
         paths += [top] if os.path.isfile(top) else \
-            sorted(os.path.join(r, n) for r, _, files in os.walk(top, followlinks=True) for n in files)
+            sorted(os.path.join(r, n) for r, _, files in os.walk(top) for n in files)
     for path in paths:
+        name = os.path.basename(path)
+        if name.startswith(".") or (name.endswith((".safetensors", ".bin")) and name.count(".") > 1) or \
+                (name.endswith(".bin") and any(f.endswith(".safetensors") for f in os.listdir(os.path.dirname(path)))):
+            continue
         size = os.path.getsize(path)
-        h.update(f"{os.path.relpath(path, folder)}:{size}".encode())
+        h.update(f"{os.path.relpath(path, folder).replace(os.sep, '/')}:{size}".encode())
         with open(path, "rb") as f:
             if size <= chunks * chunk:
                 h.update(f.read())
@@ -938,8 +943,8 @@ class LDMTeacher:
         self.prediction_type = self.scheduler.config.prediction_type
         # which teacher made a run's pairs and students: the hub id or the folder's name (a run folder moves
         # between clones and machines) and the weights themselves (a retrained teacher is another teacher)
-        name = os.path.basename(os.path.normpath(src)) if os.path.isdir(src) else src
-        parts = ["model_index.json"] + [k for k, v in index.items() if isinstance(v, list) and v[0]]
+        name = os.path.basename(os.path.abspath(src)) if os.path.isdir(src) else src
+        parts = ["model_index.json"] + [k for k, v in index.items() if isinstance(v, list) and v[0] and k not in extra]
         self.teacher_id = f"{name}:sha256={folder_fingerprint(path, parts)[:16]}"
 
     def noise_and_condition(self, seeds):

@@ -143,8 +143,8 @@ def test_broken_teacher_folder(tiny_sd15, prompt_file, tmp_path):
 
 def test_teacher_identity_is_its_weights_not_its_place(tiny_sd15, prompt_file, tmp_path):
     """Pairs and students record their teacher by the folder's name and a fingerprint of its
-    files: the same teacher elsewhere (a clone, a copied run) is accepted, and a retrained
-    one (one weight changed) is refused with the field named."""
+    files: the same teacher elsewhere (a clone, a copied run, beside files it does not load)
+    is accepted, and a retrained one (one weight changed) is refused with the field named."""
     import shutil
     from safetensors.torch import load_file, save_file
     here, there, other = (tmp_path / d / "model" for d in ("here", "there", "other"))
@@ -157,6 +157,8 @@ def test_teacher_identity_is_its_weights_not_its_place(tiny_sd15, prompt_file, t
     save_file(sd, w)
     args = ["--preset", "sd15", "--prompts", prompt_file, "--out_dir", tmp_path / "out", *SMALL]
     run_script("01_make_pairs.py", "--teacher", here, *args)
+    (there / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant diffusers does not load here")
+    (there / "vae" / ".DS_Store").write_bytes(b"\0")
     run_script("01_make_pairs.py", "--teacher", there, *args)  # the finished pairs, accepted as this teacher's
     msg = _fails("--teacher", other, *args)
     assert "different setup" in msg and "teacher: found 'model:sha256=" in msg, msg
