@@ -17,7 +17,7 @@ SD1.5 (8 GPUs):         torchrun --nproc_per_node=8 01_make_pairs.py --preset sd
 SDXL (8 GPUs):          torchrun --nproc_per_node=8 01_make_pairs.py --preset sdxl --prompts laion_prompts.txt
 Retrain the toy teacher (writes assets/toy_teacher.safetensors, ~15 min CPU):
                         python 01_make_pairs.py --train_teacher
-toy_sd (CPU, ~3 min):   python 01_make_pairs.py --preset toy_sd    (prompts: the teacher's captions)
+toy_sd (CPU, ~4 min):   python 01_make_pairs.py --preset toy_sd    (prompts: the teacher's captions)
 Retrain the toy_sd teacher (writes assets/toy_sd/, ~55 min on 2 CPU cores):
                         python 01_make_pairs.py --preset toy_sd --train_teacher
 Throughput vs diffusers' pipeline (same teacher, prompts, z, steps, guidance):
