@@ -1,7 +1,8 @@
 """Imported by every Python process started with this folder on PYTHONPATH (tests/test_cluster.py):
 each file a process completes (os.replace / os.rename, the end of every C.atomic write, which is
-how the scripts write files, or an append) is recorded as "RANK<TAB>path" in $D2G_WRITE_AUDIT, RANK being torchrun's global rank ("-" outside
-a worker). The two-node test then checks which rank wrote each shared file."""
+how the scripts write files, or an append) is recorded as "RANK<TAB>path" in $D2G_WRITE_AUDIT,
+RANK being torchrun's global rank ("-" outside a worker). The two-node test then checks which
+rank wrote each shared file."""
 import builtins
 import os
 
