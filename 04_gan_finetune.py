@@ -20,6 +20,7 @@ Table 2 row:         python 04_gan_finetune.py --no-multiscale --mix_match 0 --r
 Export (diffusers):  python 04_gan_finetune.py --preset sd15 --export runs/sd15/export   (README: the pipeline call)
 """
 import copy
+import json
 import os
 import time
 
@@ -44,6 +45,8 @@ FLAGS = {
         ("multiscale", True, None, "'+ multi-scale': inputs at every encoder scale, 3 readouts per decoder scale"),
         ("r1_gamma", None, C.NONNEG, "'+ single-sample R1' strength (0 = off)"),
         ("r1_every", 16, C.INT_POS, "lazy R1: every this many D steps"),
+        ("r1_reading", "sum", ("sum", "sum_pos", "mean"), "R1's D(x) from the logit maps: the sum of every logit, the mean "
+         "over readouts of each one's sum, or the mean of every logit (docs/design.md: R1's strength)"),
         ("mix_match", None, C.FRACTION, "'+ mix-and-match': fraction of fakes replaced by mismatched real pairs"),
         ("noise_aug", None, bool, "diffuse D's input to a random t first (SDXL, Table A1)"),
         ("d_t", None, C.NONNEG, "D's noise level without --noise_aug: EDM sigma (toy 0.5), SD timestep (0)"),
@@ -200,8 +203,18 @@ class Discriminator(nn.Module):
 
 
 def d_score(logits):
-    """D(x) as one number per sample: the mean over readouts and positions."""
+    """D(x) as one number per sample: the mean over readouts and positions (logged as logit_real / logit_fake)."""
     return torch.stack([l.mean((1, 2, 3)) for l in logits]).mean(0)
+
+
+# R1's D(x). StyleGAN2's R1 (gamma = 0.01 in Table A1 comes from that convention) penalises the
+# gradient of one logit per image; this D gives a logit map per readout. Each reading below is
+# D(x) as one number per sample; R1 = ||grad_x D(x)||^2 then scales with the square of its reduction.
+R1_READINGS = {
+    "sum": lambda logits: torch.stack([l.sum((1, 2, 3)) for l in logits]).sum(0),  # every logit a StyleGAN2 D(x)
+    "sum_pos": lambda logits: torch.stack([l.sum((1, 2, 3)) for l in logits]).mean(0),  # summed over positions, mean of readouts
+    "mean": d_score,  # the mean over readouts and positions, as the loss averages them
+}
 
 
 def gan_loss_d(logits_real, logits_fake):
@@ -217,8 +230,8 @@ def gan_loss_g(logits_fake):
     return torch.stack([F.softplus(-l).mean() for l in logits_fake]).mean()
 
 
-def r1_penalty(D, x, z, cond, weight=None):
-    """Single-sample R1: ||grad_x D(x)||^2 on one real sample (D(x) = d_score).
+def r1_penalty(D, x, z, cond, weight=None, reading="sum"):
+    """Single-sample R1: ||grad_x D(x)||^2 on one real sample, D(x) as R1_READINGS[reading].
     Attention runs on the math kernel here: fused kernels have no double backward.
     With `weight`, weight * R1 is also backpropagated under the same kernel (a
     gradient-checkpointed D recomputes its blocks then, and must match) and the
@@ -232,7 +245,7 @@ def r1_penalty(D, x, z, cond, weight=None):
     x = x.detach().requires_grad_(True)
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            score = d_score(D(x, z, cond)).sum()
+            score = R1_READINGS[reading](D(x, z, cond)).sum()
             (g,) = torch.autograd.grad(score, x, create_graph=True)
             r1 = g.pow(2).sum((1, 2, 3)).mean()
             if weight is None:
@@ -243,6 +256,18 @@ def r1_penalty(D, x, z, cond, weight=None):
             u.set_reshard_after_backward(True)
             u.reshard()
     return r1.detach()
+
+
+def r1_under_each_reading(D, x, z, cond):
+    """R1 of one real sample under every reading, from one first-order gradient per
+    readout (sizing mode's report: which reading makes gamma = 0.01 a real term of L_D)."""
+    x = x.detach().requires_grad_(True)
+    logits = D(x, z, cond)
+    grads = [torch.autograd.grad(l.sum(), x, retain_graph=True)[0].double() for l in logits]
+    n = [l[0].numel() for l in logits]
+    R = len(logits)
+    g = dict(sum=sum(grads), sum_pos=sum(grads) / R, mean=sum(gr / k for gr, k in zip(grads, n)) / R)
+    return {k: v.pow(2).sum().item() / len(x) for k, v in g.items()}
 
 
 MIX_KINDS = ("unrelated", "wrong_c", "wrong_z")
@@ -457,24 +482,33 @@ def main(argv=None):
         log_now = step % cfg["log_every"] == 0 or do_r1 or step == cfg["steps"] - 1
         st = {k: torch.zeros((), device=device) for k in STATS}  # this step's statistics, summed over its micro-batches
         mixed = torch.zeros(3, device=device)  # mix-and-match fakes of each kind in this step (all ranks)
-        for m, (chunk, idx) in enumerate(C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum)):
-            torch.manual_seed(cfg["seed"] * 1_000_003 + step * 4099 + chunk)
+        seed_of = lambda phase, chunk: cfg["seed"] * 1_000_003 + step * 4099 + chunk + phase * (1 << 40)
+        batches = []  # this rank's micro-batches, read once for both updates
+        for chunk, idx in C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum):
             b = data.get(idx)
-            z, x_real, w = b["z"].to(device), b["x"].to(device), b.get("w")
-            cond = C.student_cond(teacher, b["cond"], device)
-            plan = mix_and_match_plan(cfg["seed"], step, [chunk * len(idx) + k for k in range(len(idx))], idx,
+            batches.append(dict(chunk=chunk, idx=idx, z=b["z"].to(device), x=b["x"].to(device), w=b.get("w"),
+                                cond=C.student_cond(teacher, b["cond"], device)))
+
+        # D update (Eq. 5): real vs fake, the fakes including the mix-and-match ones. With one micro-batch
+        # G's fake keeps its graph for the G update below (as StyleGAN2 alternates, at no extra cost);
+        # with several, the G update recomputes it (docs/scaling.md: the cost of accumulation in stage 2).
+        requires_grad(D, True)
+        for m, mb in enumerate(batches):
+            torch.manual_seed(seed_of(1, mb["chunk"]))
+            z, x_real, cond, idx = mb["z"], mb["x"], mb["cond"], mb["idx"]
+            plan = mix_and_match_plan(cfg["seed"], step, [mb["chunk"] * len(idx) + k for k in range(len(idx))], idx,
                                       cfg["mix_match"], len(data))
             if plan:  # mix-and-match partners: real pairs drawn from the data set (their own z and c)
                 p = data.get([j for _, _, j in plan])
                 partners = (p["x"].to(device), p["z"].to(device), C.student_cond(teacher, p["cond"], device))
                 mixed += torch.tensor([sum(kind == k for _, kind, _ in plan) for k in MIX_KINDS], device=device)
             if cfg["fsdp"]:  # reduce-scatter the gradients on the step's last micro-batch only
-                G.set_requires_gradient_sync(m == accum - 1)
                 D.set_requires_gradient_sync(m == accum - 1)
+            with C.autocast(device, cfg["dtype"]), torch.set_grad_enabled(accum == 1):
+                x_fake = G(z, cond, mb["w"])
+            if accum == 1:
+                mb["x_fake"] = x_fake
             with C.autocast(device, cfg["dtype"]):
-                x_fake = G(z, cond, w)
-                # D step (Eq. 5): real vs fake, the fakes including the mix-and-match ones
-                requires_grad(D, True)
                 xf, zf, cf = x_fake.detach(), z, cond
                 if plan:
                     xf, zf, cf = mix_and_match(xf, z, cond, plan, *partners)
@@ -483,27 +517,41 @@ def main(argv=None):
             (loss_d / accum).backward()
             if do_r1 and m == 0:  # single-sample R1, lazy: scaled by the interval
                 st["r1"] += r1_penalty(D, x_real[:1], z[:1], C.map_cond(lambda t: t[:1], cond),
-                                       weight=0.5 * cfg["r1_gamma"] * cfg["r1_every"])
-            # G step (Eq. 6): regression + non-saturating GAN loss; D frozen
-            requires_grad(D, False)
+                                       weight=0.5 * cfg["r1_gamma"] * cfg["r1_every"], reading=cfg["r1_reading"])
+            for k, v in dict(loss_d=loss_d, logit_real=d_score(lr_real).mean(), logit_fake=d_score(lr_fake).mean()).items():
+                st[k] += v.detach() / accum
+        if not cfg["fsdp"]:  # FSDP reduce-scattered them in backward
+            sync_grads(D)
+        st["grad_norm_d"] = C.grad_norm(D, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # when logged
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+
+        # G update (Eq. 6): regression + non-saturating GAN loss, scored by the D just updated; D frozen
+        requires_grad(D, False)
+        for m, mb in enumerate(batches):
+            torch.manual_seed(seed_of(0, mb["chunk"]))
+            z, x_real, cond = mb["z"], mb["x"], mb["cond"]
+            if cfg["fsdp"]:
+                G.set_requires_gradient_sync(m == accum - 1)
             with C.autocast(device, cfg["dtype"]):
+                x_fake = mb.pop("x_fake") if accum == 1 else G(z, cond, mb["w"])
                 loss_reg = loss_fn(x_fake, x_real).mean()
                 loss_g = loss_reg + cfg["lambda_gan"] * gan_loss_g(D(x_fake, z, cond))
             (loss_g / accum).backward()
-            for k, v in dict(loss_g=loss_g, loss_reg=loss_reg, loss_d=loss_d, logit_real=d_score(lr_real).mean(),
-                             logit_fake=d_score(lr_fake).mean()).items():
-                st[k] += v.detach() / accum
+            st["loss_g"] += loss_g.detach() / accum
+            st["loss_reg"] += loss_reg.detach() / accum
+        del batches
+        grad_norm_d = st.pop("grad_norm_d")
         *means, votes = C.all_reduce_mean(torch.stack([*st.values(), stop.vote(device)])).tolist()  # a SIGTERM/SIGUSR1 on any rank
-        st = dict(zip(STATS, means))
+        st = dict(zip(STATS, means), grad_norm_d=grad_norm_d)
         mixed = (C.all_reduce_mean(mixed) * world).round().int().tolist()
-        for k in ("loss_g", "loss_d", "r1"):
+        for k in ("loss_g", "loss_d", "r1"):  # a non-finite step stops here, before anything is saved
             C.finite_or_stop(st[k], step, ckpt_path, k)
-        for name, model, opt in (("grad_norm_d", D, opt_d), ("grad_norm_g", G, opt_g)):
-            if not cfg["fsdp"]:  # FSDP reduce-scattered them in backward
-                sync_grads(model)
-            st[name] = C.grad_norm(model, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # when logged
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        if not cfg["fsdp"]:
+            sync_grads(G)
+        st["grad_norm_g"] = C.grad_norm(G, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
         C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
         seen += cfg["batch"]
         d_wins = d_wins + 1 if st["logit_real"] - st["logit_fake"] > 8 else 0
@@ -535,7 +583,12 @@ def main(argv=None):
         C.synchronize(device)
         C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G, D=D),
                         ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond", "multiscale",
-                         "r1_gamma", "r1_every", "mix_match", "noise_aug"), flops)
+                         "r1_gamma", "r1_every", "r1_reading", "mix_match", "noise_aug"), flops)
+        b = data.get([0])  # R1's share of L_D under each reading, at this D and the last step's L_D
+        with C.autocast(device, cfg["dtype"]):
+            r1 = r1_under_each_reading(D, b["x"].to(device), b["z"].to(device), C.student_cond(teacher, b["cond"], device))
+        C.print0("r1_term / loss_d (gamma = %g): " % cfg["r1_gamma"] + json.dumps(
+            {k: float(f"{0.5 * cfg['r1_gamma'] * v / st['loss_d']:.3g}") for k, v in r1.items()}))
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

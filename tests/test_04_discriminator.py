@@ -130,10 +130,46 @@ def test_r1_equals_finite_differences():
             e = torch.zeros(x.numel(), dtype=torch.float64)
             e[i] = eps
             e = e.view_as(x)
-            g[i] = (S4.d_score(D(x + e, z, c)) - S4.d_score(D(x - e, z, c))).item() / (2 * eps)
+            score = S4.R1_READINGS["sum"]  # the default reading
+            g[i] = (score(D(x + e, z, c)) - score(D(x - e, z, c))).item() / (2 * eps)
     fd = g.pow(2).sum().item()
     print(f"R1 autograd {r1:.8e} vs finite differences {fd:.8e}")
     assert abs(r1 - fd) / fd < 1e-6
+
+
+class LinearD(torch.nn.Module):
+    """A D whose readouts are linear in x: readout r is a_r . x at each position (the last
+    one average-pooled to half size), so grad_x of each readout's sum is a_r * s_r at every
+    position (s_r = 1, or 1/4 when pooled) and each reading's R1 has a closed form."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x, z, cond):
+        maps = [(a.view(1, -1, 1, 1) * x).sum(1, keepdim=True) for a in self.a]
+        return maps[:-1] + [torch.nn.functional.avg_pool2d(maps[-1], 2)]
+
+
+def test_r1_of_a_linear_d_in_closed_form():
+    """R1 = ||grad_x D(x)||^2 with D(x) the sum of every logit by default (04's --r1_reading
+    sum: each logit a StyleGAN2 D(x), the convention gamma = 0.01 comes from); the other
+    readings divide the gradient by the readouts (sum_pos) or by every readout's size too
+    (mean), i.e. R1 by R^2 or by (R N)^2: a change of the default's reduction fails here."""
+    R, Ch, H = 3, 4, 8
+    a = torch.randn(R, Ch, dtype=torch.float64)
+    s = torch.tensor([1.0, 1.0, 0.25], dtype=torch.float64)  # d(sum of a pooled map)/dx = 1/4 per input position
+    n = torch.tensor([H * H, H * H, H * H / 4], dtype=torch.float64)  # positions per readout
+    x = torch.randn(1, Ch, H, H, dtype=torch.float64)
+    closed = {"sum": (s[:, None] * a).sum(0), "sum_pos": (s[:, None] * a).sum(0) / R,
+              "mean": (s[:, None] * a / n[:, None]).sum(0) / R}
+    closed = {k: H * H * g.pow(2).sum().item() for k, g in closed.items()}
+    for reading, want in closed.items():
+        assert abs(S4.r1_penalty(LinearD(a), x, None, None, reading=reading).item() - want) < 1e-9 * want, reading
+    default = S4.get_config([])[0]["r1_reading"]
+    assert default == "sum" and abs(S4.r1_penalty(LinearD(a), x, None, None, reading=default).item() - closed["sum"]) < 1e-9 * closed["sum"]
+    got = S4.r1_under_each_reading(LinearD(a), x, None, None)  # sizing mode's report, first-order per readout
+    assert all(abs(got[k] - v) < 1e-9 * v for k, v in closed.items())
 
 
 def test_mix_and_match():

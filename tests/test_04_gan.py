@@ -72,6 +72,39 @@ def test_stage2_d_learns_from_loss_d_and_the_weighted_r1_only(toy_run):
     S4.r1_penalty(D, b["x"][:1], b["z"][:1], b["cond"][:1], weight=0.5 * 0.5 * 3)
     assert logged == pytest.approx(C.grad_norm(D), rel=1e-4)
 
+def test_stage2_g_is_scored_by_the_updated_d(toy_run):
+    """Alternating updates (StyleGAN2, GigaGAN): D steps first, then G's step-0 gradient is
+    Eq. 6 through the D of after that step (ckpt_latest.pt's D after one step), recomputed
+    here from the same pairs and augmentation draw; through the D of before it differs."""
+    import importlib
+    stage1_with_an_ema(toy_run)
+    args = ["--out_dir", str(toy_run), "--init", str(toy_run / "wire1" / "student_ema.pt"), "--run_name", "wire4", "--steps", "1",
+            "--batch", "8", "--batch_per_device", "8", "--lambda_gan", "1", "--r1_gamma", "0", "--mix_match", "0", "--lr", "1e-30",
+            "--d_lr", "1e-2", "--log_every", "1", "--grid_every", "100", "--ckpt_every", "1"]
+    run_script("04_gan_finetune.py", *args)
+    logged = json.loads(open(toy_run / "wire4" / "metrics.jsonl").readline())["grad_norm_g"]
+    S4, cpu = importlib.import_module("04_gan_finetune"), torch.device("cpu")
+    cfg, _ = S4.get_config(args)
+    _, _, _, teacher, data = C.training_setup(cfg, 1, cpu)  # seeds torch as 04 does: D's heads come out the same
+    s1 = weights(toy_run / "wire1" / "student_ema.pt")
+    cfg.update({k: s1["config"][k] for k in S4.LOSS_KEYS})
+    loss_fn = C.build_loss(cfg, teacher, cpu)
+    D = S4.Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_t"], cfg["noise_aug"]).requires_grad_(False)
+    after = weights(toy_run / "wire4" / "ckpt_latest.pt")["D"]
+    (chunk, idx), = C.micro_batches(C.step_indices(cfg["seed"], 0, 8, len(data)), 1, 0, 1)
+    b = data.get(idx)
+
+    def g_grad_norm():
+        G = C.Student(teacher, cfg)
+        G.load_state_dict(s1["ema"])
+        torch.manual_seed(cfg["seed"] * 1_000_003 + chunk)  # 04's G-update RNG for step 0, chunk 0
+        fake = G(b["z"], b["cond"])
+        (loss_fn(fake, b["x"]).mean() + S4.gan_loss_g(D(fake, b["z"], b["cond"]))).backward()
+        return C.grad_norm(G)
+    before = g_grad_norm()
+    D.load_state_dict(after)
+    assert logged == pytest.approx(g_grad_norm(), rel=1e-5) and logged != pytest.approx(before, rel=1e-3)
+
 def test_stage2_resume_is_exact_and_seeded(toy_run):
     """4 straight steps == 2 steps + kill + resume to 4 (G, EMA and D, which has
     randomly initialised readout heads: --seed must fix them)."""
@@ -129,7 +162,7 @@ def test_stage2_fsdp_equals_ddp_with_r1(toy_run):
 def test_stage2_nan_guard(toy_run):
     run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 2, *S1)
     p = run_script("04_gan_finetune.py", "--out_dir", toy_run, "--run_name", "gan_nan", "--steps", 20, "--batch", 8,
-                   "--batch_per_device", 8, "--lr", 1e30, "--d_lr", 1e30,
+                   "--batch_per_device", 8, "--lr", 1e30,
                    "--ckpt_every", 1, check=False)
     assert p.returncode != 0
     msg = p.stderr.strip().splitlines()[-1]
