@@ -40,7 +40,7 @@ import common as C
 RANGE = C.checked_type(str, lambda s: 1 <= C.two_floats(s)[0] <= C.two_floats(s)[1], "'LOW,HIGH' with 1 <= LOW <= HIGH", "0.5,2")
 FLAGS = {
     "run": C.RUN_FLAGS[:2] + [("seed", 0, C.INT_NONNEG, "pair i has seed `seed + i`")] + C.RUN_FLAGS[3:] + [
-        ("dtype", None, C.DTYPES, "dtype of the frozen teacher (float16 also works here)"),
+        ("teacher_dtype", None, C.DTYPES, "the teacher's precision: SD/SDXL its weights' dtype, EDM autocast over float32 weights"),
         ("benchmark", False, None, "sd15/sdxl: time our pair generation against diffusers' pipeline (same latents), exit"),
     ],
     "teacher ODE (§3.1, App. A)": [
@@ -247,7 +247,7 @@ def benchmark_pairs(cfg, prompts, device, batches=2):
     teacher, prompts, z, steps, guidance, batch), in one run; plus the pure-UNet
     time of the same calls, the floor for both."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    teacher = C.LDMTeacher(cfg, device)
+    teacher = C.LDMTeacher(cfg, device, cfg["teacher_dtype"])
     B = cfg["batch_per_device"]
     cls = StableDiffusionXLPipeline if teacher.kind == "sdxl" else StableDiffusionPipeline
     kw = dict(torch_dtype=teacher.dtype) if teacher.dtype != torch.float32 else {}
@@ -330,7 +330,7 @@ def main(argv=None):
     if cfg["benchmark"]:
         print(json.dumps(benchmark_pairs(cfg, [prompts[i % len(prompts)] for i in range(cfg["batch_per_device"])], device), indent=2))
         return C.cleanup()
-    teacher = C.load_teacher(cfg, device)
+    teacher = C.load_teacher(cfg, device, cfg["teacher_dtype"])
     pairs_dir = os.path.join(cfg["out_dir"], "pairs")
     N, S = cfg["num_pairs"], cfg["shard_size"]
     prompts_id = prompts and f"{os.path.basename(os.path.normpath(cfg['prompts']))}:n={len(prompts)}:sha256=" + \

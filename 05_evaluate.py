@@ -65,7 +65,8 @@ DREAMSIM_N = 5_000  # DreamSim-5k: the first 5k samples' distance to the teacher
 FLOATS = C.checked_type(lambda s: [float(v) for v in s.split(",")], bool, "comma-separated numbers", "1,x")
 FLAGS = {
     "run": C.RUN_FLAGS + [
-        ("dtype", None, C.DTYPES, "dtype of the teacher while sampling (the students run in float32)"),
+        ("teacher_dtype", None, C.DTYPES, "the teacher's precision while sampling, as 01's (the students run in float32; "
+                                          "--speed times both in it)"),
         ("batch_per_device", None, C.INT_POS, "sampling batch per process"),
     ],
     "models": [
@@ -364,7 +365,7 @@ def teacher_cache(cfg, teacher, seeds, device, world, keys=("x", "sec_per_img"),
     30k x 100 NFE, about 20 minutes on 8 H100s) and read back by later evaluations.
     Returns (path, the cached dict or None)."""
     key = dict(teacher=teacher.teacher_id, solver=teacher.solver_name(), guidance=cfg["guidance"], seed0=seeds[0],
-               n=len(seeds), dtype=cfg["dtype"], device=device.type, batch=cfg["batch_per_device"], world=world,
+               n=len(seeds), dtype=cfg["teacher_dtype"], device=device.type, batch=cfg["batch_per_device"], world=world,
                torch=torch.__version__, **more)
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cfg["out_dir"], "eval", f"teacher_samples_{h}.pt")
@@ -662,7 +663,8 @@ def benchmark_speed(cfg, device, teacher_given):
     steps = cfg.get("speed_steps") or cfg["num_steps"]
     if cfg["family"] != "ldm":
         C.fail("--speed measures the SD1.5/SDXL student vs DDIM teacher; use --preset sd15 or sdxl")
-    teacher = C.LDMTeacher(dict(cfg, num_steps=steps, teacher=cfg["teacher"] if teacher_given else "random"), device)
+    teacher = C.LDMTeacher(dict(cfg, num_steps=steps, teacher=cfg["teacher"] if teacher_given else "random"), device,
+                           cfg["teacher_dtype"])
     unet, encode = teacher.unet, (lambda n: teacher.encode_prompts(["a photo"] * n))
     dt = next(unet.parameters()).dtype
     z = torch.randn(1, *teacher.z_shape, device=device)
@@ -706,10 +708,38 @@ def _resize(x, size):
     return F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
+def clean_resize(img, size):
+    """clean-fid's "clean" resize of one uint8 (H, W, 3) image (its make_resizer("PIL",
+    False, "bicubic", (size, size))): each channel a float32 PIL image, bicubic, clipped to
+    [0, 255], not quantised after."""
+    from PIL import Image
+    return np.stack([np.asarray(Image.fromarray(img[:, :, k].astype(np.float32)).resize((size, size), Image.BICUBIC)).clip(0, 255)
+                     for k in range(3)], 2).astype(np.float32)
+
+
+def inception_input(x, via=256, size=299):
+    """FID's input as GigaGAN's protocol and clean-fid make it (§4): [-1, 1] images (N, 3, H, W),
+    generated or real, become uint8 (as saved PNGs), then PIL bicubic (antialiased) to `via` px
+    as uint8 (512 -> 256), then clean-fid's own resizer to 299 when clean-fid is installed
+    (clean_resize, the same PIL calls, otherwise). Returns (N, 3, size, size) float in [0, 255]."""
+    from PIL import Image
+    try:
+        from cleanfid.resize import make_resizer
+        resize = make_resizer("PIL", False, "bicubic", (size, size))
+    except ImportError:
+        resize = lambda im: clean_resize(im, size)
+    out = []
+    for im in C.to_uint8(x):
+        if im.shape[0] != via:
+            im = np.asarray(Image.fromarray(im).resize((via, via), Image.BICUBIC))
+        out.append(resize(im))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device)
+
+
 def load_feature_nets(cfg, device):
     """dict(inception=f(imgs) -> (N, 2048), clip=f(imgs, prompts) -> (N,) cosine,
-    dreamsim=f(a, b) -> (N,) distance). Resizing follows the paper's protocol:
-    512 -> 256 -> 299, bicubic with antialiasing (Parmar et al.). The toy protocol
+    dreamsim=f(a, b) -> (N,) distance). FID's input follows the paper's protocol
+    (inception_input: uint8, 512 -> 256 -> 299, clean-fid's bicubic; Parmar et al.). The toy protocol
     puts a toy classifier in each role (its features; caption agreement)."""
     if cfg["protocol"] == "toy":
         clf = toy_classifier(cfg, device)
@@ -722,11 +752,11 @@ def load_feature_nets(cfg, device):
         feats = _need("cleanfid.features", "clean-fid", "FID")
         # no DataParallel (clean-fid's default): under torchrun each rank extracts its own shard on its own GPU
         model = feats.build_feature_extractor("clean", device, use_dataparallel=False)
-        nets["inception"], nets["name"] = lambda x: model((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5), "clean-fid"
+        nets["inception"], nets["name"] = lambda x: model(inception_input(x)), "clean-fid:uint8-256-299"
     except SystemExit:
         tf_inception = load_cifar_inception(device, "FID (clean-fid or torch-fidelity)")  # the same TF Inception, fed 299 px
-        nets["inception"] = lambda x: tf_inception(((_resize(_resize(x, 256), 299).clamp(-1, 1) + 1) * 127.5).round())
-        nets["name"] = "torch-fidelity"
+        nets["inception"] = lambda x: tf_inception(inception_input(x).round())
+        nets["name"] = "torch-fidelity:uint8-256-299"  # the preprocessing is part of the cached statistics' key
     oc = _need("open_clip", "open_clip_torch", "the CLIP score")
     clip, _, _ = oc.create_model_and_transforms("ViT-g-14", pretrained="laion2b_s34b_b88k", device=device)
     tok = oc.get_tokenizer("ViT-g-14")
@@ -844,7 +874,7 @@ def main(argv=None):
             C.save_json(res, os.path.join(cfg["out_dir"], "eval", "speed.json"))
             print(json.dumps(res, indent=2))
         return C.cleanup()
-    teacher = C.load_teacher(cfg, device)
+    teacher = C.load_teacher(cfg, device, cfg["teacher_dtype"])
     models, nfe = model_table(cfg, teacher, device, students)
     if cfg["arch"] == "toy":
         clf = (real or toy_classifier(cfg, device)).to(device)

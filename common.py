@@ -52,7 +52,7 @@ PRESETS = {
         family="edm", arch="toy", teacher=os.path.join(REPO, "assets", "toy_teacher.safetensors"),
         resolution=16, channels=3, num_classes=10,
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
-        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32",
+        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32", teacher_dtype="float32",
         # toy LatentLPIPS: a quarter-width VGG16-bn; on a 16x16 space only 2 pools are
         # removed (taps at 16, 16, 8, 4, 2 px), as 3 would cost 2.4x for no gain here
         lpips_width=0.25, lpips_pools_removed=2, cls_steps=300, cls_batch=64, cls_lr=2e-3,
@@ -64,7 +64,7 @@ PRESETS = {
         family="ldm", arch="sd15", data="toy", teacher=os.path.join(REPO, "assets", "toy_sd"),
         prompts=os.path.join(REPO, "assets", "toy_sd", "prompts.txt"),
         resolution=32, channels=4, num_classes=0, num_steps=50, guidance=3.0, protocol="toy",
-        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32",
+        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32", teacher_dtype="float32",
         lpips_width=0.25, lpips_pools_removed=3, cls_steps=300, cls_batch=64, cls_lr=2e-3,  # the paper's 3: taps at 8, 8, 8, 4, 2
         loss="elatent", lpips_augment="bgc+cutout", teacher_steps=6000, teacher_batch=128, vae_steps=2000,
         stage_row="toy_sd",  # 03/04's rows (also for a user's copy of this preset, whose arch is sd15's)
@@ -74,6 +74,7 @@ PRESETS = {
         resolution=32, channels=3, num_classes=10,
         num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
         num_pairs=1_000_000, shard_size=10_000, batch_per_device=512, pair_dtype="float32", dtype="bfloat16",
+        teacher_dtype="float32",  # 01's pairs and 05's teacher row: EDM's generate.py runs its CIFAR10 networks in float32
         lpips_width=1.0, lpips_pools_removed=0, cls_steps=100_000, cls_batch=256, cls_lr=1e-3,
         loss="lpips", lpips_augment=None,  # Table A1: LPIPS in pixels, no augmentation
         lpips_resize=224,  # 32 px upsampled (bilinear) before LPIPS, as Consistency Models do: VGG's deepest taps are 2x2 at 32
@@ -83,6 +84,7 @@ PRESETS = {
         resolution=512, channels=4, num_classes=0,
         num_steps=50, guidance=3.0, protocol="coco2014",  # SD-CFG-3 (SD-CFG-8 is its own preset below); Table 3
         num_pairs=3_000_000, shard_size=1000, batch_per_device=32, pair_dtype="float16", dtype="bfloat16",
+        teacher_dtype="float16",  # 01's pairs and 05's teacher row: fp16 weights, SD's usual inference precision (docs/design.md)
         lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
         loss="elatent+latent", lpips_augment="bg+cutout",  # Table A1, SD-CFG-3 (E-LatentLPIPS*)
     ),
@@ -90,7 +92,7 @@ PRESETS = {
         family="ldm", arch="sdxl", teacher="stabilityai/stable-diffusion-xl-base-1.0",
         resolution=1024, channels=4, num_classes=0,
         num_steps=50, guidance=7.0, protocol="coco2017",  # SDXL-CFG-7; Table 5
-        num_pairs=8_000_000, shard_size=1000, batch_per_device=8, pair_dtype="float16", dtype="bfloat16",
+        num_pairs=8_000_000, shard_size=1000, batch_per_device=8, pair_dtype="float16", dtype="bfloat16", teacher_dtype="float16",
         lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
         loss="elatent", lpips_augment="bgc+cutout",  # Table A1, SDXL-CFG-7
     ),
@@ -703,9 +705,18 @@ def load_edm_pickle(path):
             fail(f"unpickling '{path}' needs NVlabs' EDM code ('{e.name}' is missing): clone "
                  f"github.com/NVlabs/edm and put it on PYTHONPATH so that torch_utils and dnnlib import")
     net = data["ema"] if isinstance(data, dict) and "ema" in data else data
-    if not hasattr(net, "sigma_data"):
-        fail(f"'{path}' does not hold an EDM network (no 'ema' entry with sigma_data)")
+    if not hasattr(net, "sigma_data") or not isinstance(getattr(net, "model", None), nn.Module):
+        fail(f"'{path}' does not hold an EDM network (no 'ema' entry with sigma_data and an inner network 'model')")
+    net.model.register_forward_hook(_in_its_input_dtype)
     return net.eval().requires_grad_(False)
+
+
+def _in_its_input_dtype(module, args, out):
+    """EDM's preconditioning asserts that its inner network returns the dtype it was
+    given (float32; float16 with use_fp16 on CUDA). Under bf16 autocast (Table A1's
+    precision) the network's convolutions return bf16: cast its output back, so that
+    the convolutions run in bf16 and the preconditioning's arithmetic stays float32."""
+    return out.to(args[0].dtype)
 
 
 def seed_noise(seeds, shape):
@@ -721,8 +732,11 @@ class EDMTeacher:
 
     family = "edm"
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, dtype=None):
         self.cfg, self.device = cfg, device
+        # sampling precision: autocast over the float32 weights (float32: none); the official network's own
+        # use_fp16 (float16 on CUDA) applies as pickled
+        self.dtype = getattr(torch, dtype or cfg.get("dtype") or "float32")
         path = cfg["teacher"]
         if cfg["arch"] == "toy" or (path and path.endswith(".safetensors")):
             self.net, self.kind = load_toy_teacher(path).to(device), "toy"
@@ -745,16 +759,19 @@ class EDMTeacher:
         return z, labels
 
     def denoiser(self, guidance=1.0):
-        """D(x; sigma, labels) with integer labels (one-hot for the NVlabs net)."""
+        """D(x; sigma, labels) with integer labels (one-hot for the NVlabs net), in float32
+        out, run under the teacher's autocast dtype."""
         if self.kind == "toy":
-            return guided_denoiser(self.net, guidance)
-        if guided(guidance):
+            inner = guided_denoiser(self.net, guidance)
+        elif guided(guidance):
             fail("the official EDM CIFAR10 network has no unconditional mode; use --guidance 1")
-        net = self.net
+        else:
+            net = self.net
+            inner = lambda x, sigma, labels: net(x, sigma, F.one_hot(labels, net.label_dim).float() if net.label_dim else None)
 
         def D(x, sigma, labels):
-            onehot = F.one_hot(labels, net.label_dim).float() if net.label_dim else None
-            return net(x, sigma, onehot).float()
+            with autocast(self.device, self.dtype):
+                return inner(x, sigma, labels).float()
         return D
 
     @torch.no_grad()
@@ -783,9 +800,10 @@ class EDMTeacher:
         """Nothing to free: the EDM teachers are small."""
 
 
-def load_teacher(cfg, device):
-    """The one entry point for every teacher family."""
-    return (EDMTeacher if cfg["family"] == "edm" else LDMTeacher)(cfg, device)
+def load_teacher(cfg, device, dtype=None):
+    """The one entry point for every teacher family. `dtype` is its precision (default
+    cfg['dtype']; 01 and 05 pass --teacher_dtype): SD's weights, EDM's autocast."""
+    return (EDMTeacher if cfg["family"] == "edm" else LDMTeacher)(cfg, device, dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -896,7 +914,7 @@ class LDMTeacher:
 
     family = "ldm"
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, dtype=None):
         from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
         self.cfg, self.device, self.kind = cfg, device, cfg["arch"]
         src = cfg["teacher"]
@@ -906,7 +924,7 @@ class LDMTeacher:
             found = "sdxl" if "XL" in index["_class_name"] else "sd15"
         if found != self.kind:
             fail(f"teacher '{src}' is an {found.upper()} model but --preset is {cfg['preset']} (a {self.kind} preset); use --preset {found}")
-        self.dtype = getattr(torch, cfg.get("dtype") or "float32")
+        self.dtype = getattr(torch, dtype or cfg.get("dtype") or "float32")  # the frozen parts' weights
         cls, extra = (StableDiffusionXLPipeline, {}) if self.kind == "sdxl" else \
             (StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False))
         for part, v in index.items():  # the pipeline's own error for a missing part names only the folder above it

@@ -14,6 +14,8 @@ TR="torchrun --standalone --nproc_per_node"
 printf 'a photo of a cat\na red car on a street\n' > /tmp/prompts.txt
 SD15="--preset sd15 --teacher random --out_dir runs/size_sd15 --dtype bfloat16"
 SDXL="--preset sdxl --teacher random --out_dir runs/size_sdxl --dtype bfloat16"
+T15="--preset sd15 --teacher random --out_dir runs/size_sd15"  # 01 and 05: the teacher in the preset's --teacher_dtype
+TXL="--preset sdxl --teacher random --out_dir runs/size_sdxl"
 run() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2
   [[ " $ROWS " == *" $name "* ]] || return 0
@@ -26,7 +28,7 @@ run sd15_s1_b32 180 python 03_ode_distill.py $SD15 --benchmark_steps $N --batch 
 run sd15_s2_b16 180 python 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --r1_every 2
 run sd15_s2_b16_ckpt 180 python 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 16 --batch_per_device 16 --r1_every 2 --grad_ckpt
 run sd15_s2_b8 180 python 04_gan_finetune.py $SD15 --benchmark_steps $N --batch 8 --batch_per_device 8 --r1_every 2
-run sd15_pairs 150 python 01_make_pairs.py $SD15 --benchmark --batch_per_device 16 --num_steps 50 --prompts /tmp/prompts.txt --cycle_prompts
+run sd15_pairs 150 python 01_make_pairs.py $T15 --benchmark --batch_per_device 16 --num_steps 50 --prompts /tmp/prompts.txt --cycle_prompts
 run sdxl_s1_b8_ckpt 240 python 03_ode_distill.py $SDXL --benchmark_steps $N --batch 8 --batch_per_device 8 --grad_ckpt
 run sdxl_s2_b4_ckpt 180 python 04_gan_finetune.py $SDXL --benchmark_steps $N --batch 4 --batch_per_device 4 --grad_ckpt
 # --fsdp: on one GPU it only shows that the sharded path runs (sd15_s2_b16_fsdp1 was measured without R1, when
@@ -47,8 +49,8 @@ else
   [[ " $ROWS " == *" sdxl_s2_b4_fsdp "* ]] && echo "sdxl_s2_b4_fsdp: skipped, this machine has $NGPU GPU(s)"
 fi
 # Fig. 3: the one-step student vs 50-step DDIM + CFG, per latent and per image (VAE decode added to both)
-run sd15_speed 200 python 05_evaluate.py $SD15 --speed
-run sdxl_speed 300 python 05_evaluate.py $SDXL --speed
+run sd15_speed 200 python 05_evaluate.py $T15 --speed
+run sdxl_speed 300 python 05_evaluate.py $TXL --speed
 for k in sd15 sdxl; do  # 05 writes its report as indented JSON: one line of it per kind
   [[ " $ROWS " == *" ${k}_speed "* ]] && [ -f runs/size_$k/eval/speed.json ] && echo "${k}_speed: $(tr -d ' \n' < runs/size_$k/eval/speed.json)" || true
 done

@@ -11,7 +11,7 @@ from conftest import run_script
 S1 = importlib.import_module("01_make_pairs")  # load_prompts lives in 01_make_pairs.py
 
 SMALL = ["--resolution", 16, "--num_steps", 6, "--num_pairs", 4, "--shard_size", 2, "--batch_per_device", 2,
-         "--pair_dtype", "float32", "--dtype", "float32"]
+         "--pair_dtype", "float32", "--teacher_dtype", "float32"]
 
 
 def _pipeline_latents(kind, folder, prompts, seeds, guidance, steps):

@@ -153,7 +153,7 @@ def test_cifar10_fid_protocol(tmp_path, monkeypatch):
     for i, im in enumerate(imgs):
         Image.fromarray(im).save(real / f"img{i:08d}.png")
     argv = ["--preset", "cifar10", "--teacher", pkl, "--num_samples", 20, "--batch_per_device", 10, "--num_steps", 4,
-            "--dtype", "float32", "--grid_rows", 2, "--diversity_seeds", 2]
+            "--teacher_dtype", "float32", "--grid_rows", 2, "--diversity_seeds", 2]
     run = lambda ref, out: S5.main([str(a) for a in argv + ["--fid_ref", ref, "--out_dir", tmp_path / out]]) or \
         json.load(open(tmp_path / out / "eval" / "metrics.json"))["teacher"]
     from_folder = run(tmp_path / "cifar_train", "a")
@@ -174,3 +174,30 @@ def test_cifar10_fid_protocol(tmp_path, monkeypatch):
             run(ref, "c")
         assert not list((tmp_path / "c" / "eval").glob("teacher_samples_*"))  # stopped before any sampling
     assert S5.to_uint8(torch.tensor([-1.0, 0.0, 1.0, 0.999])).tolist() == [0, 128, 255, 255]  # EDM's x * 127.5 + 128
+
+
+def test_fid_input_is_clean_fids(monkeypatch):
+    """FID's input (§4, GigaGAN's protocol through clean-fid): uint8 images, PIL bicubic
+    512 -> 256 as uint8, then clean-fid's own make_resizer("PIL", False, "bicubic", 299);
+    our clean_resize (used when clean-fid is missing) is the same PIL calls, bit for bit.
+    Real images (already 256 px) take the same path without the first resize."""
+    import builtins
+    import numpy as np
+    from PIL import Image
+    resize = pytest.importorskip("cleanfid.resize")  # pip install --no-deps clean-fid (no weights needed)
+    theirs = resize.make_resizer("PIL", False, "bicubic", (299, 299))
+    rng = np.random.RandomState(0)
+    for shape in [(256, 256, 3), (64, 48, 3), (512, 512, 3)]:
+        im = rng.randint(0, 256, shape).astype(np.uint8)
+        assert np.array_equal(S5.clean_resize(im, 299), theirs(im)), shape
+    x = torch.rand(2, 3, 512, 512) * 2 - 1  # generated images in [-1, 1]
+    u8 = S5.C.to_uint8(x)
+    want = np.stack([theirs(np.asarray(Image.fromarray(im).resize((256, 256), Image.BICUBIC))) for im in u8])
+    got = S5.inception_input(x)
+    assert got.shape == (2, 3, 299, 299) and np.array_equal(got.permute(0, 2, 3, 1).numpy(), want)
+    real = torch.from_numpy(rng.randint(0, 256, (1, 3, 256, 256))).float() / 127.5 - 1  # as C.load_image returns them
+    assert np.array_equal(S5.inception_input(real)[0].permute(1, 2, 0).numpy(), theirs(S5.C.to_uint8(real)[0]))
+    real_import = builtins.__import__  # without clean-fid: the same numbers from clean_resize
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **kw: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("cleanfid") else real_import(name, *a, **kw))
+    assert torch.equal(S5.inception_input(x), got)

@@ -53,7 +53,20 @@ def test_bad_values_are_refused_by_flag(script, capsys):
     assert tried >= 8, f"{script}: only {tried} typed flags"
 
 
-@pytest.mark.parametrize("script", ["01_make_pairs", "03_ode_distill", "04_gan_finetune", "05_evaluate"])
+@pytest.mark.parametrize("script", ["01_make_pairs", "05_evaluate"])
+def test_the_teacher_samples_in_float16_weights_on_sd_and_float32_on_edm(script):
+    """01's pairs and 05's teacher row: SD/SDXL teachers in fp16 weights (11-bit mantissa: 10x
+    closer to a float32 teacher than bf16 weights, tests/pair_precision.py), EDM teachers in
+    float32 as EDM's generate.py; the flag overrides. The teacher is built in that dtype."""
+    cfg = lambda *argv: C.parse_config("", mod(script).FLAGS, list(argv))[0]
+    assert [cfg("--preset", p)["teacher_dtype"] for p in ("sd15", "sd15_cfg8", "sdxl")] == ["float16"] * 3
+    assert [cfg("--preset", p)["teacher_dtype"] for p in ("toy", "toy_sd", "cifar10")] == ["float32"] * 3
+    assert cfg("--preset", "sd15", "--teacher_dtype", "bfloat16")["teacher_dtype"] == "bfloat16"
+    c = cfg("--preset", "toy", "--teacher_dtype", "bfloat16")
+    assert C.load_teacher(c, torch.device("cpu"), c["teacher_dtype"]).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("script", ["03_ode_distill", "04_gan_finetune"])
 def test_gpu_presets_run_in_bfloat16_by_default(script):
     """Table A1 trains every setting in bfloat16: the GPU presets need no --dtype flag;
     the toy (CPU) stays float32, and the flag still overrides."""

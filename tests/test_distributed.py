@@ -63,7 +63,7 @@ def test_05_features_under_torchrun_equal_one_process(tiny_sd15, tmp_path):
     coco = make_coco(str(tmp_path / "coco"), n=10)  # the real statistics: all 10 images, split across ranks too
     args = ["--preset", "sd15", "--teacher", tiny_sd15, "--resolution", 16, "--num_steps", 2, "--coco", coco,
             "--num_samples", 8, "--batch_per_device", 2, "--div_prompts", 2, "--grid_rows", 2, "--diversity_seeds", 2,
-            "--dtype", "float32"]
+            "--teacher_dtype", "float32"]
     m = {}
     for n in (1, 2):
         run_script(os.path.join("tests", "standin_eval.py"), *args, "--out_dir", tmp_path / f"p{n}", torchrun=n)

@@ -99,7 +99,7 @@ def test_tiny_sd_bf16_to_diffusers_pipeline(kind, tiny_sd15, tiny_sdxl, prompt_f
     space = C.latent_space("ldm", 4, 0.18215 if kind == "sd15" else 0.13025)  # the tiny VAEs' scaling factors
     torch.save(dict(config=lp.config, state_dict=lp.state_dict(), latent_space=space), tmp_path / "lp.pt")
     base = ["--preset", kind, "--teacher", folder, "--out_dir", tmp_path, "--dtype", "bfloat16"]
-    run("01_make_pairs.py", *base, *SD, "--num_steps", 2, "--prompts", prompt_file, "--cycle_prompts", "--num_pairs", 8, "--shard_size", 4,
+    run("01_make_pairs.py", *base[:-2], *SD, "--num_steps", 2, "--prompts", prompt_file, "--cycle_prompts", "--num_pairs", 8, "--shard_size", 4,
                "--batch_per_device", 4)
     train = [*base, "--lpips_ckpt", tmp_path / "lp.pt", "--batch", 4, "--batch_per_device", 2, "--log_every", 1]
     run("03_ode_distill.py", *train, "--steps", 6, "--grid_every", 3, "--ckpt_every", 3)

@@ -28,7 +28,7 @@ def lpips4(tmp_path_factory):
 
 def make_pairs(kind, folder, prompts, out, *extra):
     run_script("01_make_pairs.py", "--preset", kind, "--teacher", folder, "--prompts", prompts, "--out_dir", out,
-               "--num_pairs", 4, "--shard_size", 4, "--batch_per_device", 4, *STEPS, "--num_steps", 2, "--dtype", "float32", *extra)
+               "--num_pairs", 4, "--shard_size", 4, "--batch_per_device", 4, *STEPS, "--num_steps", 2, "--teacher_dtype", "float32", *extra)
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -147,7 +147,7 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     monkeypatch.setattr(ev, "load_feature_nets", lambda cfg, device: stand_in)
     argv = ["--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
             "--coco", str(coco), "--num_samples", "6", "--batch_per_device", "3", "--div_prompts", "2", "--grid_rows", "3",
-            "--diversity_seeds", "3", "--dtype", "float32"]
+            "--diversity_seeds", "3", "--teacher_dtype", "float32"]
     solved, solve = [], C.LDMTeacher.solve  # samples the teacher solves, per evaluation
     monkeypatch.setattr(C.LDMTeacher, "solve", lambda self, z, *a, **kw: solved.append(len(z)) or solve(self, z, *a, **kw))
     ev.main(argv)
@@ -192,7 +192,7 @@ def test_05_coco2017_protocol(tiny_sd15, tiny_sdxl, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "load_feature_nets", lambda cfg, device: stand_in_nets())
     ev.main(["--preset", "sdxl", "--teacher", tiny_sdxl, "--out_dir", str(tmp_path), "--resolution", "16", "--num_steps", "2",
              "--coco", coco, "--num_samples", "5", "--batch_per_device", "5", "--grid_rows", "2", "--diversity_seeds", "2",
-             "--dtype", "float32"])
+             "--teacher_dtype", "float32"])
     m = json.load(open(tmp_path / "eval" / "metrics.json"))  # all 5 pairs of this val2017, DreamDiv on each of their prompts
     assert set(m["teacher"]) == {"fid_5", "clip_5", "dreamdiv_5", "dreamsim_5", "sec_per_img", "nfe"}
     assert (tmp_path / "eval" / "results.md").read_text().startswith("protocol: COCO2017 (Tables 4-5)")
