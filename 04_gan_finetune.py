@@ -6,7 +6,8 @@ stage-1 student with a conditional GAN whose discriminator is the teacher U-Net
     L_D = -log D(c, z, x) - log(1 - D(c, z, G(z, c)))        (Eq. 5, softplus form)
     L_G = d_E-LatentLPIPS(G(z, c), x) + lambda_GAN * -log D(c, z, G(z, c))   (Eq. 6)
 
-One D update per G update. D always starts from the teacher's weights (Table 2's
+One D update per G update, alternating as in StyleGAN2 and GigaGAN: D steps first, then
+G is scored by the updated D. D always starts from the teacher's weights (Table 2's
 "+ Diffusion D"); each further Table 2 component is a flag: --z_cond, --r1_gamma > 0
 (single-sample, every --r1_every D steps), --multiscale, --mix_match FRACTION, and
 --noise_aug (the SDXL preset's).
@@ -45,8 +46,8 @@ FLAGS = {
         ("multiscale", True, None, "'+ multi-scale': inputs at every encoder scale, 3 readouts per decoder scale"),
         ("r1_gamma", None, C.NONNEG, "'+ single-sample R1' strength (0 = off)"),
         ("r1_every", 16, C.INT_POS, "lazy R1: every this many D steps"),
-        ("r1_reading", "sum", ("sum", "sum_pos", "mean"), "R1's D(x) from the logit maps: the sum of every logit, the mean "
-         "over readouts of each one's sum, or the mean of every logit (docs/design.md: R1's strength)"),
+        ("r1_reading", "sum_pos", ("sum_pos", "sum", "mean"), "R1's D(x) from the logit maps: each readout's sum over its "
+         "positions, averaged over the readouts; the sum of every logit; or their mean (docs/design.md: R1's strength)"),
         ("mix_match", None, C.FRACTION, "'+ mix-and-match': fraction of fakes replaced by mismatched real pairs"),
         ("noise_aug", None, bool, "diffuse D's input to a random t first (SDXL, Table A1)"),
         ("d_t", None, C.NONNEG, "D's noise level without --noise_aug: EDM sigma (toy 0.5), SD timestep (0)"),
@@ -211,8 +212,8 @@ def d_score(logits):
 # gradient of one logit per image; this D gives a logit map per readout. Each reading below is
 # D(x) as one number per sample; R1 = ||grad_x D(x)||^2 then scales with the square of its reduction.
 R1_READINGS = {
+    "sum_pos": lambda logits: torch.stack([l.sum((1, 2, 3)) for l in logits]).mean(0),  # each map a StyleGAN2 D(x), readouts averaged
     "sum": lambda logits: torch.stack([l.sum((1, 2, 3)) for l in logits]).sum(0),  # every logit a StyleGAN2 D(x)
-    "sum_pos": lambda logits: torch.stack([l.sum((1, 2, 3)) for l in logits]).mean(0),  # summed over positions, mean of readouts
     "mean": d_score,  # the mean over readouts and positions, as the loss averages them
 }
 
@@ -230,7 +231,7 @@ def gan_loss_g(logits_fake):
     return torch.stack([F.softplus(-l).mean() for l in logits_fake]).mean()
 
 
-def r1_penalty(D, x, z, cond, weight=None, reading="sum"):
+def r1_penalty(D, x, z, cond, weight=None, reading="sum_pos"):
     """Single-sample R1: ||grad_x D(x)||^2 on one real sample, D(x) as R1_READINGS[reading].
     Attention runs on the math kernel here: fused kernels have no double backward.
     With `weight`, weight * R1 is also backpropagated under the same kernel (a

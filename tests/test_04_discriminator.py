@@ -130,7 +130,7 @@ def test_r1_equals_finite_differences():
             e = torch.zeros(x.numel(), dtype=torch.float64)
             e[i] = eps
             e = e.view_as(x)
-            score = S4.R1_READINGS["sum"]  # the default reading
+            score = S4.R1_READINGS["sum_pos"]  # the default reading
             g[i] = (score(D(x + e, z, c)) - score(D(x - e, z, c))).item() / (2 * eps)
     fd = g.pow(2).sum().item()
     print(f"R1 autograd {r1:.8e} vs finite differences {fd:.8e}")
@@ -152,10 +152,10 @@ class LinearD(torch.nn.Module):
 
 
 def test_r1_of_a_linear_d_in_closed_form():
-    """R1 = ||grad_x D(x)||^2 with D(x) the sum of every logit by default (04's --r1_reading
-    sum: each logit a StyleGAN2 D(x), the convention gamma = 0.01 comes from); the other
-    readings divide the gradient by the readouts (sum_pos) or by every readout's size too
-    (mean), i.e. R1 by R^2 or by (R N)^2: a change of the default's reduction fails here."""
+    """R1 = ||grad_x D(x)||^2 with D(x), by default (04's --r1_reading sum_pos), each readout's
+    logit map summed over its positions (a StyleGAN2 D(x) per map, the convention gamma = 0.01
+    comes from) and averaged over the R readouts, as the loss averages them; `sum` drops the
+    1/R, `mean` divides each readout by its positions too: a change of reduction fails here."""
     R, Ch, H = 3, 4, 8
     a = torch.randn(R, Ch, dtype=torch.float64)
     s = torch.tensor([1.0, 1.0, 0.25], dtype=torch.float64)  # d(sum of a pooled map)/dx = 1/4 per input position
@@ -167,7 +167,7 @@ def test_r1_of_a_linear_d_in_closed_form():
     for reading, want in closed.items():
         assert abs(S4.r1_penalty(LinearD(a), x, None, None, reading=reading).item() - want) < 1e-9 * want, reading
     default = S4.get_config([])[0]["r1_reading"]
-    assert default == "sum" and abs(S4.r1_penalty(LinearD(a), x, None, None, reading=default).item() - closed["sum"]) < 1e-9 * closed["sum"]
+    assert default == "sum_pos" and abs(S4.r1_penalty(LinearD(a), x, None, None).item() - closed["sum_pos"]) < 1e-9 * closed["sum_pos"]
     got = S4.r1_under_each_reading(LinearD(a), x, None, None)  # sizing mode's report, first-order per readout
     assert all(abs(got[k] - v) < 1e-9 * v for k, v in closed.items())
 
