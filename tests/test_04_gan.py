@@ -45,65 +45,61 @@ def test_stage2_starts_from_the_stage1_ema_and_its_fakes_enter_d_detached(toy_ru
     loss_fn(G(b["z"], b["cond"]), b["x"]).mean().backward()
     assert logged == pytest.approx(C.grad_norm(G), rel=1e-5)
 
-def test_stage2_d_learns_from_loss_d_and_the_weighted_r1_only(toy_run):
-    """04's step-0 gradient of D, recomputed: Eq. 5 on real and (detached) fake pairs plus
-    gamma/2 x interval x R1 on one real sample, and nothing from G's loss (D is frozen for it)."""
+def one_step(toy_run, run_name, *flags):
+    """04 for one step from the stage-1 EMA at batch 8 (no mix-and-match), then the same step
+    rebuilt here: its logged metrics, its config, the stage-1 student, the regression loss, D
+    as 04 built it, and step 0's batch with its micro-batch index."""
     import importlib
     stage1_with_an_ema(toy_run)
-    args = ["--out_dir", str(toy_run), "--init", str(toy_run / "wire1" / "student_ema.pt"), "--run_name", "wire3", "--steps", "1",
-            "--batch", "8", "--batch_per_device", "8", "--lambda_gan", "1", "--r1_gamma", "0.5", "--r1_every", "3",
-            "--mix_match", "0", "--log_every", "1", "--grid_every", "100", "--ckpt_every", "1"]
+    args = ["--out_dir", str(toy_run), "--init", str(toy_run / "wire1" / "student_ema.pt"), "--run_name", run_name, "--steps", "1",
+            "--batch", "8", "--batch_per_device", "8", "--mix_match", "0", "--log_every", "1", "--grid_every", "100",
+            "--ckpt_every", "1", *flags]
     run_script("04_gan_finetune.py", *args)
-    logged = json.loads(open(toy_run / "wire3" / "metrics.jsonl").readline())["grad_norm_d"]
-    S4, cpu = importlib.import_module("04_gan_finetune"), torch.device("cpu")
-    cfg, _ = S4.get_config(args)
-    _, _, _, teacher, data = C.training_setup(cfg, 1, cpu)  # seeds torch as 04 does: D's heads come out the same
-    s1 = weights(toy_run / "wire1" / "student_ema.pt")
-    cfg.update({k: s1["config"][k] for k in S4.LOSS_KEYS})
-    C.build_loss(cfg, teacher, cpu)
-    G = C.Student(teacher, cfg)
-    G.load_state_dict(s1["ema"])
-    D = S4.Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_t"], cfg["noise_aug"])
-    (chunk, idx), = C.micro_batches(C.step_indices(cfg["seed"], 0, 8, len(data)), 1, 0, 1)
-    b = data.get(idx)
-    with torch.no_grad():
-        fake = G(b["z"], b["cond"])
-    S4.gan_loss_d(D(b["x"], b["z"], b["cond"]), D(fake, b["z"], b["cond"])).backward()
-    S4.r1_penalty(D, b["x"][:1], b["z"][:1], b["cond"][:1], weight=0.5 * 0.5 * 3)
-    assert logged == pytest.approx(C.grad_norm(D), rel=1e-4)
-
-def test_stage2_g_is_scored_by_the_updated_d(toy_run):
-    """Alternating updates (StyleGAN2, GigaGAN): D steps first, then G's step-0 gradient is
-    Eq. 6 through the D of after that step (ckpt_latest.pt's D after one step), recomputed
-    here from the same pairs and augmentation draw; through the D of before it differs."""
-    import importlib
-    stage1_with_an_ema(toy_run)
-    args = ["--out_dir", str(toy_run), "--init", str(toy_run / "wire1" / "student_ema.pt"), "--run_name", "wire4", "--steps", "1",
-            "--batch", "8", "--batch_per_device", "8", "--lambda_gan", "1", "--r1_gamma", "0", "--mix_match", "0", "--lr", "1e-30",
-            "--d_lr", "1e-2", "--log_every", "1", "--grid_every", "100", "--ckpt_every", "1"]
-    run_script("04_gan_finetune.py", *args)
-    logged = json.loads(open(toy_run / "wire4" / "metrics.jsonl").readline())["grad_norm_g"]
+    logged = json.loads(open(toy_run / run_name / "metrics.jsonl").readline())
     S4, cpu = importlib.import_module("04_gan_finetune"), torch.device("cpu")
     cfg, _ = S4.get_config(args)
     _, _, _, teacher, data = C.training_setup(cfg, 1, cpu)  # seeds torch as 04 does: D's heads come out the same
     s1 = weights(toy_run / "wire1" / "student_ema.pt")
     cfg.update({k: s1["config"][k] for k in S4.LOSS_KEYS})
     loss_fn = C.build_loss(cfg, teacher, cpu)
-    D = S4.Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_t"], cfg["noise_aug"]).requires_grad_(False)
-    after = weights(toy_run / "wire4" / "ckpt_latest.pt")["D"]
+    D = S4.Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_t"], cfg["noise_aug"])
     (chunk, idx), = C.micro_batches(C.step_indices(cfg["seed"], 0, 8, len(data)), 1, 0, 1)
-    b = data.get(idx)
+    G = C.Student(teacher, cfg)
+    G.load_state_dict(s1["ema"])
+    return logged, S4, cfg, G, loss_fn, D, data.get(idx), chunk
+
+
+def test_stage2_d_learns_from_loss_d_and_the_weighted_r1_only(toy_run):
+    """04's step-0 gradient of D, recomputed: Eq. 5 on real and (detached) fake pairs plus
+    gamma/2 x interval x R1 on one real sample, and nothing from G's loss (D is frozen for it)."""
+    logged, S4, cfg, G, _, D, b, _ = one_step(toy_run, "wire3", "--lambda_gan", "1", "--r1_gamma", "0.5", "--r1_every", "3")
+    with torch.no_grad():
+        fake = G(b["z"], b["cond"])
+    S4.gan_loss_d(D(b["x"], b["z"], b["cond"]), D(fake, b["z"], b["cond"])).backward()
+    S4.r1_penalty(D, b["x"][:1], b["z"][:1], b["cond"][:1], weight=0.5 * 0.5 * 3)
+    assert logged["grad_norm_d"] == pytest.approx(C.grad_norm(D), rel=1e-4)
+
+
+def test_stage2_g_is_scored_by_the_updated_d(toy_run):
+    """Alternating updates (StyleGAN2, GigaGAN): D steps first, then G's step-0 gradient is
+    Eq. 6 through the D of after that step (ckpt_latest.pt's D after one step), recomputed
+    here from the same pairs and augmentation draw; through the D of before it differs."""
+    logged, S4, cfg, G, loss_fn, D, b, chunk = one_step(toy_run, "wire4", "--lambda_gan", "1", "--r1_gamma", "0", "--lr", "1e-30",
+                                                        "--d_lr", "1e-2")
+    D.requires_grad_(False)
+    start = {k: v.clone() for k, v in G.state_dict().items()}
 
     def g_grad_norm():
-        G = C.Student(teacher, cfg)
-        G.load_state_dict(s1["ema"])
+        G.load_state_dict(start)
+        G.zero_grad(set_to_none=True)
         torch.manual_seed(cfg["seed"] * 1_000_003 + chunk)  # 04's G-update RNG for step 0, chunk 0
         fake = G(b["z"], b["cond"])
         (loss_fn(fake, b["x"]).mean() + S4.gan_loss_g(D(fake, b["z"], b["cond"]))).backward()
         return C.grad_norm(G)
     before = g_grad_norm()
-    D.load_state_dict(after)
-    assert logged == pytest.approx(g_grad_norm(), rel=1e-5) and logged != pytest.approx(before, rel=1e-3)
+    D.load_state_dict(weights(toy_run / "wire4" / "ckpt_latest.pt")["D"])
+    assert logged["grad_norm_g"] == pytest.approx(g_grad_norm(), rel=1e-5) and logged["grad_norm_g"] != pytest.approx(before, rel=1e-3)
+
 
 def test_stage2_resume_is_exact_and_seeded(toy_run):
     """4 straight steps == 2 steps + kill + resume to 4 (G, EMA and D, which has
