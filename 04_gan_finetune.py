@@ -21,7 +21,6 @@ Table 2 row:         python 04_gan_finetune.py --no-multiscale --mix_match 0 --r
 Export (diffusers):  python 04_gan_finetune.py --preset sd15 --export runs/sd15/export   (README: the pipeline call)
 """
 import copy
-import json
 import os
 import time
 
@@ -259,18 +258,6 @@ def r1_penalty(D, x, z, cond, weight=None, reading="sum_pos"):
             u.set_reshard_after_backward(True)
             u.reshard()
     return r1.detach()
-
-
-def r1_under_each_reading(D, x, z, cond):
-    """R1 of one real sample under every reading, from one first-order gradient per
-    readout (sizing mode's report: which reading makes gamma = 0.01 a real term of L_D)."""
-    x = x.detach().requires_grad_(True)
-    logits = D(x, z, cond)
-    grads = [torch.autograd.grad(l.sum(), x, retain_graph=True)[0].double() for l in logits]
-    n = [l[0].numel() for l in logits]
-    R = len(logits)
-    g = dict(sum=sum(grads), sum_pos=sum(grads) / R, mean=sum(gr / k for gr, k in zip(grads, n)) / R)
-    return {k: v.pow(2).sum().item() / len(x) for k, v in g.items()}
 
 
 MIX_KINDS = ("unrelated", "wrong_c", "wrong_z")
@@ -525,7 +512,7 @@ def main(argv=None):
                 st[k] += v.detach() / accum
         if not cfg["fsdp"]:  # FSDP reduce-scattered them in backward
             sync_grads(D)
-        st["grad_norm_d"] = C.grad_norm(D, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # when logged
+        grad_norm_d = C.grad_norm(D, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # when logged
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
 
@@ -544,7 +531,6 @@ def main(argv=None):
             st["loss_g"] += loss_g.detach() / accum
             st["loss_reg"] += loss_reg.detach() / accum
         del batches
-        grad_norm_d = st.pop("grad_norm_d")
         *means, votes = C.all_reduce_mean(torch.stack([*st.values(), stop.vote(device)])).tolist()  # a SIGTERM/SIGUSR1 on any rank
         st = dict(zip(STATS, means), grad_norm_d=grad_norm_d)
         mixed = (C.all_reduce_mean(mixed) * world).round().int().tolist()
@@ -587,11 +573,6 @@ def main(argv=None):
         C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G, D=D),
                         ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond", "multiscale",
                          "r1_gamma", "r1_every", "r1_reading", "mix_match", "noise_aug"), flops)
-        b = data.get([0])  # R1's share of L_D under each reading, at this D and the last step's L_D
-        with C.autocast(device, cfg["dtype"]):
-            r1 = r1_under_each_reading(D, b["x"].to(device), b["z"].to(device), C.student_cond(teacher, b["cond"], device))
-        C.print0("r1_term / loss_d (gamma = %g): " % cfg["r1_gamma"] + json.dumps(
-            {k: float(f"{0.5 * cfg['r1_gamma'] * v / st['loss_d']:.3g}") for k, v in r1.items()}))
     elif viewer and end == cfg["steps"] and end > start:
         with torch.no_grad():
             x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()

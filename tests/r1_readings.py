@@ -24,6 +24,18 @@ import common as C  # noqa: E402
 S4 = importlib.import_module("04_gan_finetune")
 
 
+def r1_under_each_reading(D, x, z, cond):
+    """R1 of one real sample under every reading, from one first-order gradient per
+    readout (which reading makes gamma = 0.01 a real term of L_D)."""
+    x = x.detach().requires_grad_(True)
+    logits = D(x, z, cond)
+    grads = [torch.autograd.grad(l.sum(), x, retain_graph=True)[0].double() for l in logits]
+    n = [l[0].numel() for l in logits]
+    R = len(logits)
+    g = dict(sum=sum(grads), sum_pos=sum(grads) / R, mean=sum(gr / k for gr, k in zip(grads, n)) / R)
+    return {k: v.pow(2).sum().item() / len(x) for k, v in g.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="toy")
@@ -51,7 +63,7 @@ def main():
             fake = G(z, cond)
     with torch.no_grad():
         loss_d = S4.gan_loss_d(D(x, z, cond), D(fake, z, cond)).item()
-    r1 = S4.r1_under_each_reading(D, x[:1], z[:1], C.map_cond(lambda t: t[:1], cond))
+    r1 = r1_under_each_reading(D, x[:1], z[:1], C.map_cond(lambda t: t[:1], cond))
     out = dict(preset=a.preset, teacher=a.teacher or cfg["teacher"], readouts=len(D.heads), loss_d=round(loss_d, 4),
                **{k: dict(r1=float(f"{v:.4g}"), r1_term_over_loss_d=float(f"{0.5 * a.gamma * v / loss_d:.3g}")) for k, v in r1.items()})
     print(json.dumps(out))

@@ -168,7 +168,8 @@ def test_r1_of_a_linear_d_in_closed_form():
         assert abs(S4.r1_penalty(LinearD(a), x, None, None, reading=reading).item() - want) < 1e-9 * want, reading
     default = S4.get_config([])[0]["r1_reading"]
     assert default == "sum_pos" and abs(S4.r1_penalty(LinearD(a), x, None, None).item() - closed["sum_pos"]) < 1e-9 * closed["sum_pos"]
-    got = S4.r1_under_each_reading(LinearD(a), x, None, None)  # sizing mode's report, first-order per readout
+    from r1_readings import r1_under_each_reading  # the measurement's, first-order per readout
+    got = r1_under_each_reading(LinearD(a), x, None, None)
     assert all(abs(got[k] - v) < 1e-9 * v for k, v in closed.items())
 
 
