@@ -4,11 +4,15 @@ latent channels, first three max-pools removed), trained in two phases:
 
   phase 1  classifier: ImageNet-style, on latents (sd15/sdxl: an ImageFolder tree
            encoded once by the teacher's VAE and cached in shards) or on the toy
-           data's own 10 classes. Reports held-out top-1 (paper: 68.26%, Table A2).
+           worlds' own labels, one head per attribute a seed sets (toy: shape, hue,
+           background, size, x, y, binned; toy_sd: what its captions name: shape,
+           colour, background, size, place). Reports held-out top-1 per head (paper:
+           68.26%, Table A2).
   phase 2  linear calibration on 2AFC triplets (ref, p0, p1, judgment), LPIPS-style:
            non-negative 1x1 heads on the 5 taps plus a small ranking net, BCE.
            BAPPS layout with --bapps DIR; synthetic distortions of the toy data
-           otherwise. Reports 2AFC agreement (Table A3) against plain L2.
+           otherwise (DISTORTIONS). Reports 2AFC agreement (Table A3) against plain
+           L2, on the toy per distortion kind.
 
 Extras: --reconstruct runs the single-image reconstruction of Fig. 5 / A1 (MSE vs
 LatentLPIPS vs E-LatentLPIPS); --speed times E-LatentLPIPS against decode +
@@ -61,7 +65,7 @@ FLAGS = {
     ],
     "phase 2: 2AFC calibration (Table A3)": [
         ("bapps", None, None, "BAPPS root holding 2afc/{train,val}/<subset>/{ref,p0,p1,judge} (required for sd15/sdxl)"),
-        ("num_triplets", 6000, C.INT_POS, "toy/toy_sd: synthetic triplets (20%% held out)"),
+        ("num_triplets", 10_000, C.INT_POS, "toy/toy_sd: synthetic triplets (20%% held out)"),
         ("cal_steps", 2000, C.INT_POS, "calibration steps (cheap: the heads are linear in cached distances)"),
         ("calibrate_only", False, None, "phase 2 alone, on the phase-1 classifier saved in <out_dir>/lpips/classifier.pt"),
     ],
@@ -78,26 +82,34 @@ FLAGS = {
 
 # --- phase 1: the classifier -----------------------------------------------------
 def phase1_data(cfg, device):
-    """(x_train, y_train, x_val, y_val) in the model's space."""
+    """(x_train, y_train, x_val, y_val, heads) in the model's space: y is (N, len(heads)),
+    one label per head, and heads names each with its class count (ImageFolder: the
+    class; toy: C.TOY_ATTRIBUTES; toy_sd: C.TOY_SCENE's attributes)."""
     if cfg["arch"] == "cifar10" and cfg["images"] is None:
         C.fail("cifar10: pass --images with an ImageFolder tree of CIFAR10/ImageNet images for phase 1")
     if cfg.get("data") == "toy" and cfg["images"] is None:
         render, to_space, _ = toy_data(cfg, device)
         x, y = render(range(0, cfg["num_images"]))
         x, n_val = to_space(x), int(len(x) * cfg["val_frac"])
-        return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
-    return cached_image_latents(cfg, device)
+        heads = dict(C.TOY_ATTRIBUTES) if cfg["family"] == "edm" else {k: len(v) for k, v in C.TOY_SCENE.items()}
+    else:
+        x, y, n_val, heads = cached_image_latents(cfg, device)
+    return x[n_val:], y[n_val:], x[:n_val], y[:n_val], heads
 
 
 def toy_data(cfg, device):
-    """The toy worlds' own data in the model's space: render(seeds) -> (images, class),
-    to_space(images) (toy: pixels as they are; toy_sd: the teacher VAE's latents of its
-    captioned scenes, classed by shape), and decode (None in pixels)."""
-    def render(seeds):  # toy_sd's scenes, classed by shape
+    """The toy worlds' own data in the model's space: render(seeds) -> (images, labels)
+    (toy: C.TOY_ATTRIBUTES, toy_sd: C.TOY_SCENE, one label per attribute, so that F
+    must see colour, background, size and place as well as shape), to_space(images) (toy and
+    --pixels: the pixels as they are; toy_sd: the teacher VAE's latents), and decode
+    (None in pixels)."""
+    def render(seeds):
+        if cfg["family"] == "edm":
+            return C.toy_images(seeds, attributes=True)
         imgs, _, attributes = C.toy_scene(seeds, cfg["resolution"])
-        return imgs, attributes[:, 0]
+        return imgs, attributes
     if cfg["family"] == "edm" or cfg["pixels"]:
-        return C.toy_images if cfg["family"] == "edm" else render, lambda x: x, None
+        return render, lambda x: x, None
     vae, scaling = load_ldm_vae(cfg["teacher"], device)
     return render, lambda x: encode_images(vae, scaling, x, device, 500), lambda z: vae.decode(z / scaling).sample.clamp(-1, 1)
 
@@ -108,17 +120,20 @@ CLS_RESUME_KEYS = ("cls_steps", "cls_batch", "cls_lr", "lpips_width", "lpips_poo
 PHASE1_STATE_KEYS = ("net", "opt", "sched", "rng", "step", "settings")  # what lpips/classifier_latest.pt holds
 
 
-def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path, stop):
-    """Phase 1. Returns (net, held-out top-1), or (None, None) when --max_steps_this_run
-    stopped it early (its state is saved at `state_path`; --resume continues it). A
-    signal (`stop`, C.StopSignal) saves that state after the step, then exits."""
+def train_classifier(cfg, x, y, xv, yv, heads, device, rank, world, state_path, stop):
+    """Phase 1: one linear head per label column (`heads`: their class counts), the
+    loss the sum of their cross-entropies. Returns (net, held-out top-1 of each head),
+    or (None, None) when --max_steps_this_run stopped it early (its state is saved at
+    `state_path`; --resume continues it). A signal (`stop`, C.StopSignal) saves that
+    state after the step, then exits."""
     torch.manual_seed(cfg["seed"])
-    net = C.LatentVGG(x.shape[1], cfg["lpips_width"], cfg["lpips_pools_removed"], int(y.max()) + 1).to(device)
+    net = C.LatentVGG(x.shape[1], cfg["lpips_width"], cfg["lpips_pools_removed"], sum(heads)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["cls_lr"], weight_decay=1e-4)
     steps, B = cfg["cls_steps"], cfg["cls_batch"] // world
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["cls_lr"], total_steps=steps, pct_start=0.1)
+    # 10% warm-up; OneCycleLR divides by zero when pct_start * total_steps is exactly 1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["cls_lr"], total_steps=steps, pct_start=0.1 if steps != 10 else 0.15)
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-    start, settings = 0, dict({k: cfg.get(k) for k in CLS_RESUME_KEYS}, world=world)
+    start, settings = 0, dict({k: cfg.get(k) for k in CLS_RESUME_KEYS}, world=world, heads=list(heads))
     if cfg["resume"] and os.path.isfile(state_path):
         ck = C.load_checkpoint(state_path, "phase-1 state", keys=PHASE1_STATE_KEYS)
         C.check_resume(ck["settings"], settings, f"use those settings, or delete '{state_path}' to start phase 1 again")
@@ -134,8 +149,10 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path, stop):
     for step in bar:
         idx = torch.randint(len(x), (B,), generator=g)
         xb = x[idx].float()
-        xb = torch.where(torch.rand(B, 1, 1, 1, generator=g) < 0.5, xb.flip(3), xb) if cfg["family"] == "ldm" else xb
-        loss = F.cross_entropy(model(xb.to(device)), y[idx].to(device))
+        if cfg["family"] == "ldm" and cfg.get("data") != "toy":  # ImageNet's flips (a toy scene's place is a label)
+            xb = torch.where(torch.rand(B, 1, 1, 1, generator=g) < 0.5, xb.flip(3), xb)
+        logits, yb = model(xb.to(device)).split(heads, 1), y[idx].to(device)
+        loss = sum(F.cross_entropy(lg, yb[:, h]) for h, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -158,49 +175,74 @@ def train_classifier(cfg, x, y, xv, yv, device, rank, world, state_path, stop):
         return None, None
     net.eval()
     with torch.no_grad():
-        pred = torch.cat([net(xv[i:i + 256].float().to(device)).argmax(1).cpu() for i in range(0, len(xv), 256)])
-    return net, pred.eq(yv).float().mean().item()
+        logits = torch.cat([net(xv[i:i + 256].float().to(device)).cpu() for i in range(0, len(xv), 256)])
+    pred = torch.stack([lg.argmax(1) for lg in logits.split(heads, 1)], 1)
+    return net, pred.eq(yv).float().mean(0).tolist()
 
 
 # --- phase 2: 2AFC calibration ---------------------------------------------------
-def toy_distort(x, family, s, g):
-    """One synthetic distortion family at strength s in [0, 1] (per image)."""
+def _background(x, tol=0.1):
+    """Which pixels show the background: those within `tol` of the median colour of
+    the image's border (the toy worlds' backgrounds are flat; a shape covers at most
+    part of the border). (B, 1, H, W) in {0, 1}."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], 2)
+    bg = border.median(2).values[:, :, None, None]
+    return ((x - bg).abs().amax(1, keepdim=True) < tol).float()
+
+
+def toy_distort(x, kind, s, g):
+    """One synthetic distortion kind (DISTORTIONS[kind]) at strength s in [0, 1] (per image)."""
     s4 = s.view(-1, 1, 1, 1)
-    if family == 0:   # noise
+    name = DISTORTIONS[kind]
+    if name == "noise":
         return x + 0.35 * s4 * torch.randn(x.shape, generator=g)
-    if family == 1:   # blur (a 3x3 box blur mixed in by s)
+    if name == "blur":  # a 3x3 box blur mixed in by s
         return x + s4 * (F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1) - x)
-    if family == 2:   # shift by up to 2 pixels
+    if name == "shift":  # by up to 2 pixels
         k = (s * 2).round().long()
         return torch.stack([torch.roll(xi, (int(ki), int(ki)), (1, 2)) for xi, ki in zip(x, k)])
-    if family == 3:   # colour cast
+    if name == "colour cast":  # one RGB offset over the whole image
         d = F.normalize(torch.randn(len(x), 3, generator=g), dim=1).view(-1, 3, 1, 1)
         return x + 0.5 * s4 * d
-    m = x.mean((1, 2, 3), keepdim=True)  # family 4: contrast loss
-    return m + (x - m) * (1 - 0.7 * s4)
+    if name == "contrast":
+        m = x.mean((1, 2, 3), keepdim=True)
+        return m + (x - m) * (1 - 0.7 * s4)
+    if name == "hue":  # rotate every colour about the grey axis by up to 60 degrees (one named colour to the next)
+        theta = (s * torch.where(torch.rand(len(x), generator=g) < 0.5, -1.0, 1.0) * math.pi / 3).view(-1, 1, 1, 1)
+        k = x.mean(1, keepdim=True)  # the grey component stays; the rest turns in the plane normal to (1, 1, 1)
+        v = x - k
+        cross = torch.stack([v[:, 2] - v[:, 1], v[:, 0] - v[:, 2], v[:, 1] - v[:, 0]], 1) / math.sqrt(3)
+        return k + v * theta.cos() - cross * theta.sin()
+    # background: its grey level moved by up to 0.8 (of the range's 2), toward the far end
+    bg = _background(x)
+    lighter = torch.where((x * bg).sum((1, 2, 3)) / (3 * bg.sum((1, 2, 3)) + 1e-6) < 0, 1.0, -1.0).view(-1, 1, 1, 1)
+    return x + bg * lighter * 0.8 * s4
 
 
-# Perceived magnitude per unit strength of each family: the observer of the
-# synthetic 2AFC is (like people, and unlike L2) tolerant of small translations
-# and global contrast/colour changes, and sensitive to noise and blur.
-FAMILY_WEIGHT = torch.tensor([1.0, 1.0, 0.4, 0.8, 0.5])  # noise, blur, shift, colour, contrast
+# The synthetic 2AFC's kinds of distortion, each touching what a toy scene is made of
+# (its colours, background, sharpness, place), and the observer's perceived magnitude
+# per unit strength of each: like people, and unlike L2, it is tolerant of small
+# translations and of global contrast and colour casts, and sensitive to noise, blur
+# and to changes of what a caption names (the shape's colour, the background).
+DISTORTIONS = ("noise", "blur", "shift", "colour cast", "contrast", "hue", "background")
+KIND_WEIGHT = torch.tensor([1.0, 1.0, 0.4, 0.8, 0.5, 1.0, 0.8])
 
 
 def toy_triplets(n, seed, render=C.toy_images):
-    """Synthetic 2AFC in pixels: p0 and p1 are distortions of ref (random families) of
-    strengths s0, s1; their perceived magnitudes are m = FAMILY_WEIGHT[family] * s,
-    and judge = P(p1 judged closer) = sigmoid((m0 - m1) / 0.1)."""
+    """Synthetic 2AFC in pixels: p0 and p1 are distortions of ref (random kinds k0, k1)
+    of strengths s0, s1; their perceived magnitudes are m = KIND_WEIGHT[k] * s, and
+    judge = P(p1 judged closer) = sigmoid((m0 - m1) / 0.1). Returns ref, p0, p1,
+    judge and the kinds (n, 2)."""
     g = torch.Generator().manual_seed(seed)
     ref, _ = render(range(90_000_000 + seed * n, 90_000_000 + seed * n + n))
     s0, s1 = torch.rand(n, generator=g), torch.rand(n, generator=g)
-    f0, f1 = torch.randint(5, (n,), generator=g), torch.randint(5, (n,), generator=g)
+    k0, k1 = (torch.randint(len(DISTORTIONS), (n,), generator=g) for _ in range(2))
     p0, p1 = ref.clone(), ref.clone()
-    for f in range(5):
-        m0, m1 = f0 == f, f1 == f
-        for p, m, s in ((p0, m0, s0), (p1, m1, s1)):
+    for k in range(len(DISTORTIONS)):
+        for p, m, s in ((p0, k0 == k, s0), (p1, k1 == k, s1)):
             if m.any():
-                p[m] = toy_distort(ref[m], f, s[m], g)
-    return ref, p0, p1, torch.sigmoid((FAMILY_WEIGHT[f0] * s0 - FAMILY_WEIGHT[f1] * s1) / 0.1)
+                p[m] = toy_distort(ref[m], k, s[m], g)
+    return ref, p0, p1, torch.sigmoid((KIND_WEIGHT[k0] * s0 - KIND_WEIGHT[k1] * s1) / 0.1), torch.stack([k0, k1], 1)
 
 
 @torch.no_grad()
@@ -231,7 +273,11 @@ def two_afc(d0, d1, judge):
     return ((d1 < d0).float() * judge + (d0 < d1).float() * (1 - judge) + (d0 == d1).float() * 0.5).mean().item()
 
 
-def calibrate(lp, train, val, cfg, device):
+def calibrate(lp, train, val, cfg, device, kinds=None, names=None):
+    """Fit the heads (and RankNet) on `train` = (ref, p0, p1, judge); report 2AFC
+    agreement on `val` before and after, and plain L2's. With `kinds` ((n_val, 2), the
+    index into `names` of p0's and p1's distortion kind), also per kind: the held-out
+    triplets with that kind on either side."""
     (r, p0, p1, j), (rv, p0v, p1v, jv) = train, val
     v0, v1 = layer_distances(lp, r, p0, device), layer_distances(lp, r, p1, device)
     v0v, v1v = layer_distances(lp, rv, p0v, device), layer_distances(lp, rv, p1v, device)
@@ -241,7 +287,7 @@ def calibrate(lp, train, val, cfg, device):
     ws = [nn.Parameter(torch.ones(v.shape[1])) for v in v0]
     rank = RankNet()
     opt = torch.optim.Adam([*ws, *rank.parameters()], lr=1e-2)
-    before = two_afc(dist(v0v, ws), dist(v1v, ws), jv)
+    d_before = dist(v0v, ws).detach(), dist(v1v, ws).detach()
     for _ in tqdm(range(cfg["cal_steps"]), desc="phase 2: 2AFC calibration"):
         logit = rank(dist(v0, ws), dist(v1, ws))
         loss = F.binary_cross_entropy_with_logits(logit, j)
@@ -254,9 +300,17 @@ def calibrate(lp, train, val, cfg, device):
     with torch.no_grad():
         for lin, w in zip(lp.lins, ws):
             lin.weight.copy_(w.view(1, -1, 1, 1))
-    after = two_afc(dist(v0v, ws), dist(v1v, ws), jv)
-    l2 = two_afc((rv - p0v).pow(2).mean((1, 2, 3)), (rv - p1v).pow(2).mean((1, 2, 3)), jv)
-    return dict(two_afc_uncalibrated=before, two_afc_calibrated=after, two_afc_l2=l2)
+    d_after = dist(v0v, ws).detach(), dist(v1v, ws).detach()
+    d_l2 = (rv - p0v).pow(2).mean((1, 2, 3)), (rv - p1v).pow(2).mean((1, 2, 3))
+
+    def agreement(m=slice(None)):
+        return {name: two_afc(d0[m], d1[m], jv[m]) for name, (d0, d1) in
+                (("l2", d_l2), ("uncalibrated", d_before), ("calibrated", d_after))}
+    out = agreement()
+    res = dict(two_afc_uncalibrated=out["uncalibrated"], two_afc_calibrated=out["calibrated"], two_afc_l2=out["l2"])
+    if kinds is not None:
+        res["two_afc_by_kind"] = {name: agreement((kinds == k).any(1)) for k, name in enumerate(names)}
+    return res
 
 
 # --- the reconstruction experiment (Fig. 5 / A1) -----------------------------------
@@ -409,7 +463,7 @@ def encode_images(vae, scaling, imgs, device, batch=32):
 def cached_image_latents(cfg, device, shard=1024):
     """Encode an ImageFolder once with the teacher's VAE, cached in atomic shards
     (ranks take shards[rank::world]; a rerun skips finished ones). Returns
-    (x, y, x_val, y_val) with a deterministic held-out split."""
+    (x, y (N, 1), n_val, heads): the first n_val of a fixed shuffle are held out."""
     import torch.distributed as dist
     items, classes = image_folder(cfg["images"])
     g = torch.Generator().manual_seed(cfg["seed"])
@@ -444,8 +498,7 @@ def cached_image_latents(cfg, device, shard=1024):
         x.append(d["x"])
         y.append(d["y"])
     x, y = torch.cat(x), torch.cat(y)
-    n_val = max(1, int(len(x) * cfg["val_frac"]))
-    return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+    return x, y.view(-1, 1), max(1, int(len(x) * cfg["val_frac"])), {"class": len(classes)}
 
 
 def first_cached_latent(cfg, device):
@@ -557,22 +610,26 @@ def main(argv=None):
         ck = C.load_checkpoint(cls_path, "phase-1 classifier (run 02 once without --calibrate_only)",
                                keys=("state_dict", "top1", "num_classes", "in_ch"))
         net, acc, ncls, in_ch = None, ck["top1"], ck["num_classes"], ck["in_ch"]
+        top1_by_head = ck.get("top1_by_head", dict(top1=acc))
         C.print0(f"phase 2 only: classifier '{cls_path}' (held-out top-1 {acc:.4f})")
     else:
         stop = C.StopSignal(lp_dir)  # SIGTERM/SIGUSR1, from here on (encoding an image set's latents takes long)
-        x, y, xv, yv = phase1_data(cfg, device)
-        C.print0(f"phase 1: {len(x)} train / {len(xv)} held-out samples of shape {tuple(x.shape[1:])}, {int(y.max()) + 1} classes")
-        net, acc = train_classifier(cfg, x, y, xv, yv, device, rank, world, os.path.join(lp_dir, "classifier_latest.pt"), stop)
+        x, y, xv, yv, heads = phase1_data(cfg, device)
+        C.print0(f"phase 1: {len(x)} train / {len(xv)} held-out samples of shape {tuple(x.shape[1:])}, "
+                 + ", ".join(f"{k} classes of {n}" for n, k in heads.items()))
+        net, accs = train_classifier(cfg, x, y, xv, yv, tuple(heads.values()), device, rank, world,
+                                     os.path.join(lp_dir, "classifier_latest.pt"), stop)
         if net is None:
             C.print0("phase 1 stopped early (--max_steps_this_run); rerun with --resume to continue it")
             return C.cleanup()
-        C.print0(f"phase 1: held-out top-1 {acc:.4f}")
-        ncls, in_ch = int(y.max()) + 1, x.shape[1]
+        acc, top1_by_head = accs[0], dict(zip(heads, accs))
+        C.print0("phase 1: held-out top-1 " + ", ".join(f"{n} {a:.4f}" for n, a in top1_by_head.items()))
+        ncls, in_ch = sum(heads.values()), x.shape[1]
         if rank == 0:
-            cls = dict(state_dict=net.state_dict(), top1=acc, num_classes=ncls, in_ch=in_ch, width=cfg["lpips_width"],
-                       pools_removed=cfg["lpips_pools_removed"])
+            cls = dict(state_dict=net.state_dict(), top1=acc, top1_by_head=top1_by_head, num_classes=ncls, in_ch=in_ch,
+                       width=cfg["lpips_width"], pools_removed=cfg["lpips_pools_removed"])
             C.atomic(cls_path, lambda f: torch.save(cls, f))
-    metrics = dict(top1=acc, phase1_seconds=round(time.time() - t0, 1))
+    metrics = dict(top1=acc, top1_by_head=top1_by_head, phase1_seconds=round(time.time() - t0, 1))
     if rank == 0:
         lp = C.LatentLPIPS(in_ch, cfg["lpips_width"], cfg["lpips_pools_removed"], ncls)
         with C.or_fail(f"'{cls_path}' does not match --lpips_width/--lpips_pools_removed"):
@@ -583,13 +640,20 @@ def main(argv=None):
             train, val = (load_bapps(cfg, split, device, bapps[split]) for split in ("train", "val"))
         else:
             n, (render, to_space, _) = cfg["num_triplets"], toy_data(cfg, device)
-            train, val = ((*map(to_space, t[:3]), t[3]) for t in (toy_triplets(n - n // 5, cfg["seed"] + 1, render),
-                                                                   toy_triplets(n // 5, cfg["seed"] + 2, render)))
-        metrics.update(calibrate(lp, train, val, cfg, device), phase2_seconds=round(time.time() - t1, 1))
+            tr, va = toy_triplets(n - n // 5, cfg["seed"] + 1, render), toy_triplets(n // 5, cfg["seed"] + 2, render)
+            train, val, kinds = (*map(to_space, tr[:3]), tr[3]), (*map(to_space, va[:3]), va[3]), va[4]
+        metrics.update(calibrate(lp, train, val, cfg, device, *(() if cfg["bapps"] else (kinds, DISTORTIONS))),
+                       phase2_seconds=round(time.time() - t1, 1))
         C.atomic(ckpt, lambda f: torch.save(dict(config=lp.config, state_dict=lp.state_dict(), metrics=metrics, preset=cfg["preset"],
                                                  latent_space=space_of(cfg, in_ch, device)), f))
         C.save_json(metrics, metrics_path)
-        print(json.dumps(metrics, indent=2), f"\nwrote {ckpt}")
+        print(json.dumps({k: v for k, v in metrics.items() if k != "two_afc_by_kind"}, indent=2))
+        if "two_afc_by_kind" in metrics:
+            print("2AFC agreement by distortion kind (held-out triplets with it on either side):\n"
+                  f"{'kind':>12} {'L2':>6} {'uncal.':>6} {'calib.':>6}")
+            for kind, a in metrics["two_afc_by_kind"].items():
+                print(f"{kind:>12} {a['l2']:6.3f} {a['uncalibrated']:6.3f} {a['calibrated']:6.3f}")
+        print(f"wrote {ckpt}")
     C.cleanup()
 
 

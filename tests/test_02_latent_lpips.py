@@ -165,22 +165,83 @@ def test_bapps_layout_loads(tmp_path):
 
 
 def test_02_toy_smoke(tmp_path):
-    p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path, "--cls_steps", 20, "--num_triplets", 300,
-                   "--cal_steps", 50)
+    """Phase 1 has one head per attribute of the toy's seed (10 steps: OneCycleLR's
+    degenerate case of a 1-step warm-up); phase 2's heads, fitted to the judgments,
+    agree with them better than the plain sum and than L2, also per distortion kind."""
+    p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path, "--cls_steps", 10, "--num_triplets", 1000,
+                   "--cal_steps", 400)
     ck = torch.load(tmp_path / "lpips" / "latent_lpips.pt", weights_only=True)
     m = ck["metrics"]
-    # 20 classifier steps are too few to classify (top-1 is at chance here), but the 2AFC heads,
-    # fitted to the judgments, agree with them better than the plain sum and than L2
-    assert m["two_afc_calibrated"] > m["two_afc_uncalibrated"] and m["two_afc_calibrated"] > m["two_afc_l2"] + 0.02, m
+    assert m["two_afc_calibrated"] > m["two_afc_uncalibrated"] + 0.01 and m["two_afc_calibrated"] > m["two_afc_l2"] + 0.01, m
+    assert list(m["top1_by_head"]) == list(C.TOY_ATTRIBUTES) and m["top1"] == m["top1_by_head"]["shape"]
+    assert ck["config"]["num_classes"] == sum(C.TOY_ATTRIBUTES.values())
+    by_kind = m["two_afc_by_kind"]
+    assert list(by_kind) == list(lpips_script().DISTORTIONS) and all(0 < a["calibrated"] < 1 for a in by_kind.values())
+    assert "2AFC agreement by distortion kind" in p.stdout and "background" in p.stdout
     lp = C.load_latent_lpips(str(tmp_path / "lpips" / "latent_lpips.pt"), in_ch=3)
     assert all((l.weight >= 0).all() for l in lp.lins)
-    assert "phase 1: held-out top-1" in p.stdout
+    assert "phase 1: held-out top-1 shape" in p.stdout
     # phase 1's classifier is saved on its own; phase 2 reruns without phase 1
     assert (tmp_path / "lpips" / "classifier.pt").is_file()
     p = run_script("02_train_latent_lpips.py", "--out_dir", tmp_path, "--num_triplets", 300, "--cal_steps", 10,
                    "--calibrate_only")
     assert "phase 2 only" in p.stdout and "phase 1:" not in p.stdout
-    assert torch.load(tmp_path / "lpips" / "latent_lpips.pt", weights_only=True)["metrics"]["top1"] == m["top1"]
+    m2 = torch.load(tmp_path / "lpips" / "latent_lpips.pt", weights_only=True)["metrics"]
+    assert m2["top1"] == m["top1"] and m2["top1_by_head"] == m["top1_by_head"]
+
+
+def test_each_distortion_touches_what_it_names():
+    """The synthetic 2AFC's kinds on toy_sd scenes: strength 0 is the identity, the
+    change grows with the strength, a hue turn keeps the grey background and changes
+    the shape's colour, a background change keeps the shape."""
+    M = lpips_script()
+    x, _, _ = C.toy_scene(range(16))
+    bg = M._background(x)
+    assert 0.4 < bg.mean() < 0.98  # the shapes cover part of each image, the rest is found as background
+    for k, name in enumerate(M.DISTORTIONS):
+        d = [(M.toy_distort(x, k, torch.full((16,), s), torch.Generator().manual_seed(0)) - x).pow(2).mean().item()
+             for s in (0.0, 0.5, 1.0)]
+        assert d[0] < 1e-10 and d[0] < d[1] < d[2], (name, d)
+    hue = M.toy_distort(x, M.DISTORTIONS.index("hue"), torch.ones(16), torch.Generator().manual_seed(0))
+    change = (hue - x).abs().amax(1, keepdim=True)
+    grey = M._background(x, tol=1e-3)  # the background proper, without the shapes' anti-aliased rims
+    assert (change * grey).amax() < 1e-5 and (change * (1 - bg)).amax((1, 2, 3)).min() > 0.3  # greys stay, colours turn
+    back = M.toy_distort(x, M.DISTORTIONS.index("background"), torch.ones(16), torch.Generator().manual_seed(0))
+    change = (back - x).abs().amax(1, keepdim=True)
+    assert (change * (1 - bg)).amax() < 1e-6 and (change * bg).amax((1, 2, 3)).min() > 0.7
+
+
+def test_two_afc_by_kind_counts_a_kind_on_either_side():
+    """calibrate's per-kind rows: the held-out triplets with that kind as p0's or p1's."""
+    M = lpips_script()
+    torch.manual_seed(0)
+    lp = C.LatentLPIPS(3, 0.25, 2, 4)
+    train, val = M.toy_triplets(64, 1), M.toy_triplets(64, 2)
+    res = M.calibrate(lp, train[:4], val[:4], dict(cal_steps=2), torch.device("cpu"), val[4], M.DISTORTIONS)
+    ref, p0, p1, judge, kinds = val
+    for k, name in enumerate(M.DISTORTIONS):
+        m = (kinds[:, 0] == k) | (kinds[:, 1] == k)
+        l2 = M.two_afc((ref - p0)[m].pow(2).mean((1, 2, 3)), (ref - p1)[m].pow(2).mean((1, 2, 3)), judge[m])
+        assert res["two_afc_by_kind"][name]["l2"] == pytest.approx(l2), name
+
+
+def test_toy_attributes_bin_what_each_seed_draws():
+    """02's phase-1 labels for the toy: each TOY_ATTRIBUTES bin orders what it names
+    (the background's brightness, the shape's area, its centre's x and y, its hue)."""
+    x, a = C.toy_images(range(3000), attributes=True)
+    assert a.shape == (3000, len(C.TOY_ATTRIBUTES)) and torch.equal(a[:, 0], C.toy_images(range(3000))[1])
+    assert torch.equal(a.amax(0) + 1, torch.tensor(list(C.TOY_ATTRIBUTES.values())))
+    bg = lpips_script()._background(x, tol=0.02)
+    lum, fg = (x.mean(1, keepdim=True) * bg).sum((1, 2, 3)) / bg.sum((1, 2, 3)), 1 - bg
+    area = fg.sum((1, 2, 3))
+    cols = torch.arange(16.0).view(1, 1, 1, 16)
+    cx, cy = (fg * cols).sum((1, 2, 3)) / area, (fg * cols.transpose(2, 3)).sum((1, 2, 3)) / area
+    names = list(C.TOY_ATTRIBUTES)
+    for name, value in (("background", lum), ("size", area), ("x", cx), ("y", cy)):
+        means = [value[a[:, names.index(name)] == b].mean().item() for b in range(3)]
+        assert means[0] < means[1] < means[2], (name, means)
+    red = ((x[:, 0] - x[:, 1:].amax(1)) * fg[:, 0]).sum((1, 2)) / area  # the first hue bin is red
+    assert red[a[:, 1] == 0].mean() > red[a[:, 1] == 3].mean() + 0.5
 
 
 def test_02_phase1_stopped_and_resumed_equals_straight(tmp_path):

@@ -40,6 +40,9 @@ def test_every_stage_runs_the_sd_path_on_the_toy_teacher(toy_sd_run):
     lp = torch.load(toy_sd_run / "lpips" / "latent_lpips.pt", weights_only=True)
     scale = json.load(open(os.path.join(TEACHER, "vae", "config.json")))["scaling_factor"]
     assert lp["latent_space"] == C.latent_space("ldm", 4, scale)  # LatentLPIPS of this VAE's latents
+    # its phase 1 learned every attribute a caption names, not the shape alone
+    assert list(lp["metrics"]["top1_by_head"]) == list(C.TOY_SCENE) and lp["config"]["num_classes"] == 26
+    assert list(lp["metrics"]["two_afc_by_kind"]) == ["noise", "blur", "shift", "colour cast", "contrast", "hue", "background"]
     ck = torch.load(toy_sd_run / "gan" / "student_ema.pt", weights_only=False, map_location="cpu")
     assert ck["config"]["arch"] == "sd15" and ck["config"]["d_t"] == 0
     rows = json.load(open(toy_sd_run / "eval" / "metrics.json"))
@@ -100,7 +103,8 @@ def test_pixel_lpips_for_the_table1_baseline(toy_sd_run, tmp_path):
     decodes G's latents and takes it as the pixel LPIPS."""
     run_script("02_train_latent_lpips.py", "--preset", "toy_sd", "--out_dir", tmp_path, "--pixels", *FAST["02_train_latent_lpips.py"])
     ckpt = tmp_path / "lpips" / "latent_lpips.pt"
-    assert torch.load(ckpt, weights_only=True)["latent_space"] == C.latent_space("edm", 3)
+    lp = torch.load(ckpt, weights_only=True)
+    assert lp["latent_space"] == C.latent_space("edm", 3) and list(lp["metrics"]["top1_by_head"]) == list(C.TOY_SCENE)
     p = run_script("03_ode_distill.py", "--preset", "toy_sd", "--out_dir", toy_sd_run, "--run_name", "pixel_lpips",
                    "--loss", "lpips", "--lpips_ckpt", ckpt, *FAST["03_ode_distill.py"])
     assert "step 2" in p.stdout or (toy_sd_run / "pixel_lpips" / "student_ema.pt").exists()
