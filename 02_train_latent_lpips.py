@@ -4,10 +4,9 @@ latent channels, first three max-pools removed), trained in two phases:
 
   phase 1  classifier: ImageNet-style, on latents (sd15/sdxl: an ImageFolder tree
            encoded once by the teacher's VAE and cached in shards) or on the toy
-           worlds' own labels, one head per attribute a seed sets (toy: shape, hue,
-           background, size, x, y, binned; toy_sd: what its captions name: shape,
-           colour, background, size, place). Reports held-out top-1 per head (paper:
-           68.26%, Table A2).
+           worlds' own labels: the toy's 10 shapes; toy_sd's one head per attribute
+           its captions name (shape, colour, background, size, place). Reports
+           held-out top-1 per head (paper: 68.26%, Table A2).
   phase 2  linear calibration on 2AFC triplets (ref, p0, p1, judgment), LPIPS-style:
            non-negative 1x1 heads on the 5 taps plus a small ranking net, BCE.
            BAPPS layout with --bapps DIR; synthetic distortions of the toy data
@@ -84,14 +83,14 @@ FLAGS = {
 def phase1_data(cfg, device):
     """(x_train, y_train, x_val, y_val, heads) in the model's space: y is (N, len(heads)),
     one label per head, and heads names each with its class count (ImageFolder: the
-    class; toy: C.TOY_ATTRIBUTES; toy_sd: C.TOY_SCENE's attributes)."""
+    class; toy: its shape; toy_sd: C.TOY_SCENE's attributes)."""
     if cfg["arch"] == "cifar10" and cfg["images"] is None:
         C.fail("cifar10: pass --images with an ImageFolder tree of CIFAR10/ImageNet images for phase 1")
     if cfg.get("data") == "toy" and cfg["images"] is None:
         render, to_space, _ = toy_data(cfg, device)
         x, y = render(range(0, cfg["num_images"]))
         x, n_val = to_space(x), int(len(x) * cfg["val_frac"])
-        heads = dict(C.TOY_ATTRIBUTES) if cfg["family"] == "edm" else {k: len(v) for k, v in C.TOY_SCENE.items()}
+        heads = {"shape": 10} if cfg["family"] == "edm" else {k: len(v) for k, v in C.TOY_SCENE.items()}
     else:
         x, y, n_val, heads = cached_image_latents(cfg, device)
     return x[n_val:], y[n_val:], x[:n_val], y[:n_val], heads
@@ -99,13 +98,14 @@ def phase1_data(cfg, device):
 
 def toy_data(cfg, device):
     """The toy worlds' own data in the model's space: render(seeds) -> (images, labels)
-    (toy: C.TOY_ATTRIBUTES, toy_sd: C.TOY_SCENE, one label per attribute, so that F
-    must see colour, background, size and place as well as shape), to_space(images) (toy and
+    (toy: the shape; toy_sd: one label per C.TOY_SCENE attribute, so that F must see
+    colour, background, size and place as well as shape), to_space(images) (toy and
     --pixels: the pixels as they are; toy_sd: the teacher VAE's latents), and decode
     (None in pixels)."""
     def render(seeds):
         if cfg["family"] == "edm":
-            return C.toy_images(seeds, attributes=True)
+            imgs, shape = C.toy_images(seeds)
+            return imgs, shape[:, None]
         imgs, _, attributes = C.toy_scene(seeds, cfg["resolution"])
         return imgs, attributes
     if cfg["family"] == "edm" or cfg["pixels"]:
@@ -610,7 +610,7 @@ def main(argv=None):
         ck = C.load_checkpoint(cls_path, "phase-1 classifier (run 02 once without --calibrate_only)",
                                keys=("state_dict", "top1", "num_classes", "in_ch"))
         net, acc, ncls, in_ch = None, ck["top1"], ck["num_classes"], ck["in_ch"]
-        top1_by_head = ck.get("top1_by_head", dict(top1=acc))
+        top1_by_head = ck.get("top1_by_head", {"class": acc})
         C.print0(f"phase 2 only: classifier '{cls_path}' (held-out top-1 {acc:.4f})")
     else:
         stop = C.StopSignal(lp_dir)  # SIGTERM/SIGUSR1, from here on (encoding an image set's latents takes long)

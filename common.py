@@ -508,15 +508,9 @@ def _toy_sdf(cls, px, py, r):
     raise ValueError(cls)
 
 
-# what a toy image's seed sets, binned into classes (02's phase-1 heads): the shape, the
-# hue of its colour (6 bins), the background's brightness, the size, the centre's x and y (3 each)
-TOY_ATTRIBUTES = dict(shape=10, hue=6, background=3, size=3, x=3, y=3)
-
-
-def toy_images(seeds, labels=None, resolution=16, supersample=4, attributes=False):
-    """Deterministic toy images in [-1, 1], one per seed: (B, 3, R, R) and labels
-    (with `attributes`: (B, 6), the TOY_ATTRIBUTES bins). Everything about image i is
-    drawn from torch.Generator().manual_seed(seeds[i])."""
+def toy_images(seeds, labels=None, resolution=16, supersample=4):
+    """Deterministic toy images in [-1, 1], one per seed: (B, 3, R, R) and labels.
+    Everything about image i is drawn from torch.Generator().manual_seed(seeds[i])."""
     seeds = [int(s) for s in seeds]
     n, S = len(seeds), resolution * supersample
     params = torch.empty(n, 11)
@@ -531,11 +525,7 @@ def toy_images(seeds, labels=None, resolution=16, supersample=4, attributes=Fals
     hue = params[:, 3:4]
     fg = _hsv_to_rgb(hue, 0.6 + 0.4 * params[:, 4:5], 0.75 + 0.25 * params[:, 5:6])
     bg = _hsv_to_rgb(params[:, 6:7], 0.3 * params[:, 7:8], 0.1 + 0.25 * params[:, 8:9])
-    imgs = _render(out_labels, r, cx, cy, fg, bg, resolution, supersample)
-    if attributes:
-        n = torch.tensor(list(TOY_ATTRIBUTES.values())[1:])  # hue, background value, size, x, y: params 3, 8, 0, 1, 2
-        return imgs, torch.cat([out_labels[:, None], (params[:, [3, 8, 0, 1, 2]] * n).long().minimum(n - 1)], 1)
-    return imgs, out_labels
+    return _render(out_labels, r, cx, cy, fg, bg, resolution, supersample), out_labels
 
 
 def _render(labels, r, cx, cy, fg, bg, resolution, supersample):
