@@ -133,7 +133,9 @@ def train_classifier(cfg, x, y, xv, yv, heads, device, rank, world, state_path, 
     # 10% warm-up; OneCycleLR divides by zero when pct_start * total_steps is exactly 1
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["cls_lr"], total_steps=steps, pct_start=0.1 if steps != 10 else 0.15)
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-    start, settings = 0, dict({k: cfg.get(k) for k in CLS_RESUME_KEYS}, world=world, heads=list(heads))
+    start, settings = 0, dict({k: cfg.get(k) for k in CLS_RESUME_KEYS}, world=world)
+    if len(heads) > 1:  # one head's class count follows from --images, already a resume key
+        settings["heads"] = list(heads)
     if cfg["resume"] and os.path.isfile(state_path):
         ck = C.load_checkpoint(state_path, "phase-1 state", keys=PHASE1_STATE_KEYS)
         C.check_resume(ck["settings"], settings, f"use those settings, or delete '{state_path}' to start phase 1 again")
@@ -149,7 +151,7 @@ def train_classifier(cfg, x, y, xv, yv, heads, device, rank, world, state_path, 
     for step in bar:
         idx = torch.randint(len(x), (B,), generator=g)
         xb = x[idx].float()
-        if cfg["family"] == "ldm" and cfg.get("data") != "toy":  # ImageNet's flips (a toy scene's place is a label)
+        if cfg["family"] == "ldm" and not (cfg.get("data") == "toy" and not cfg["images"]):  # ImageNet's flips; a toy scene's place is a label
             xb = torch.where(torch.rand(B, 1, 1, 1, generator=g) < 0.5, xb.flip(3), xb)
         logits, yb = model(xb.to(device)).split(heads, 1), y[idx].to(device)
         loss = sum(F.cross_entropy(lg, yb[:, h]) for h, lg in enumerate(logits))
@@ -221,9 +223,9 @@ def toy_distort(x, kind, s, g):
 
 # The synthetic 2AFC's kinds of distortion, each touching what a toy scene is made of
 # (its colours, background, sharpness, place), and the observer's perceived magnitude
-# per unit strength of each: like people, and unlike L2, it is tolerant of small
-# translations and of global contrast and colour casts, and sensitive to noise, blur
-# and to changes of what a caption names (the shape's colour, the background).
+# per unit strength of each: like people, and unlike L2, it counts small translations
+# and global contrast changes little, colour casts and the background's level more,
+# and noise, blur and a turn of the shape's hue (a caption's colour) most.
 DISTORTIONS = ("noise", "blur", "shift", "colour cast", "contrast", "hue", "background")
 KIND_WEIGHT = torch.tensor([1.0, 1.0, 0.4, 0.8, 0.5, 1.0, 0.8])
 
@@ -616,7 +618,7 @@ def main(argv=None):
         stop = C.StopSignal(lp_dir)  # SIGTERM/SIGUSR1, from here on (encoding an image set's latents takes long)
         x, y, xv, yv, heads = phase1_data(cfg, device)
         C.print0(f"phase 1: {len(x)} train / {len(xv)} held-out samples of shape {tuple(x.shape[1:])}, "
-                 + ", ".join(f"{k} classes of {n}" for n, k in heads.items()))
+                 + ", ".join(f"{name}: {count} classes" for name, count in heads.items()))
         net, accs = train_classifier(cfg, x, y, xv, yv, tuple(heads.values()), device, rank, world,
                                      os.path.join(lp_dir, "classifier_latest.pt"), stop)
         if net is None:
