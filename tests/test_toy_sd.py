@@ -40,7 +40,7 @@ def test_every_stage_runs_the_sd_path_on_the_toy_teacher(toy_sd_run):
     lp = torch.load(toy_sd_run / "lpips" / "latent_lpips.pt", weights_only=True)
     scale = json.load(open(os.path.join(TEACHER, "vae", "config.json")))["scaling_factor"]
     assert lp["latent_space"] == C.latent_space("ldm", 4, scale)  # LatentLPIPS of this VAE's latents
-    # its phase 1 learned every attribute a caption names, not the shape alone
+    # its phase 1 has one head per attribute a caption names
     assert list(lp["metrics"]["top1_by_head"]) == list(C.TOY_SCENE) and lp["config"]["num_classes"] == 26
     assert list(lp["metrics"]["two_afc_by_kind"]) == ["noise", "blur", "shift", "colour cast", "contrast", "hue", "background"]
     ck = torch.load(toy_sd_run / "gan" / "student_ema.pt", weights_only=False, map_location="cpu")
