@@ -275,11 +275,11 @@ def two_afc(d0, d1, judge):
     return ((d1 < d0).float() * judge + (d0 < d1).float() * (1 - judge) + (d0 == d1).float() * 0.5).mean().item()
 
 
-def calibrate(lp, train, val, cfg, device, kinds=None, names=None):
+def calibrate(lp, train, val, cfg, device, kinds=None):
     """Fit the heads (and RankNet) on `train` = (ref, p0, p1, judge); report 2AFC
     agreement on `val` before and after, and plain L2's. With `kinds` ((n_val, 2), the
-    index into `names` of p0's and p1's distortion kind), also per kind: the held-out
-    triplets with that kind on either side."""
+    DISTORTIONS index of p0's and p1's), also per kind: the held-out triplets with that
+    kind on either side."""
     (r, p0, p1, j), (rv, p0v, p1v, jv) = train, val
     v0, v1 = layer_distances(lp, r, p0, device), layer_distances(lp, r, p1, device)
     v0v, v1v = layer_distances(lp, rv, p0v, device), layer_distances(lp, rv, p1v, device)
@@ -311,7 +311,7 @@ def calibrate(lp, train, val, cfg, device, kinds=None, names=None):
     out = agreement()
     res = dict(two_afc_uncalibrated=out["uncalibrated"], two_afc_calibrated=out["calibrated"], two_afc_l2=out["l2"])
     if kinds is not None:
-        res["two_afc_by_kind"] = {name: agreement((kinds == k).any(1)) for k, name in enumerate(names)}
+        res["two_afc_by_kind"] = {name: agreement((kinds == k).any(1)) for k, name in enumerate(DISTORTIONS)}
     return res
 
 
@@ -639,13 +639,12 @@ def main(argv=None):
         lp = lp.to(device)
         t1 = time.time()
         if cfg["bapps"]:
-            train, val = (load_bapps(cfg, split, device, bapps[split]) for split in ("train", "val"))
+            (train, val), kinds = (load_bapps(cfg, split, device, bapps[split]) for split in ("train", "val")), None
         else:
             n, (render, to_space, _) = cfg["num_triplets"], toy_data(cfg, device)
             tr, va = toy_triplets(n - n // 5, cfg["seed"] + 1, render), toy_triplets(n // 5, cfg["seed"] + 2, render)
             train, val, kinds = (*map(to_space, tr[:3]), tr[3]), (*map(to_space, va[:3]), va[3]), va[4]
-        metrics.update(calibrate(lp, train, val, cfg, device, *(() if cfg["bapps"] else (kinds, DISTORTIONS))),
-                       phase2_seconds=round(time.time() - t1, 1))
+        metrics.update(calibrate(lp, train, val, cfg, device, kinds), phase2_seconds=round(time.time() - t1, 1))
         C.atomic(ckpt, lambda f: torch.save(dict(config=lp.config, state_dict=lp.state_dict(), metrics=metrics, preset=cfg["preset"],
                                                  latent_space=space_of(cfg, in_ch, device)), f))
         C.save_json(metrics, metrics_path)

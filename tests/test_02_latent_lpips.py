@@ -217,7 +217,7 @@ def test_two_afc_by_kind_counts_a_kind_on_either_side():
     torch.manual_seed(0)
     lp = C.LatentLPIPS(3, 0.25, 2, 4)
     train, val = M.toy_triplets(64, 1), M.toy_triplets(64, 2)
-    res = M.calibrate(lp, train[:4], val[:4], dict(cal_steps=2), torch.device("cpu"), val[4], M.DISTORTIONS)
+    res = M.calibrate(lp, train[:4], val[:4], dict(cal_steps=2), torch.device("cpu"), val[4])
     ref, p0, p1, judge, kinds = val
     for k, name in enumerate(M.DISTORTIONS):
         m = (kinds[:, 0] == k) | (kinds[:, 1] == k)
