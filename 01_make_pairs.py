@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import common as C
 
-RANGE = C.checked_type(str, lambda s: 1 <= C.two_floats(s)[0] <= C.two_floats(s)[1], "'LOW,HIGH' with 1 <= LOW <= HIGH", "0.5,2")
+RANGE = C.checked_type(C.two_floats, lambda t: 1 <= t[0] <= t[1], "'LOW,HIGH' with 1 <= LOW <= HIGH", "0.5,2")
 FLAGS = {
     "run": C.RUN_FLAGS[:2] + [("seed", 0, C.INT_NONNEG, "pair i has seed `seed + i`")] + C.RUN_FLAGS[3:] + [
         ("teacher_dtype", None, C.DTYPES, "the teacher's precision: SD/SDXL its weights' dtype, EDM autocast over float32 weights"),
@@ -80,7 +80,7 @@ def edm_loss(D, y, labels, p_mean=-1.2, p_std=1.2, sigma_data=0.5, generator=Non
 def pair_guidance(seeds, cfg_range):
     """The guidance-conditioned student (beyond the paper, §5 'Limitations'): each
     pair's scale w ~ U(LOW, HIGH), drawn from a generator seeded by the pair's seed."""
-    lo, hi = (float(v) for v in cfg_range.split(","))
+    lo, hi = cfg_range
     return torch.tensor([lo + (hi - lo) * torch.rand(1, generator=torch.Generator().manual_seed(int(s) + (1 << 40))).item()
                          for s in seeds])
 

@@ -16,10 +16,7 @@ SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 03_ode_distill.py --preset sd15
 Table 1 ablation:    python 03_ode_distill.py --loss mse --out_dir runs/toy --run_name distill_mse
 Table 6 (pairs):     python 03_ode_distill.py --out_dir runs/t6 --first_pairs 8192 --steps 1500 --run_name s1_8k
 """
-import copy
 import os
-import time
-from contextlib import nullcontext
 
 import torch
 
@@ -100,114 +97,33 @@ def validate(cfg):
 def main(argv=None):
     cfg = get_config(argv)
     manifest, ck = validate(cfg)
-    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
-    stop = C.StopSignal(None if cfg["benchmark_steps"] else os.path.join(cfg["out_dir"], cfg["run_name"]))  # SIGTERM/SIGUSR1
-    accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device, manifest)
+    run = C.Trainer(cfg, 1, manifest)  # processes, signals, the teacher and its pairs
+    teacher, device = run.teacher, run.device
     loss_fn = C.build_loss(cfg, teacher, device)
     G = C.Student(teacher, cfg).to(device)
     set_dropout(G.net, cfg["dropout"])  # Table A1: CIFAR10 trains with dropout 0.1
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
-    ema = copy.deepcopy(G).eval().requires_grad_(False)
-    C.check_state_fits(device, G, shards=world if cfg["fsdp"] else 1)
-    if cfg["fsdp"]:  # G and its EMA sharded alike (EMA updates stay shard-local); every rank runs what gathers them
-        G, ema = C.fsdp_shard(G, device), C.fsdp_shard(ema, device)
+    G, ema = run.models(G)
     opt = C.make_optimizer(cfg["optimizer"], C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]),
-                           C.lr_schedule(cfg["lr"])[0], tuple(float(b) for b in cfg["betas"].split(",")))
-    step, bench = 0, cfg["benchmark_steps"] > 0
-    if ck:
-        C.check_resume(ck["config"], cfg)
-        C.load_full_state(G, ck["model"], opt, ck["opt"], what=f"checkpoint '{ckpt_path}'")
-        C.load_full_state(ema, ck["ema"], what=f"checkpoint '{ckpt_path}'")
-        step = ck["step"]
-        C.print0(f"resumed from '{ckpt_path}' at step {step}")
-        if rank == 0:
-            C.repair_student(ck, run_dir)
-        del ck  # a memory-mapped file: not held open (and on disk) once replaced
-    model = G  # DDP without a 2nd copy of the grads; FSDP reduces the grads itself
-    if world > 1 and not cfg["fsdp"]:
-        model = torch.nn.parallel.DistributedDataParallel(G, gradient_as_bucket_view=True)
-    log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step, cfg["log_to"], cfg)
-    viewer = rank == 0 or cfg["fsdp"]  # the ranks that run the EMA for grids
-    if rank == 0 and not bench:
-        C.save_json(cfg, os.path.join(run_dir, "config.json"))
-    if viewer and not bench:
-        w_ho = C.mid_guidance(cfg)
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, device, w=w_ho)
-    teacher.release_unet()
+                           C.lr_schedule(cfg["lr"])[0], cfg["betas"])
+    run.resume(ck, ("model", G, "opt", opt), ("ema", ema, None, None))
+    del ck  # memory-mapped: not held open (and on disk) once replaced
+    model = run.ddp(G)
 
-    def save(step):  # the resumable state, and the EMA student that 04 and 05 read (also from a run stopped early)
-        (g, o), e = C.full_state(G, opt), C.full_state(ema)
-        if rank == 0:
-            C.save_training_state(dict(model=g, ema=e, opt=o, step=step, config=cfg, teacher=teacher.teacher_id, stage=1), run_dir)
+    def step(step, batches):  # Eq. 1: L = E d(G(z, c), x), d = E-LatentLPIPS (Eq. 3-4) by default
+        loss = torch.zeros((), device=device)
+        for m, b in enumerate(batches):
+            run.seed(step, b["chunk"])  # the augmentation's and dropout's RNG
+            with run.accumulating(model, m), C.autocast(device, cfg["dtype"]):
+                d = loss_fn(model(b["z"], b["cond"], b["w"]), b["x"]).mean()
+                (d / run.accum).backward()
+            loss += d.detach() / run.accum
+        stats = run.reduce(loss=loss)
+        return dict(stats, grad_norm=run.update(opt, G))
 
-    def grid(step):
-        if viewer:
-            with torch.no_grad():
-                x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
-        if rank == 0:
-            imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_st)]).cpu()
-            log.image(C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
-                                        scale=max(1, 64 // imgs.shape[-1])), step)
-
-    start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 1", rank)
-    t0, seen, flops = time.time(), 0, C.StepFlops(end)
-    for step in bar:
-        if bench and step == flops.first_timed:  # sizing mode: time the steps after the warm-up
-            C.synchronize(device)
-            t_bench, n_bench = time.perf_counter(), end - step
-        if bench:
-            flops.begin(step)
-        lr = C.lr_at(step, cfg["steps"], cfg["lr"])
-        for g in opt.param_groups:
-            g["lr"] = lr
-        total = torch.zeros((), device=device)
-        for m, (chunk, idx) in enumerate(C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum)):
-            torch.manual_seed(cfg["seed"] * 1_000_003 + step * 4099 + chunk)  # augmentation/dropout RNG per chunk
-            b = data.get(idx)
-            cond = C.student_cond(teacher, b["cond"], device)
-            sync = m == accum - 1 or world == 1
-            if cfg["fsdp"]:  # gradients are reduced on the step's last micro-batch only (DDP: no_sync)
-                G.set_requires_gradient_sync(sync)
-            with (model.no_sync() if model is not G and not sync else nullcontext()), C.autocast(device, cfg["dtype"]):
-                loss = loss_fn(model(b["z"].to(device), cond, b.get("w")), b["x"].to(device)).mean()  # Eq. 1 / 4
-                (loss / accum).backward()
-            total += loss.detach() / accum
-        total, votes = C.all_reduce_mean(torch.stack([total, stop.vote(device)])).tolist()  # a SIGTERM/SIGUSR1 on any rank
-        C.finite_or_stop(total, step, ckpt_path)
-        log_now = step % cfg["log_every"] == 0 or step == cfg["steps"] - 1
-        gnorm = C.grad_norm(G, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # measured when logged
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
-        seen += cfg["batch"]
-        if log_now:
-            rate = seen / (time.time() - t0)
-            log.write(step=step, loss=total, grad_norm=gnorm, img_s=rate, lr=lr)
-            bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")
-        if bench:
-            flops.end()
-            continue
-        stopping = votes > 0 and step + 1 < end  # checkpoint, then exit
-        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
-            save(step + 1)
-        if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
-            grid(step + 1)
-        if stopping:
-            log.close()
-            stop.exit(step + 1)
-    stop.restore()
-    log.close()
-    if bench:
-        C.synchronize(device)
-        C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G),
-                        ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment"), flops)
-    elif viewer and end == cfg["steps"] and end > start:
-        with torch.no_grad():
-            x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
-        C.print0(f"held-out fidelity (MSE student vs teacher, same z, mean ± s.e. over {len(x_ho)} samples): "
-                 f"{C.held_out_fidelity(x_st, x_ho)}; wrote {run_dir}/student_ema.pt")
-    C.cleanup()
+    run.loop(step, {"lr": opt}, G, ema, show=("loss",),
+             report=(dict(G=G), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment")))
 
 
 if __name__ == "__main__":

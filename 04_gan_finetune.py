@@ -20,9 +20,7 @@ SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 04_gan_finetune.py --preset sd1
 Table 2 row:         python 04_gan_finetune.py --no-multiscale --mix_match 0 --run_name gan_no_ms
 Export (diffusers):  python 04_gan_finetune.py --preset sd15 --export runs/sd15/export   (README: the pipeline call)
 """
-import copy
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -308,44 +306,25 @@ def mix_and_match(x_fake, z, cond, plan, x_p, z_p, cond_p):
     return x, zz, cc
 
 
-def sync_grads(model, bucket_mb=256):
-    """All-reduce gradients by hand (as StyleGAN2-ADA does) so R1's double
-    backward works under torchrun without DDP's autograd hooks. Buckets of
-    ~bucket_mb keep the extra memory small (one flat copy of all gradients
-    would cost 3.4 GB for SD1.5 and 10 GB for SDXL)."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return
-    params = [p for p in model.parameters() if p.grad is not None]
-    while params:
-        bucket, size = [], 0
-        while params and (not bucket or size + params[0].grad.nbytes <= bucket_mb << 20):
-            bucket.append(params.pop(0))
-            size += bucket[-1].grad.nbytes
-        flat = torch.cat([p.grad.flatten() for p in bucket])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
-            p.grad.copy_(g.view_as(p))
-
-
 def requires_grad(model, flag):
     for p in model.parameters():
         p.requires_grad_(flag)
 
 
-def export_diffusers(cfg, teacher, path, ck):
-    """Write the stage-2 EMA student (checkpoint `ck`, read from `path`) as a standard
-    diffusers U-Net plus an LCMScheduler config. One pipeline step at the custom
-    timestep T (the student's, Eq. 8) returns the x0 prediction: LCM's boundary terms
-    at T are c_skip ~ 3e-9 and c_out ~ 1 - 1e-9, i.e. G(z, c) to float precision.
-    (A DDIM config with steps_offset = T would be exact too, but SD1.5's pipeline
-    resets steps_offset to 1 when it is built.)"""
+def export_diffusers(cfg, device):
+    """--export: the stage-2 EMA student (<run>/student_ema.pt) as a standard diffusers U-Net
+    plus an LCMScheduler config. One pipeline step at the custom timestep T (the student's,
+    Eq. 8) returns the x0 prediction: LCM's boundary terms at T are c_skip ~ 3e-9 and c_out
+    ~ 1 - 1e-9, i.e. G(z, c) to float precision. (A DDIM config with steps_offset = T would be
+    exact too, but SD1.5's pipeline resets steps_offset to 1 when it is built.)"""
     from diffusers import LCMScheduler
-    if ck.get("teacher") != teacher.teacher_id:
-        C.fail(f"student '{path}' was distilled from '{ck.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
-    G = C.Student(teacher, dict(cfg, cfg_range=ck["config"].get("cfg_range")))
-    G.load_state_dict(ck["ema"])
+    if cfg["family"] != "ldm":
+        C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
+    path = os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
+    ck = C.load_student_file(path, "stage-2 student (student_ema.pt)")
+    cfg["num_steps"] = ck["config"]["num_steps"]  # T (Eq. 8) is the first step of the schedule its pairs were made with
+    teacher = C.LDMTeacher(cfg, device)
+    G = C.load_student(ck, teacher, cfg, path, "cpu")
     G.net.save_pretrained(os.path.join(cfg["export"], "unet"))
     LCMScheduler.from_config(teacher.scheduler.config).save_pretrained(os.path.join(cfg["export"], "scheduler"))
     call = dict(num_inference_steps=1, timesteps=[teacher.T], guidance_scale="w" if G.w_cond else 1.0)
@@ -366,7 +345,7 @@ def validate(cfg):
     C.check_tracker(cfg["log_to"])
     if cfg["benchmark_steps"] or cfg["export"]:
         return None, None, None
-    init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
+    cfg["init"] = init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
     if not os.path.isfile(init):
         C.fail(f"stage-1 student not found at '{init}'; run 03_ode_distill.py first or pass --init")
     s1 = C.load_student_file(init, "stage-1 student (03's student_ema.pt)")
@@ -381,122 +360,55 @@ def validate(cfg):
 def main(argv=None):
     cfg, given = get_config(argv)
     manifest, s1, ck = validate(cfg)
-    rank, _, world, device = C.setup_distributed(cfg["dist_timeout_min"])
     if cfg["export"]:
-        if cfg["family"] != "ldm":
-            C.fail("--export writes a diffusers UNet2DConditionModel: use --preset sd15 or sdxl")
-        if rank == 0:  # the student's T (Eq. 8) is the first step of the schedule its pairs were made with
-            path = cfg["init"] or os.path.join(cfg["out_dir"], cfg["run_name"], "student_ema.pt")
-            ck = C.load_student_file(path, "student (student_ema.pt)")
-            cfg["num_steps"] = ck["config"]["num_steps"]
-            export_diffusers(cfg, C.LDMTeacher(cfg, device), path, ck)
-        return C.cleanup()
-    stop = C.StopSignal(None if cfg["benchmark_steps"] else os.path.join(cfg["out_dir"], cfg["run_name"]))  # SIGTERM/SIGUSR1
-    accum, run_dir, ckpt_path, teacher, data = C.training_setup(cfg, world, device, manifest)
-    bench = cfg["benchmark_steps"] > 0  # sizing mode: G starts from the teacher; no stage-1 checkpoint is read
-    if s1 and s1["teacher"] != teacher.teacher_id:
-        C.fail(f"stage-1 student was distilled from '{s1['teacher']}', not from this teacher '{teacher.teacher_id}'")
+        return export_diffusers(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    run = C.Trainer(cfg, 2, manifest)  # processes, signals, the teacher and its pairs
+    teacher, device = run.teacher, run.device
     taken = [k for k in LOSS_KEYS if s1 and k not in given]  # the regression term stays stage 1's unless a flag sets it
     cfg.update({k: s1["config"][k] for k in taken})
     C.print0("regression term: " + ", ".join(f"--{k} {cfg[k]}" for k in LOSS_KEYS) + (f" ({', '.join(taken)} from the stage-1 "
              "student)" if taken else ""))
     loss_fn = C.build_loss(cfg, teacher, device)
-    G = C.Student(teacher, cfg).to(device)
-    if s1:
-        G.load_state_dict(s1["ema"])
+    # sizing mode: G starts from the teacher (no stage-1 student is read)
+    G = C.load_student(s1, teacher, cfg, cfg["init"], device).train() if s1 else C.Student(teacher, cfg).to(device)
     del s1
-    ema = copy.deepcopy(G).eval().requires_grad_(False)
     D = Discriminator(teacher, cfg["z_cond"], cfg["multiscale"], cfg["d_t"], cfg["noise_aug"]).to(device)
-    C.check_state_fits(device, G, D, shards=world if cfg["fsdp"] else 1)
     if cfg["grad_ckpt"]:
         C.enable_grad_ckpt(G.net)
         C.enable_grad_ckpt(D.unet)
-    if cfg["fsdp"]:  # every rank then runs what gathers them (grids, saves); gradients are reduce-scattered in backward
-        G, ema, D = (C.fsdp_shard(m, device) for m in (G, ema, D))
-    betas = tuple(float(b) for b in cfg["betas"].split(","))
-    d_betas = tuple(float(b) for b in cfg["d_betas"].split(","))
-    opt_g = C.make_optimizer("adam", C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg["lr"])[0], betas)
-    opt_d = C.make_optimizer("adam", C.param_groups(D, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg["d_lr"])[0], d_betas)
-    viewer = rank == 0 or cfg["fsdp"]  # the ranks that run G and the EMA for grids
-    if viewer and not bench:  # held-out z and the grid's "stage 1" row, from G before a resume changes it
-        w_ho = C.mid_guidance(cfg)
-        z_ho, c_ho, x_ho = C.held_out_batch(teacher, cfg, device, w=w_ho)
-        with torch.no_grad():
-            x_s1 = G(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
-    step = 0
-    if ck:
-        C.check_resume(ck["config"], cfg)
-        for net, key, opt, opt_key in ((G, "model", opt_g, "opt"), (D, "D", opt_d, "opt_d"), (ema, "ema", None, None)):
-            C.load_full_state(net, ck[key], opt, ck.get(opt_key), what=f"checkpoint '{ckpt_path}'")
-        step = ck["step"]
-        C.print0(f"resumed from '{ckpt_path}' at step {step}")
-        if rank == 0:
-            C.repair_student(ck, run_dir)
-        del ck  # memory-mapped: not held open (and on disk) once replaced
+    G, ema, D = run.models(G, D)
+    opt_g = C.make_optimizer("adam", C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg["lr"])[0],
+                             cfg["betas"])
+    opt_d = C.make_optimizer("adam", C.param_groups(D, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg["d_lr"])[0],
+                             cfg["d_betas"])
+    rows = {"stage 1": run.sample(G)} if run.held_out() else {}  # the grids' stage-1 row, from G before a resume changes it
+    run.resume(ck, ("model", G, "opt", opt_g), ("D", D, "opt_d", opt_d), ("ema", ema, None, None))
+    del ck  # memory-mapped: not held open (and on disk) once replaced
     C.print0(f"D: {len(D.heads)} readout heads, z_cond={cfg['z_cond']}, multiscale={cfg['multiscale']}, "
              f"R1 gamma={cfg['r1_gamma']} every {cfg['r1_every']}, mix-and-match={cfg['mix_match']}, noise_aug={cfg['noise_aug']}")
-    log = C.MetricsLog(None if bench else os.path.join(run_dir, "metrics.jsonl"), step, cfg["log_to"], cfg)
-    if rank == 0 and not bench:
-        C.save_json(cfg, os.path.join(run_dir, "config.json"))
-    teacher.release_unet()
+    do_r1 = lambda step: cfg["r1_gamma"] > 0 and step % cfg["r1_every"] == 0
+    d_wins = [0]  # consecutive steps at which D separates real and fake by more than 8 logits
 
-    def save(step):  # the resumable state, and the EMA student that 05 reads (also from a run stopped early)
-        (g, o), (d, od), e = C.full_state(G, opt_g), C.full_state(D, opt_d), C.full_state(ema)
-        if rank == 0:
-            C.save_training_state(dict(model=g, ema=e, D=d, opt=o, opt_d=od, step=step, config=cfg, teacher=teacher.teacher_id,
-                                       stage=2), run_dir)
-
-    def grid(step):  # rows: teacher | stage 1 | stage 2 (same z)
-        if viewer:
-            with torch.no_grad():
-                x_s2 = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float()
-        if rank == 0:
-            imgs = torch.cat([teacher.to_images(x_ho.to(device)), teacher.to_images(x_s1), teacher.to_images(x_s2)]).cpu()
-            log.image(C.save_image_grid(imgs, os.path.join(run_dir, f"grid_{step:06d}.png"), ncol=len(x_ho),
-                                        scale=max(1, 64 // imgs.shape[-1])), step)
-
-    start, (end, bar) = step, C.steps_to_run(cfg, step, run_dir, "stage 2", rank)
-    t0, seen, d_wins, flops = time.time(), 0, 0, C.StepFlops(end)
-    for step in bar:
-        if bench and step == flops.first_timed:  # sizing mode: time the steps after the warm-up
-            C.synchronize(device)
-            t_bench, n_bench = time.perf_counter(), end - step
-        lr, d_lr = C.lr_at(step, cfg["steps"], cfg["lr"]), C.lr_at(step, cfg["steps"], cfg["d_lr"])
-        for g in opt_g.param_groups:
-            g["lr"] = lr
-        for g in opt_d.param_groups:
-            g["lr"] = d_lr
-        do_r1 = cfg["r1_gamma"] > 0 and step % cfg["r1_every"] == 0
-        if bench:
-            flops.begin(step, "r1" if do_r1 else "no_r1")
-        log_now = step % cfg["log_every"] == 0 or do_r1 or step == cfg["steps"] - 1
-        st = {k: torch.zeros((), device=device) for k in STATS}  # this step's statistics, summed over its micro-batches
-        mixed = torch.zeros(3, device=device)  # mix-and-match fakes of each kind in this step (all ranks)
-        seed_of = lambda phase, chunk: cfg["seed"] * 1_000_003 + step * 4099 + chunk + phase * (1 << 40)
-        batches = []  # this rank's micro-batches, read once for both updates
-        for chunk, idx in C.micro_batches(C.step_indices(cfg["seed"], step, cfg["batch"], len(data)), world, rank, accum):
-            b = data.get(idx)
-            batches.append(dict(chunk=chunk, idx=idx, z=b["z"].to(device), x=b["x"].to(device), w=b.get("w"),
-                                cond=C.student_cond(teacher, b["cond"], device)))
+    def step(step, batches):
+        st = {k: torch.zeros((), device=device) for k in STATS}  # sums over this rank's micro-batches
+        mixed = torch.zeros(3, device=device)  # mix-and-match fakes of each kind
 
         # D update (Eq. 5): real vs fake, the fakes including the mix-and-match ones. With one micro-batch
         # G's fake keeps its graph for the G update below (as StyleGAN2 alternates, at no extra cost);
         # with several, the G update recomputes it (docs/scaling.md: the cost of accumulation in stage 2).
         requires_grad(D, True)
         for m, mb in enumerate(batches):
-            torch.manual_seed(seed_of(1, mb["chunk"]))
+            run.seed(step, mb["chunk"], phase=1)
             z, x_real, cond, idx = mb["z"], mb["x"], mb["cond"], mb["idx"]
             plan = mix_and_match_plan(cfg["seed"], step, [mb["chunk"] * len(idx) + k for k in range(len(idx))], idx,
-                                      cfg["mix_match"], len(data))
+                                      cfg["mix_match"], len(run.data))
             if plan:  # mix-and-match partners: real pairs drawn from the data set (their own z and c)
-                p = data.get([j for _, _, j in plan])
+                p = run.data.get([j for _, _, j in plan])
                 partners = (p["x"].to(device), p["z"].to(device), C.student_cond(teacher, p["cond"], device))
                 mixed += torch.tensor([sum(kind == k for _, kind, _ in plan) for k in MIX_KINDS], device=device)
-            if cfg["fsdp"]:  # reduce-scatter the gradients on the step's last micro-batch only
-                D.set_requires_gradient_sync(m == accum - 1)
-            with C.autocast(device, cfg["dtype"]), torch.set_grad_enabled(accum == 1):
+            with C.autocast(device, cfg["dtype"]), torch.set_grad_enabled(run.accum == 1):
                 x_fake = G(z, cond, mb["w"])
-            if accum == 1:
+            if run.accum == 1:
                 mb["x_fake"] = x_fake
             with C.autocast(device, cfg["dtype"]):
                 xf, zf, cf = x_fake.detach(), z, cond
@@ -504,81 +416,43 @@ def main(argv=None):
                     xf, zf, cf = mix_and_match(xf, z, cond, plan, *partners)
                 lr_real, lr_fake = D(x_real, z, cond), D(xf, zf, cf)
                 loss_d = gan_loss_d(lr_real, lr_fake)
-            (loss_d / accum).backward()
-            if do_r1 and m == 0:  # single-sample R1, lazy: scaled by the interval
+            with run.accumulating(D, m):
+                (loss_d / run.accum).backward()
+            if do_r1(step) and m == 0:  # single-sample R1, lazy: scaled by the interval
                 st["r1"] += r1_penalty(D, x_real[:1], z[:1], C.map_cond(lambda t: t[:1], cond),
                                        weight=0.5 * cfg["r1_gamma"] * cfg["r1_every"], reading=cfg["r1_reading"])
             for k, v in dict(loss_d=loss_d, logit_real=d_score(lr_real).mean(), logit_fake=d_score(lr_fake).mean()).items():
-                st[k] += v.detach() / accum
-        if not cfg["fsdp"]:  # FSDP reduce-scattered them in backward
-            sync_grads(D)
-        grad_norm_d = C.grad_norm(D, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None  # when logged
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
+                st[k] += v.detach() / run.accum
+        grad_norm_d = run.update(opt_d, D, sync=True)
 
         # G update (Eq. 6): regression + non-saturating GAN loss, scored by the D just updated; D frozen
         requires_grad(D, False)
         for m, mb in enumerate(batches):
-            torch.manual_seed(seed_of(0, mb["chunk"]))
+            run.seed(step, mb["chunk"])
             z, x_real, cond = mb["z"], mb["x"], mb["cond"]
-            if cfg["fsdp"]:
-                G.set_requires_gradient_sync(m == accum - 1)
             with C.autocast(device, cfg["dtype"]):
-                x_fake = mb.pop("x_fake") if accum == 1 else G(z, cond, mb["w"])
+                x_fake = mb.pop("x_fake") if run.accum == 1 else G(z, cond, mb["w"])
                 loss_reg = loss_fn(x_fake, x_real).mean()
                 loss_g = loss_reg + cfg["lambda_gan"] * gan_loss_g(D(x_fake, z, cond))
-            (loss_g / accum).backward()
-            st["loss_g"] += loss_g.detach() / accum
-            st["loss_reg"] += loss_reg.detach() / accum
-        del batches
-        *means, votes = C.all_reduce_mean(torch.stack([*st.values(), stop.vote(device)])).tolist()  # a SIGTERM/SIGUSR1 on any rank
-        st = dict(zip(STATS, means), grad_norm_d=grad_norm_d)
-        mixed = (C.all_reduce_mean(mixed) * world).round().int().tolist()
-        for k in ("loss_g", "loss_d", "r1"):  # a non-finite step stops here, before anything is saved
-            C.finite_or_stop(st[k], step, ckpt_path, k)
-        if not cfg["fsdp"]:
-            sync_grads(G)
-        st["grad_norm_g"] = C.grad_norm(G, cfg["grad_clip"]) if log_now or cfg["grad_clip"] > 0 else None
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        C.update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
-        seen += cfg["batch"]
-        d_wins = d_wins + 1 if st["logit_real"] - st["logit_fake"] > 8 else 0
-        if d_wins == 50:
-            C.print0(f"warning: step {step}: D separates real and fake by {st['logit_real'] - st['logit_fake']:.1f} logits for 50 steps "
-                     f"(D is overpowering G: consider a larger --r1_gamma or a lower --d_lr)")
-        if log_now:
-            rate = seen / (time.time() - t0)
-            # r1: ||grad_x D(x)||^2 of one real sample, D(x) = d_score (the mean over readouts and positions);
-            # r1_term: its amortised share of L_D (gamma / 2 * r1), to read beside loss_d
-            r1 = dict(r1=st["r1"], r1_term=0.5 * cfg["r1_gamma"] * st["r1"]) if do_r1 else dict(r1=None, r1_term=None)
-            log.write(step=step, **dict(st, **r1), mixed=dict(zip(MIX_KINDS, mixed)), img_s=rate, lr=lr, d_lr=d_lr)
-            bar.set_postfix(reg=f"{st['loss_reg']:.4f}", d=f"{st['loss_d']:.3f}", real=f"{st['logit_real']:.2f}",
-                            fake=f"{st['logit_fake']:.2f}")
-        if bench:
-            flops.end()
-            continue
-        stopping = votes > 0 and step + 1 < end  # checkpoint, then exit
-        if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
-            save(step + 1)
-        if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
-            grid(step + 1)
-        if stopping:
-            log.close()
-            stop.exit(step + 1)
-    stop.restore()
-    log.close()
-    if bench:
-        C.synchronize(device)
-        C.sizing_report(cfg, world, device, (time.perf_counter() - t_bench) / n_bench, n_bench, dict(G=G, D=D),
-                        ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond", "multiscale",
-                         "r1_gamma", "r1_every", "r1_reading", "mix_match", "noise_aug"), flops)
-    elif viewer and end == cfg["steps"] and end > start:
-        with torch.no_grad():
-            x_st = ema(z_ho.to(device), C.student_cond(teacher, c_ho, device), w_ho).float().cpu()
-        C.print0(f"held-out fidelity (MSE student vs teacher, same z, mean ± s.e. over {len(x_ho)} samples): stage 1 "
-                 f"{C.held_out_fidelity(x_s1, x_ho)}, stage 2 {C.held_out_fidelity(x_st, x_ho)}; wrote {run_dir}/student_ema.pt")
-    C.cleanup()
+            with run.accumulating(G, m):
+                (loss_g / run.accum).backward()
+            st["loss_g"] += loss_g.detach() / run.accum
+            st["loss_reg"] += loss_reg.detach() / run.accum
+        st = run.reduce(**dict(st, r1=st["r1"] if do_r1(step) else None),
+                        **{f"mixed/{k}": n * run.world for k, n in zip(MIX_KINDS, mixed)})  # counts over all ranks
+        # r1: ||grad_x D(x)||^2 of one real sample (D(x): --r1_reading); r1_term: its amortised share of L_D
+        st.update(r1_term=0.5 * cfg["r1_gamma"] * st["r1"] if st["r1"] is not None else None, grad_norm_d=grad_norm_d,
+                  grad_norm_g=run.update(opt_g, G, sync=True))
+        d_wins[0] = d_wins[0] + 1 if st["logit_real"] - st["logit_fake"] > 8 else 0
+        if d_wins[0] == 50:
+            C.print0(f"warning: step {step}: D separates real and fake by {st['logit_real'] - st['logit_fake']:.1f} logits for 50 "
+                     f"steps (D is overpowering G: consider a larger --r1_gamma or a lower --d_lr)")
+        return st
+
+    run.loop(step, {"lr": opt_g, "d_lr": opt_d}, G, ema, rows, show=("loss_reg", "loss_d", "logit_real", "logit_fake"),
+             kind=lambda step: "r1" if do_r1(step) else "no_r1", log_also=do_r1,
+             report=(dict(G=G, D=D), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond",
+                                       "multiscale", "r1_gamma", "r1_every", "r1_reading", "mix_match", "noise_aug")))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ def checked_type(kind, ok, what, bad):
 
 
 def two_floats(s):
-    a, b = (float(v) for v in str(s).split(","))
+    """'A,B' (or a preset's pair) -> (A, B)."""
+    a, b = (float(v) for v in (s.split(",") if isinstance(s, str) else s))
     return a, b
 
 
@@ -137,7 +138,7 @@ INT_POS = checked_type(int, lambda x: x > 0, "positive (an integer > 0)", "0")
 INT_NONNEG = checked_type(int, lambda x: x >= 0, "an integer >= 0", "-1")
 NONNEG = checked_type(float, lambda x: x >= 0, "a number >= 0", "-1")
 FRACTION = checked_type(float, lambda x: 0 <= x <= 1, "a number in [0, 1]", "1.5")
-BETAS = checked_type(str, lambda s: all(0 <= b < 1 for b in two_floats(s)), "'B1,B2' with 0 <= B < 1", "0.9")
+BETAS = checked_type(two_floats, lambda t: all(0 <= b < 1 for b in t), "'B1,B2' with 0 <= B < 1", "0.9")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -1060,8 +1061,9 @@ def shard_path(pairs_dir, k):
 
 def check_manifest(found, expected, what):
     """Refuse a mismatch and name every field that differs."""
+    as_json = lambda v: json.loads(json.dumps(v))  # a tuple of the config is a list in the manifest
     diff = [f"{k}: found {found.get(k)!r}, expected {expected.get(k)!r}"
-            for k in MANIFEST_KEYS if k in expected and found.get(k) != expected.get(k)]
+            for k in MANIFEST_KEYS if k in expected and found.get(k) != as_json(expected.get(k))]
     if diff:
         fail(f"{what} was made by a different setup; " + "; ".join(diff))
 
@@ -1874,18 +1876,6 @@ def grad_norm(model, clip=0.0):
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def steps_to_run(cfg, step, run_dir, desc, rank):
-    """(end, a tqdm bar on rank 0) of the steps this run makes from `step`: to --steps, or
-    --max_steps_this_run more (sizing mode: --benchmark_steps). A resumed run with none
-    left says so."""
-    from tqdm import tqdm
-    bench = cfg["benchmark_steps"] > 0
-    end = cfg["benchmark_steps"] if bench else min(cfg["steps"], step + (cfg["max_steps_this_run"] or cfg["steps"]))
-    if step >= end and not bench:
-        print0(f"already complete at step {step} of {cfg['steps']}: nothing to run ({run_dir}/student_ema.pt is that step's student)")
-    return end, tqdm(range(step, end), initial=step, total=end if bench else cfg["steps"], desc=desc, disable=rank != 0)
-
-
 def all_reduce_mean(t):
     if dist.is_initialized():
         t = t.clone()
@@ -1910,36 +1900,30 @@ def student_of(ck):
 
 
 def save_training_state(ck, run_dir):
-    """ckpt_latest.pt, then the student_ema.pt it implies. A kill between the two writes
-    leaves an older student beside a newer checkpoint: --resume repairs it (repair_student),
-    and load_student_file refuses it."""
-    atomic(os.path.join(run_dir, "ckpt_latest.pt"), lambda f: torch.save(ck, f))
+    """student_ema.pt, then ckpt_latest.pt. A kill between the two writes leaves a student one
+    checkpoint newer than ckpt_latest.pt: still a student of this run (a resume replays the same
+    steps exactly and rewrites both), so readers of the student need no check of the pair."""
     atomic(os.path.join(run_dir, "student_ema.pt"), lambda f: torch.save(student_of(ck), f))
-
-
-def repair_student(ck, run_dir):
-    """On --resume: rewrite student_ema.pt from the checkpoint when it is missing or at
-    another step (the run was killed between save_training_state's two writes)."""
-    path = os.path.join(run_dir, "student_ema.pt")
-    old = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("step") if os.path.isfile(path) else None
-    if old != ck["step"]:
-        atomic(path, lambda f: torch.save(student_of(ck), f))
-        print0(f"rewrote '{path}' from ckpt_latest.pt (step {ck['step']}; it held step {old})")
+    atomic(os.path.join(run_dir, "ckpt_latest.pt"), lambda f: torch.save(ck, f))
 
 
 def load_student_file(path, what):
-    """A student_ema.pt, refused when the ckpt_latest.pt beside it is at another step:
-    that student is not the one its run implies."""
+    """A student_ema.pt (refused if it is a training checkpoint or another kind of file)."""
     ck = load_checkpoint(path, what, mmap=True, keys=STUDENT_KEYS)
     if "opt" in ck:
         fail(f"'{path}' is a training checkpoint, not a {what}: pass the student_ema.pt beside it")
-    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "ckpt_latest.pt")
-    if os.path.isfile(sibling):
-        step = load_checkpoint(sibling, "training checkpoint beside it", mmap=True, keys=("step",))["step"]
-        if step != ck["step"]:
-            fail(f"'{path}' holds step {ck['step']} but '{sibling}' is at step {step} (the run is writing them, or was "
-                 f"stopped between its two writes); wait for it, or rerun that stage with --resume to rewrite the student")
     return ck
+
+
+def load_student(ck, teacher, cfg, path, device):
+    """G(z, c) from a student_ema.pt `ck` (read from `path`), checked against the teacher it runs
+    beside: the one teacher check and build of 04 (--init, --export) and 05 (--students)."""
+    if ck.get("teacher") != teacher.teacher_id:
+        fail(f"student '{path}' was distilled from '{ck.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
+    G = Student(teacher, dict(cfg, cfg_range=ck["config"].get("cfg_range"))).to(device)
+    G.load_state_dict(ck["ema"])
+    G.cfg = ck["config"]
+    return G
 
 
 def load_checkpoint(path, what, mmap=False, keys=()):
@@ -1987,8 +1971,217 @@ def mid_guidance(cfg):
     """The guidance scale shown in grids of a guidance-conditioned run."""
     if not cfg.get("cfg_range"):
         return None
-    lo, hi = (float(v) for v in cfg["cfg_range"].split(","))
+    lo, hi = cfg["cfg_range"]
     return (lo + hi) / 2
+
+
+def sync_grads(model, bucket_mb=256):
+    """All-reduce gradients by hand (as StyleGAN2-ADA does), for 04, whose R1 double
+    backward does not work under DDP's autograd hooks. Buckets of ~bucket_mb keep the
+    extra memory small (one flat copy of all gradients: 3.4 GB for SD1.5, 10 GB for SDXL)."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    while params:
+        bucket, size = [], 0
+        while params and (not bucket or size + params[0].grad.nbytes <= bucket_mb << 20):
+            bucket.append(params.pop(0))
+            size += bucket[-1].grad.nbytes
+        flat = torch.cat([p.grad.flatten() for p in bucket])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+            p.grad.copy_(g.view_as(p))
+
+
+class Trainer:
+    """The machinery of a training stage, once for 03 and 04, so that each stage's step
+    function holds only its equations. Built, it has set up the processes and devices,
+    the stop signals (before the models load), the teacher and its pairs (training_setup).
+    `loop(step_fn, ...)` then runs step_fn(step, micro_batches) for every step and does the
+    rest: learning-rate schedules, the EMA, metrics, grids, checkpoints, the stop, and in
+    sizing mode the timing and FLOPs. A step function reads its micro-batches, seeds each
+    with `seed`, backpropagates inside `accumulating`, steps each optimiser with `update`,
+    and returns `reduce(...)`: its statistics averaged over the processes (with the stop
+    vote, in one collective), which the loop logs."""
+
+    def __init__(self, cfg, stage, manifest=None):
+        self.cfg, self.stage, self.bench = cfg, stage, cfg["benchmark_steps"] > 0
+        self.rank, _, self.world, self.device = setup_distributed(cfg["dist_timeout_min"])
+        self.stop = StopSignal(None if self.bench else os.path.join(cfg["out_dir"], cfg["run_name"]))  # SIGTERM/SIGUSR1
+        self.accum, self.run_dir, self.ckpt_path, self.teacher, self.data = training_setup(cfg, self.world, self.device, manifest)
+        self.viewer = self.rank == 0 or cfg["fsdp"]  # the ranks that run the EMA for grids (under FSDP: all)
+        self.parts, self.step, self.now, self.log_now, self.votes = (), 0, 0, True, 0.0
+
+    def models(self, G, D=None):
+        """G's EMA, the check that the training state fits the device, and (--fsdp) the shards.
+        Returns [G, ema] or [G, ema, D]."""
+        ema = copy.deepcopy(G).eval().requires_grad_(False)
+        check_state_fits(self.device, G, D, shards=self.world if self.cfg["fsdp"] else 1)
+        out = [G, ema] + ([D] if D is not None else [])
+        return [fsdp_shard(m, self.device) for m in out] if self.cfg["fsdp"] else out
+
+    def held_out(self):
+        """The grids' fixed held-out seeds (z, c, the teacher's x, w) on the ranks that draw them
+        (solved once, while the teacher is on the device)."""
+        if not hasattr(self, "ho"):
+            self.ho = None
+        if self.ho is None and self.viewer and not self.bench:
+            w = mid_guidance(self.cfg)
+            self.ho = (*held_out_batch(self.teacher, self.cfg, self.device, w=w), w)
+        return self.ho
+
+    def sample(self, G):
+        z, c, _, w = self.ho
+        with torch.no_grad():
+            return G(z.to(self.device), student_cond(self.teacher, c, self.device), w).float()
+
+    def resume(self, ck, *parts):
+        """parts: (key, model, optimiser key, optimiser) of what ckpt_latest.pt holds; from `ck`
+        (the --resume checkpoint validate read, or None) each is loaded and the step taken."""
+        self.parts = parts
+        if ck:
+            check_resume(ck["config"], self.cfg)
+            for key, model, opt_key, opt in parts:
+                load_full_state(model, ck[key], opt, ck[opt_key] if opt else None, what=f"checkpoint '{self.ckpt_path}'")
+            self.step = ck["step"]
+            print0(f"resumed from '{self.ckpt_path}' at step {self.step}")
+
+    def seed(self, step, chunk, phase=0):
+        """The RNG of micro-batch `chunk` (augmentation, dropout, D's noise): a function of
+        (seed, step, chunk, phase) only, so that any split over processes and a resume replay it."""
+        torch.manual_seed(self.cfg["seed"] * 1_000_003 + step * 4099 + chunk + phase * (1 << 40))
+
+    def batches(self, step):
+        """This process's micro-batches of the step, on the device: chunk, idx, z, x, w, cond."""
+        dev, idx = self.device, step_indices(self.cfg["seed"], step, self.cfg["batch"], len(self.data))
+        out = []
+        for chunk, part in micro_batches(idx, self.world, self.rank, self.accum):
+            b = self.data.get(part)
+            out.append(dict(chunk=chunk, idx=part, z=b["z"].to(dev), x=b["x"].to(dev), w=b.get("w"),
+                            cond=student_cond(self.teacher, b["cond"], dev)))
+        return out
+
+    @contextmanager
+    def accumulating(self, model, m):
+        """Micro-batch m's backward: gradients reduced over the processes on the step's last one
+        only (DDP's no_sync before it; FSDP2's set_requires_gradient_sync)."""
+        last = m == self.accum - 1
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(last)
+        with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else nullcontext():
+            yield
+
+    def ddp(self, model):
+        """DDP over the processes unless --fsdp (which reduces gradients itself) or one process."""
+        if self.world > 1 and not self.cfg["fsdp"]:
+            return nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)  # no 2nd copy of the grads
+        return model
+
+    def update(self, opt, model, sync=False):
+        """One optimiser step: (sync: the hand all-reduce of the gradients, not under FSDP), the
+        gradient norm when logged or clipped (--grad_clip), the step, the gradients freed.
+        Returns the norm, or None."""
+        if sync and not self.cfg["fsdp"]:
+            sync_grads(model)
+        clip = self.cfg["grad_clip"]
+        norm = grad_norm(model, clip) if self.log_now or clip > 0 else None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def reduce(self, **stats):
+        """The step's statistics (this process's tensors; other values pass) averaged over the
+        processes, in the one all-reduce that also carries every rank's stop vote. A non-finite
+        one stops the run here, named, before anything of this step is saved."""
+        keys = [k for k, v in stats.items() if torch.is_tensor(v)]
+        *values, self.votes = all_reduce_mean(torch.stack([*(stats[k].float() for k in keys), self.stop.vote(self.device)])).tolist()
+        stats.update(zip(keys, values))
+        for k in keys:
+            finite_or_stop(stats[k], self.now, self.ckpt_path, k)
+        return stats
+
+    def save(self, step):
+        """ckpt_latest.pt (every part, for --resume) and the EMA student that the next stages read."""
+        state = {}
+        for key, model, opt_key, opt in self.parts:  # collective under FSDP: every rank, in the same order
+            if opt is None:
+                state[key] = full_state(model)
+            else:
+                state[key], state[opt_key] = full_state(model, opt)
+        if self.rank == 0:
+            save_training_state(dict(state, step=step, config=self.cfg, teacher=self.teacher.teacher_id, stage=self.stage),
+                                self.run_dir)
+
+    def grid(self, step, ema, rows, log):
+        """grid_<step>.png, same held-out z in every column: the teacher, then `rows`, then the EMA student."""
+        x_st = self.sample(ema) if self.viewer else None
+        if self.rank == 0:
+            imgs = torch.cat([self.teacher.to_images(r.to(self.device)) for r in (self.ho[2], *rows.values(), x_st)]).cpu()
+            log.image(save_image_grid(imgs, os.path.join(self.run_dir, f"grid_{step:06d}.png"), ncol=len(self.ho[2])), step)
+
+    def loop(self, step_fn, schedules, G, ema, rows=None, show=(), kind=lambda step: "", log_also=lambda step: False,
+             report=None):
+        """Steps from the resumed one to --steps (or --max_steps_this_run more; sizing mode:
+        --benchmark_steps). schedules: {config key of a learning rate: its optimiser}. rows:
+        {name: held-out samples} shown in the grids between the teacher and the student, and
+        in the final fidelity line. kind(step): a step of its own FLOP count in sizing mode
+        (04: with R1). log_also(step): steps logged besides every --log_every. report: (models,
+        settings) of sizing mode's JSON line."""
+        cfg, dev, rows = self.cfg, self.device, rows or {}
+        log = MetricsLog(None if self.bench else os.path.join(self.run_dir, "metrics.jsonl"), self.step, cfg["log_to"], cfg)
+        if self.rank == 0 and not self.bench:
+            save_json(cfg, os.path.join(self.run_dir, "config.json"))
+        self.held_out()
+        self.teacher.release_unet()
+        from tqdm import tqdm
+        start = self.step
+        end = cfg["benchmark_steps"] if self.bench else min(cfg["steps"], start + (cfg["max_steps_this_run"] or cfg["steps"]))
+        if start >= end and not self.bench:
+            print0(f"already complete at step {start} of {cfg['steps']}: nothing to run ({self.run_dir}/student_ema.pt is that step's student)")
+        bar = tqdm(range(start, end), initial=start, total=end if self.bench else cfg["steps"], desc=f"stage {self.stage}",
+                   disable=self.rank != 0)
+        t0, seen, flops = time.time(), 0, StepFlops(end)
+        for step in bar:
+            if self.bench and step == flops.first_timed:  # sizing mode: time the steps after the warm-up
+                synchronize(dev)
+                t_bench, n_bench = time.perf_counter(), end - step
+            if self.bench:
+                flops.begin(step, kind(step))
+            lrs = {k: lr_at(step, cfg["steps"], cfg[k]) for k in schedules}
+            for k, opt in schedules.items():
+                for g in opt.param_groups:
+                    g["lr"] = lrs[k]
+            self.now, self.log_now = step, step % cfg["log_every"] == 0 or log_also(step) or step == cfg["steps"] - 1
+            stats = step_fn(step, self.batches(step))
+            update_ema(ema, G, 0.0 if step < cfg["ema_start"] else cfg["ema_beta"])
+            seen += cfg["batch"]
+            if self.log_now:
+                rate = seen / (time.time() - t0)
+                log.write(step=step, **stats, img_s=rate, **lrs)
+                bar.set_postfix({k: f"{stats[k]:.4f}" for k in show} | dict(img_s=f"{rate:.0f}"))
+            if self.bench:
+                flops.end()
+                continue
+            stopping = self.votes > 0 and step + 1 < end  # checkpoint, then exit
+            if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == end or stopping:
+                self.save(step + 1)
+            if (step + 1) % cfg["grid_every"] == 0 or step + 1 == cfg["steps"]:
+                self.grid(step + 1, ema, rows, log)
+            if stopping:
+                log.close()
+                self.stop.exit(step + 1)
+        self.stop.restore()
+        log.close()
+        if self.bench:
+            synchronize(dev)
+            sizing_report(cfg, self.world, dev, (time.perf_counter() - t_bench) / n_bench, n_bench, *report, flops)
+        elif self.viewer and end == cfg["steps"] and end > start:
+            x_st, x = self.sample(ema).cpu(), self.ho[2]
+            fids = [f"{name} {held_out_fidelity(r, x)}" for name, r in rows.items()] + [f"stage {self.stage} {held_out_fidelity(x_st, x)}"]
+            print0(f"held-out fidelity (MSE student vs teacher, same z, mean ± s.e. over {len(x)} samples): {', '.join(fids)}; "
+                   f"wrote {self.run_dir}/student_ema.pt")
+        cleanup()
 
 
 # ----------------------------------------------------------------------------

@@ -100,9 +100,9 @@ def test_guidance_conditioned_student(tiny_sd15, prompt_file, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     make_pairs("sd15", tiny_sd15, prompt_file, tmp_path, "--cfg_range", "2,6", "--pair_dtype", "float32")
     shard = C.load_shard(C.shard_path(tmp_path / "pairs", 0))
-    assert torch.allclose(shard["w"], S1.pair_guidance(range(4), "2,6")) and ((shard["w"] >= 2) & (shard["w"] <= 6)).all()
+    assert torch.allclose(shard["w"], S1.pair_guidance(range(4), (2.0, 6.0))) and ((shard["w"] >= 2) & (shard["w"] <= 6)).all()
     cfg = dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2, dtype="float32",
-               num_pairs=1, cfg_range="2,6")
+               num_pairs=1, cfg_range=(2.0, 6.0))
     teacher = C.LDMTeacher(cfg, torch.device("cpu"))
     # the teacher's x at w equals a fixed-guidance solve at that w
     z, prompts = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(4)]), shard["prompts"]
