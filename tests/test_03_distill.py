@@ -32,30 +32,40 @@ def test_stage1_resume_is_exact(toy_run):
     assert [l["step"] for l in lb] == list(range(6)) and [l["loss"] for l in la] == [l["loss"] for l in lb]
     assert (toy_run / "straight" / "student_ema.pt").exists() and (toy_run / "straight" / "grid_000006.png").exists()
 
-def test_resume_repairs_a_student_older_than_its_checkpoint(toy_run):
-    """A kill between the two writes of a checkpoint (ckpt_latest.pt at step 4, then
-    student_ema.pt) leaves the step-2 student beside the step-4 checkpoint. 04 --init and
-    05 --students refuse that student; --resume, with no step left to run, says so,
-    rewrites the student from the checkpoint and claims no other write."""
+def test_a_checkpoint_writes_the_student_first(tmp_path, monkeypatch):
+    """A kill between save_training_state's two writes leaves student_ema.pt new and
+    ckpt_latest.pt old, never the reverse: the student a reader finds is always one of the run."""
+    written, atomic = [], C.atomic
+
+    def killed_after_one_write(path, write):
+        if written:
+            raise KeyboardInterrupt("the kill")
+        written.append(os.path.basename(path))
+        return atomic(path, write)
+    monkeypatch.setattr(C, "atomic", killed_after_one_write)
+    with pytest.raises(KeyboardInterrupt):
+        C.save_training_state(dict(model={}, ema={"w": torch.ones(1)}, opt={}, config={}, teacher="t", stage=1, step=4), str(tmp_path))
+    assert written == ["student_ema.pt"] and not (tmp_path / "ckpt_latest.pt").exists()
+
+
+def test_a_student_ahead_of_its_checkpoint_is_read_and_a_resume_rewrites_it_the_same(toy_run):
+    """What that kill leaves (the step-4 student beside the step-2 checkpoint) is a student
+    of the run: 04 and 05 read it, and --resume replays steps 2-4 to the same student."""
     import shutil
-    run_script("03_ode_distill.py", "--out_dir", toy_run, "--steps", 4, *S1)  # the stage-1 student that 04 starts from
-    for script, run in (("03_ode_distill.py", "stale_s1"), ("04_gan_finetune.py", "stale_s2")):
-        args = ["--out_dir", toy_run, "--run_name", run, "--steps", 4, "--batch", 8, "--batch_per_device", 8,
-                "--ckpt_every", 2, "--grid_every", 100]
-        run_script(script, *args, "--max_steps_this_run", 2)
-        student, ckpt = toy_run / run / "student_ema.pt", toy_run / run / "ckpt_latest.pt"
-        shutil.copy(student, toy_run / run / "step2.pt")
-        run_script(script, *args, "--resume")
-        shutil.copy(toy_run / run / "step2.pt", student)  # what the kill leaves
-        assert weights(student)["step"] == 2 and weights(ckpt)["step"] == 4
-        for reader in (["05_evaluate.py", "--out_dir", toy_run, "--students", f"x={student}"],
-                       ["04_gan_finetune.py", "--out_dir", toy_run, "--init", student, "--run_name", "unused"]):
-            p = run_script(*reader, check=False)
-            assert p.returncode != 0 and "rerun that stage with --resume" in p.stderr.strip().splitlines()[-1], p.stderr
-        p = run_script(script, *args, "--resume")
-        assert "already complete at step 4" in p.stdout and "rewrote" in p.stdout and "; wrote" not in p.stdout, p.stdout
-        s, ck = weights(student), weights(ckpt)
-        assert s["step"] == 4 and s.keys() == set(C.STUDENT_KEYS) and all(torch.equal(s["ema"][k], ck["ema"][k]) for k in ck["ema"])
+    run = toy_run / "ahead"
+    args = ["--out_dir", toy_run, "--run_name", "ahead", "--steps", 4, *S1]
+    run_script("03_ode_distill.py", *args, "--max_steps_this_run", 2)
+    shutil.copy(run / "ckpt_latest.pt", run / "step2.pt")
+    run_script("03_ode_distill.py", *args, "--resume")
+    four = weights(run / "student_ema.pt")
+    shutil.copy(run / "step2.pt", run / "ckpt_latest.pt")  # what the kill leaves
+    assert C.load_student_file(str(run / "student_ema.pt"), "student")["step"] == 4
+    p = run_script("03_ode_distill.py", *args, "--resume")
+    assert "resumed from" in p.stdout and "at step 2" in p.stdout, p.stdout
+    again, ck = weights(run / "student_ema.pt"), weights(run / "ckpt_latest.pt")
+    assert again["step"] == ck["step"] == 4 and again.keys() == set(C.STUDENT_KEYS)
+    assert all(torch.equal(again["ema"][k], four["ema"][k]) and torch.equal(ck["ema"][k], four["ema"][k]) for k in four["ema"])
+
 
 def test_ema_equals_g_before_ema_start_then_follows_it(toy_run):
     """The EMA is G itself for steps before --ema_start, then ema = beta ema + (1 - beta) G
