@@ -154,15 +154,8 @@ def lr_schedule(v):
 LR = checked_type(lr_schedule, lambda x: x[0] > 0 and x[1] >= 0, "'START,END' or one rate, START > 0", "0")
 
 
-def PRESET(name):
-    if name not in PRESETS:  # looked up when parsing: a preset added to PRESETS counts
-        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return name
-
-
-PRESET.bad = "sd16"
 RUN_FLAGS = [  # every script's first group
-    ("preset", "toy", PRESET, "toy | cifar10 | sd15 | sd15_cfg8 | sdxl (Table A1; toy: 2 CPU cores)"),
+    ("preset", "toy", PRESETS, "the setting: Table A1's, or a toy world on 2 CPU cores (toy: pixels, toy_sd: latents)"),
     ("out_dir", None, None, "the run's folder (default runs/<preset>)"),
     ("seed", 0, INT_NONNEG, "seed of everything random in this script"),
     ("dist_timeout_min", 120, INT_POS, "torchrun: minutes a rank may wait at a collective before the job is declared hung"),
@@ -228,8 +221,8 @@ def parse_config(doc, flags, argv=None, table=None):
             text += " (default: the preset's)" if default is None and name in preset_keys else ""
             if isinstance(default, bool) or kind is bool:  # --x / --no-x (kind bool: the preset's by default)
                 g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=text)
-            elif isinstance(kind, tuple):
-                g.add_argument(f"--{name}", choices=kind, default=default, help=text + ("" if default is None else " (default: %(default)s)"))
+            elif isinstance(kind, (tuple, dict)):  # dict: its keys, read when parsing (PRESETS: a preset a fork adds counts)
+                g.add_argument(f"--{name}", choices=list(kind), default=default, help=text + ("" if default is None else " (default: %(default)s)"))
             else:
                 g.add_argument(f"--{name}", type=kind or str, default=default,
                                help=text + ("" if default is None else " (default: %(default)s)"))
@@ -356,9 +349,7 @@ class StopSignal:
 def autocast(device, dtype):
     """One --dtype flag for autocast: float32 means no autocast."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -426,12 +417,9 @@ def save_image_grid(images, path, ncol=8, scale=1, pad=1):
     return atomic(path, lambda f: im.save(f, format="PNG"))
 
 
-def file_sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
+def file_sha256(path):
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def folder_fingerprint(folder, parts, chunks=64, chunk=1 << 16):
@@ -819,31 +807,17 @@ SD_CONFIGS = os.path.join(REPO, "assets", "sd_configs")  # SD1.5 / SDXL part con
 
 
 def resolve_pretrained(src):
-    """A local diffusers folder as is; a hub id through the local cache, or a
-    download that fails fast (with the model id named) when the hub is unreachable."""
+    """A local diffusers folder as is; a hub id through huggingface_hub's snapshot_download, which
+    reads its own cache (offline: HF_HUB_OFFLINE=1, or when the hub does not answer) and fetches
+    only the configs, tokenizers and safetensors weights of what is not there."""
     if os.path.isdir(src):
         return src
     if os.path.exists(src) or src.startswith((".", "/")) or src.count("/") != 1:
         fail(f"teacher '{src}' is neither a diffusers folder nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
-    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"]
-    try:
-        return snapshot_download(src, allow_patterns=patterns, local_files_only=True)
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        fail(f"model '{src}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-             f"download it first or pass a local folder with --teacher")
-    import socket
-    from urllib.parse import urlparse
-    from huggingface_hub import constants
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as e:
-        fail(f"cannot reach the hub to fetch model '{src}' ({e}); pass a local diffusers folder with --teacher")
-    with or_fail(f"could not fetch model '{src}' from the hub"):
-        return snapshot_download(src, allow_patterns=patterns, etag_timeout=10)
+    with or_fail(f"model '{src}' is not in the Hugging Face cache and could not be fetched (HF_HUB_OFFLINE="
+                 f"{os.environ.get('HF_HUB_OFFLINE', '0')})", f"fill the cache where the hub answers (`hf download {src}`), or pass a local folder with --teacher"):
+        return snapshot_download(src, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"], etag_timeout=10)
 
 
 def synthetic_clip_tokenizer(vocab_size=49408):
@@ -1870,9 +1844,7 @@ class MetricsLog:
 def grad_norm(model, clip=0.0):
     """The global norm of a (plain, DDP or FSDP) model's gradients, for the log; with
     clip > 0 (--grad_clip) the gradients are first scaled down to that norm."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    if clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 

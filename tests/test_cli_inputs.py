@@ -41,7 +41,7 @@ def test_bad_values_are_refused_by_flag(script, capsys):
     """Each numeric or structured flag, given a value its type refuses, names itself."""
     tried = 0
     for name, default, kind, _ in flags(script):
-        if isinstance(kind, tuple):
+        if isinstance(kind, (tuple, dict)):  # choices (dict: --preset's, PRESETS)
             bad = "nonsense"
         elif getattr(kind, "bad", None) is not None:
             bad = kind.bad
