@@ -25,10 +25,7 @@ import common as C
 FLAGS = {
     "run": C.RUN_FLAGS + [("run_name", "distill", None, "output subfolder of out_dir")] + C.TRAIN_RUN_FLAGS,
     "inputs": C.TRAIN_INPUT_FLAGS,
-    "loss (Eq. 1-4, Table 1)": [
-        ("loss", None, C.LOSS, "d in Eq. 1 (Table A1: elatent; SD-CFG-3 elatent+latent; CIFAR10 lpips)"),
-        ("lpips_augment", None, C.AUGMENT, "E-LatentLPIPS augmentation T (Eq. 3): letters b, g, c, o (cutout), or bg+cutout"),
-    ],
+    "loss (Eq. 1-4, Table 1)": C.LOSS_FLAGS,
     "optimisation (Table A1)": C.TRAIN_BATCH_FLAGS + [
         ("optimizer", None, ("adam", "radam"), "Adam(W), or RAdam (CIFAR10)"),
         ("lr", None, C.LR, "learning rate, START,END for a cosine decay over --steps (Table A1: 1e-4,1e-5)"),

@@ -33,11 +33,7 @@ FLAGS = {
         ("export", None, None, "sd15/sdxl: write the stage-2 student as a diffusers folder (unet/ + scheduler/) and exit"),
     ],
     "inputs": C.TRAIN_INPUT_FLAGS + [("init", None, None, "stage-1 student (default <out_dir>/distill/student_ema.pt)")],
-    "generator loss (Eq. 6)": [
-        ("loss", None, C.LOSS, "the regression term (default: the stage-1 student's loss)"),
-        ("lpips_augment", None, C.AUGMENT, "E-LatentLPIPS augmentation (default: the stage-1 student's)"),
-        ("lambda_gan", None, C.NONNEG, "lambda_GAN (Table A1: 0.25 SD1.5, 1.0 SDXL)"),
-    ],
+    "generator loss (Eq. 6)": C.LOSS_FLAGS + [("lambda_gan", None, C.NONNEG, "lambda_GAN (Table A1: 0.25 SD1.5, 1.0 SDXL)")],
     "discriminator (§3.3, Table 2, Fig. 7)": [
         ("z_cond", True, None, "'+ z conditional D': D sees z through a zero-init conv"),
         ("multiscale", True, None, "'+ multi-scale': inputs at every encoder scale, 3 readouts per decoder scale"),
@@ -199,20 +195,20 @@ class Discriminator(nn.Module):
                 t = torch.randint(0, len(self.alphas_cumprod), (len(x),), device=x.device)
                 a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
                 x = a.sqrt() * x + (1 - a).sqrt() * noise
-        return [head(f.to(head.weight.dtype)) for head, f in zip(self.heads, self.features(x, z, cond, t))]
+        return [head(f) for head, f in zip(self.heads, self.features(x, z, cond, t))]  # a head: any module, any logit shape
 
 
 def d_score(logits):
     """D(x) as one number per sample: the mean over readouts and positions (logged as logit_real / logit_fake)."""
-    return torch.stack([l.mean((1, 2, 3)) for l in logits]).mean(0)
+    return torch.stack([l.flatten(1).mean(1) for l in logits]).mean(0)
 
 
 # R1's D(x). StyleGAN2's R1 (gamma = 0.01 in Table A1 comes from that convention) penalises the
 # gradient of one logit per image; this D gives a logit map per readout. Each reading below is
 # D(x) as one number per sample; R1 = ||grad_x D(x)||^2 then scales with the square of its reduction.
 R1_READINGS = {
-    "sum_pos": lambda logits: torch.stack([l.sum((1, 2, 3)) for l in logits]).mean(0),  # each map a StyleGAN2 D(x), readouts averaged
-    "sum": lambda logits: torch.stack([l.sum((1, 2, 3)) for l in logits]).sum(0),  # every logit a StyleGAN2 D(x)
+    "sum_pos": lambda logits: torch.stack([l.flatten(1).sum(1) for l in logits]).mean(0),  # each map a StyleGAN2 D(x), readouts averaged
+    "sum": lambda logits: torch.stack([l.flatten(1).sum(1) for l in logits]).sum(0),  # every logit a StyleGAN2 D(x)
     "mean": d_score,  # the mean over readouts and positions, as the loss averages them
 }
 
@@ -259,7 +255,7 @@ def r1_penalty(D, x, z, cond, weight=None, reading="sum_pos"):
 
 
 MIX_KINDS = ("unrelated", "wrong_c", "wrong_z")
-LOSS_KEYS = ("loss", "lpips_augment", "lpips_ckpt")  # the regression loss's setup: stage 1's unless a flag sets it
+LOSS_KEYS = (*(f[0] for f in C.LOSS_FLAGS), "lpips_ckpt")  # the regression term's setup: stage 1's unless a flag sets it
 STATS = ("loss_g", "loss_reg", "loss_d", "logit_real", "logit_fake", "r1")  # what a step logs
 
 

@@ -210,7 +210,7 @@ def parse_config(doc, flags, argv=None, table=None):
     "the preset's value". Types refuse bad values (argparse then stops with one line
     naming the flag), and the preset's values pass the same checks. Values that the
     teacher fixed come last, from the pairs' manifest (training_setup says so).
-    Returns the config and the set of preset keys that flags set."""
+    Returns the config and the set of settings given on the command line."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: fail(f"{message} (see --help)")  # one 'error:' line, like every other stop
     types, preset_keys = {}, {k for d in [*PRESETS.values(), *(table or {}).values()] for k in d}
@@ -233,11 +233,13 @@ def parse_config(doc, flags, argv=None, table=None):
         if row is None:
             fail(f"the paper's {cfg['arch']} setting has no row for this stage (Table A1); use {' | '.join(table)}")
         cfg.update(row)
-    given = {k for k, v in args.items() if v is not None and p.get_default(k) is None}
+    from_preset = {k for k, v in args.items() if v is None}
+    p.set_defaults(**dict.fromkeys(args))
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not None}  # on the command line, whatever the default
     cfg.update({k: v for k, v in args.items() if v is not None or k not in cfg})
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", args["preset"])
     for k, kind in types.items():  # a preset's (or a user preset's) values: the flags' checks, and their form
-        if callable(kind) and cfg.get(k) is not None and k not in given:
+        if callable(kind) and cfg.get(k) is not None and k in from_preset:
             try:
                 cfg[k] = kind(cfg[k])
             except argparse.ArgumentTypeError as e:
@@ -1316,66 +1318,77 @@ def augment_letters(spec):
 
 
 AUGMENT = checked_type(str, augment_letters, "the letters b, g, c, o (o = cutout), e.g. bgco, or bg+cutout / bgc+cutout", "bgx")
-LOSSES = ("elatent", "elatent+latent", "elatent+latent/2", "latent", "lpips", "mse", "huber")
-LOSS = checked_type(str, lambda s: s.removesuffix("+l1") in LOSSES, " | ".join(LOSSES) + ", each with an optional +l1", "l2")
+def _pixel_lpips(L, a, b):
+    """Decode to pixels (SD; differentiable, unclamped), resize if asked, then pixel LPIPS."""
+    pa, pb = (L.decode(a), L.decode(b)) if L.decode is not None else (a, b)
+    if L.pixel_size:
+        pa, pb = (F.interpolate(p, size=L.pixel_size, mode="bilinear", align_corners=False) for p in (pa, pb))
+    return L.pixel_lpips(pa, pb)
+
+
+# --loss: d(a, b) of Eq. 1, one value per sample, and what it needs ("latent": a LatentLPIPS
+# checkpoint, "pixel": pixel LPIPS and the decoder). Dispatched by exact name; a fork adds a
+# row (docs/forking.md), and `L` gives it the RegressionLoss (L.cfg: the run's settings).
+LOSSES = {
+    "elatent": (lambda L, a, b: L.lpips(*L.aug(a, b)), "latent"),  # E-LatentLPIPS (Eq. 3)
+    "elatent+latent": (lambda L, a, b: L.lpips(*L.aug(a, b)) + L.lpips(a, b), "latent"),  # E-LatentLPIPS*: the sum
+    "elatent+latent/2": (lambda L, a, b: (L.lpips(*L.aug(a, b)) + L.lpips(a, b)) / 2, "latent"),  # their average
+    "latent": (lambda L, a, b: L.lpips(a, b), "latent"),  # LatentLPIPS (Eq. 2 without the decoder)
+    "lpips": (_pixel_lpips, "pixel"),  # the Table 1 baseline
+    "mse": (lambda L, a, b: (a - b).pow(2).mean((1, 2, 3)), None),
+    "huber": (lambda L, a, b: ((a - b).pow(2).sum((1, 2, 3)) + (0.00054 * math.sqrt(a[0].numel())) ** 2).sqrt()
+              - 0.00054 * math.sqrt(a[0].numel()), None),  # Pseudo-Huber (iCT), c = 0.00054 sqrt(dim)
+}
+LOSS = checked_type(str, lambda s: s.removesuffix("+l1") in LOSSES, "a name in common.LOSSES, with an optional +l1", "l2")
+# the regression term's flags, in 03 and in 04, whose G loss starts from the stage-1 student's values of
+# these (and of --lpips_ckpt) unless given; a fork's flag for its own LOSSES row goes here (docs/forking.md)
+LOSS_FLAGS = [
+    ("loss", None, LOSS, "d in Eq. 1 (Table A1: elatent; SD-CFG-3 elatent+latent; CIFAR10 lpips); 04 takes the stage-1 student's unless given"),
+    ("lpips_augment", None, AUGMENT, "E-LatentLPIPS augmentation T (Eq. 3): letters b, g, c, o (cutout), or bg+cutout; "
+                                     "04 takes the stage-1 student's unless given"),
+]
 
 
 class RegressionLoss(nn.Module):
-    """d(G(z, c), x) of Eq. 1 for every --loss mode; returns one value per sample.
-      mse            mean squared error in the model's space
-      huber          Pseudo-Huber (iCT): sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim)
-      latent         LatentLPIPS (Eq. 2 without the decoder)
-      elatent        E-LatentLPIPS (Eq. 3): LatentLPIPS after one shared random augmentation
-      elatent+latent E-LatentLPIPS* (Table A1, "the ensemble"): the sum of both
+    """d(G(z, c), x) of Eq. 1 for every --loss mode (LOSSES); returns one value per sample.
+      elatent+latent    E-LatentLPIPS* (Table A1, "the ensemble"): the sum of both
       elatent+latent/2  their average (the other reading: lambda_GAN keeps its full weight)
-      lpips          decode to pixels, then pixel LPIPS (the Table 1 baseline), after a
-                     bilinear resize to `pixel_size` when given (cifar10: 224, as Consistency Models)
-      MODE+l1        + mean |a - b|: the official package's add_l1_loss (on by default there, not in the paper)"""
+      lpips             decode to pixels, then pixel LPIPS (the Table 1 baseline), after a
+                        bilinear resize to `pixel_size` when given (cifar10: 224, as Consistency Models)
+      MODE+l1           + mean |a - b|: the official package's add_l1_loss (on by default there, not in the paper)"""
 
-    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None, pixel_size=None):
+    def __init__(self, mode, lpips=None, augment="bgc+cutout", decode=None, pixel_lpips=None, pixel_size=None, cfg=None):
         super().__init__()
         self.l1, mode = mode.endswith("+l1"), mode.removesuffix("+l1")
-        if "latent" in mode and lpips is None:
+        self.fn, needs = LOSSES[mode]
+        if needs == "latent" and lpips is None:
             fail(f"--loss {mode} needs a LatentLPIPS checkpoint (--lpips_ckpt)")
         self.mode, self.lpips, self.decode, self.pixel_lpips, self.pixel_size = mode, lpips, decode, pixel_lpips, pixel_size
-        self.aug = Augment(augment) if mode.startswith("elatent") else None
+        self.aug, self.cfg = Augment(augment), cfg or {}
 
     def forward(self, a, b):
         a, b = a.float(), b.float()
-        d = self.distance(a, b)
+        d = self.fn(self, a, b)
         return d + (a - b).abs().mean((1, 2, 3)) if self.l1 else d
-
-    def distance(self, a, b):
-        if self.mode == "mse":
-            return (a - b).pow(2).mean((1, 2, 3))
-        if self.mode == "huber":
-            c = 0.00054 * math.sqrt(a[0].numel())
-            return ((a - b).pow(2).sum((1, 2, 3)) + c ** 2).sqrt() - c
-        if self.mode == "lpips":
-            pa, pb = (self.decode(a), self.decode(b)) if self.decode is not None else (a, b)
-            if self.pixel_size:
-                pa, pb = (F.interpolate(p, size=self.pixel_size, mode="bilinear", align_corners=False) for p in (pa, pb))
-            return self.pixel_lpips(pa, pb)
-        d = self.lpips(*self.aug(a, b)) if self.mode.startswith("elatent") else 0
-        d = d + self.lpips(a, b) if self.mode != "elatent" else d
-        return d / 2 if self.mode == "elatent+latent/2" else d
 
 
 def build_loss(cfg, teacher, device):
     """The regression loss d of Eq. 1 (03) and Eq. 6's first term (04), frozen."""
     lpips, decode, pixel = None, None, None
-    if "latent" in cfg["loss"]:
+    needs = LOSSES[cfg["loss"].removesuffix("+l1")][1]
+    if needs == "latent":
         path = cfg["lpips_ckpt"] or os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt")
         if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
             print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
             lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
         else:
             lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0], space=teacher.latent_space).to(device)
-    if cfg["loss"].startswith("lpips"):  # the official LPIPS, or --lpips_ckpt: a pixel-space one of 02 (toy_sd: --pixels)
+    if needs == "pixel":  # the official LPIPS, or --lpips_ckpt: a pixel-space one of 02 (toy_sd: --pixels)
         pixel = load_latent_lpips(cfg["lpips_ckpt"], in_ch=3, space=latent_space("edm", 3)).to(device) \
             if cfg.get("lpips_ckpt") else load_pixel_lpips(device)
         decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
-    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg.get("lpips_resize")).to(device)
+    return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg.get("lpips_resize"),
+                          cfg).to(device)
 
 
 def load_pixel_lpips(device):
