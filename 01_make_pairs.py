@@ -390,7 +390,7 @@ def main(argv=None):
         x_img = teacher.to_images(first["x"][:n].to(device)).cpu()
         z_img = torch.nn.functional.interpolate((z[:, :3] / 3).clamp(-1, 1), size=x_img.shape[-2:], mode="nearest")
         imgs = torch.cat([z_img, x_img])
-        C.save_image_grid(imgs, os.path.join(pairs_dir, "pairs.png"), ncol=n, scale=max(1, 64 // imgs.shape[-1]))
+        C.save_image_grid(imgs, os.path.join(pairs_dir, "pairs.png"), ncol=n)
         C.save_json(dict(manifest, complete=True), mpath)
         print(f"pairs complete: {N} in '{pairs_dir}' (grid: top z, bottom x = teacher(z))")
     C.cleanup()

@@ -78,25 +78,24 @@ def set_dropout(net, rate):
 
 def validate(cfg):
     """Every file this stage reads, before any work (the flags' types checked the values;
-    training_setup checks the batch split before it builds anything), read once:
-    returns the pairs' manifest and the --resume checkpoint (memory-mapped)."""
+    training_setup checks the batch split before it builds anything), read once: returns
+    the pairs' manifest, the --resume checkpoint (memory-mapped) and the loss's LPIPS."""
     C.check_tracker(cfg["log_to"])
+    lpips = C.read_lpips(cfg)
     if cfg["benchmark_steps"]:
-        return None, None
-    if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
-        C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
+        return None, None, lpips
     m = C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
     ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
     resume = cfg["resume"] and os.path.isfile(ckpt)
-    return m, C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None
+    return m, C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None, lpips
 
 
 def main(argv=None):
     cfg = get_config(argv)
-    manifest, ck = validate(cfg)
+    manifest, ck, lpips = validate(cfg)
     run = C.Trainer(cfg, 1, manifest)  # processes, signals, the teacher and its pairs
     teacher, device = run.teacher, run.device
-    loss_fn = C.build_loss(cfg, teacher, device)
+    loss_fn = C.build_loss(cfg, teacher, device, lpips)
     G = C.Student(teacher, cfg).to(device)
     set_dropout(G.net, cfg["dropout"])  # Table A1: CIFAR10 trains with dropout 0.1
     if cfg["grad_ckpt"]:

@@ -334,37 +334,39 @@ def get_config(argv=None):
     return C.parse_config(__doc__, FLAGS, argv, STAGE2)
 
 
-def validate(cfg):
+def validate(cfg, given):
     """Every file this stage reads, before any work (the flags' types checked the values;
-    training_setup checks the batch split before it builds anything), read once:
-    returns the pairs' manifest, the stage-1 student and the --resume checkpoint."""
+    training_setup checks the batch split before it builds anything), read once: returns
+    the pairs' manifest, the stage-1 student, the --resume checkpoint and the loss's LPIPS.
+    The regression term's settings not given as flags are the stage-1 student's."""
     C.check_tracker(cfg["log_to"])
-    if cfg["benchmark_steps"] or cfg["export"]:
-        return None, None, None
-    cfg["init"] = init = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
-    if not os.path.isfile(init):
-        C.fail(f"stage-1 student not found at '{init}'; run 03_ode_distill.py first or pass --init")
-    s1 = C.load_student_file(init, "stage-1 student (03's student_ema.pt)")
-    if cfg["lpips_ckpt"] and not os.path.isfile(cfg["lpips_ckpt"]):
-        C.fail(f"LatentLPIPS checkpoint not found at '{cfg['lpips_ckpt']}' (--lpips_ckpt)")
+    if cfg["export"]:
+        return None, None, None, None
+    s1 = None
+    if not cfg["benchmark_steps"]:  # sizing mode: G starts from the teacher
+        cfg["init"] = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
+        s1 = C.load_student_file(cfg["init"], "stage-1 student (03's student_ema.pt)", "run 03_ode_distill.py first or pass --init")
+        cfg.update({k: s1["config"][k] for k in LOSS_KEYS if k not in given})
+    lpips = C.read_lpips(cfg)
+    if cfg["benchmark_steps"]:
+        return None, None, None, lpips
     m = C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
     ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
     resume = cfg["resume"] and os.path.isfile(ckpt)
-    return m, s1, C.load_checkpoint(ckpt, "stage-2 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None
+    return m, s1, C.load_checkpoint(ckpt, "stage-2 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None, lpips
 
 
 def main(argv=None):
     cfg, given = get_config(argv)
-    manifest, s1, ck = validate(cfg)
+    manifest, s1, ck, lpips = validate(cfg, given)
     if cfg["export"]:
         return export_diffusers(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     run = C.Trainer(cfg, 2, manifest)  # processes, signals, the teacher and its pairs
     teacher, device = run.teacher, run.device
-    taken = [k for k in LOSS_KEYS if s1 and k not in given]  # the regression term stays stage 1's unless a flag sets it
-    cfg.update({k: s1["config"][k] for k in taken})
+    taken = [k for k in LOSS_KEYS if s1 and k not in given]
     C.print0("regression term: " + ", ".join(f"--{k} {cfg[k]}" for k in LOSS_KEYS) + (f" ({', '.join(taken)} from the stage-1 "
              "student)" if taken else ""))
-    loss_fn = C.build_loss(cfg, teacher, device)
+    loss_fn = C.build_loss(cfg, teacher, device, lpips)
     # sizing mode: G starts from the teacher (no stage-1 student is read)
     G = C.load_student(s1, teacher, cfg, cfg["init"], device).train() if s1 else C.Student(teacher, cfg).to(device)
     del s1

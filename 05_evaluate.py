@@ -270,17 +270,11 @@ def caption_attributes(prompts):
 # ----------------------------------------------------------------------------
 # Sampling every model from the same seeds.
 
-def load_student(path, teacher, cfg, device, ck=None):
-    ck = ck or C.load_student_file(path, "student (student_ema.pt of 03/04)")
+def load_student(path, teacher, cfg, device, ck):
     if ck["config"].get("num_steps", cfg["num_steps"]) != cfg["num_steps"]:
         C.fail(f"student '{path}' learned a {ck['config']['num_steps']}-step teacher but --num_steps is {cfg['num_steps']}; "
                f"pass --num_steps {ck['config']['num_steps']}")
-    if ck.get("teacher") != teacher.teacher_id:
-        C.fail(f"student '{path}' was distilled from '{ck.get('teacher')}', not from this teacher '{teacher.teacher_id}'")
-    G = C.Student(teacher, dict(cfg, dropout=0.0, cfg_range=ck["config"].get("cfg_range"))).to(device)
-    G.load_state_dict(ck["ema"])
-    G.cfg = ck["config"]
-    return G.eval().requires_grad_(False)
+    return C.load_student(ck, teacher, dict(cfg, dropout=0.0), path, device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -420,13 +414,12 @@ def write_grids(outs, teacher, eval_dir, conds, cfg, models, device):
         picks = list(range(k))
     cols = list(outs)
     imgs = torch.stack([teacher.to_images(outs[c][i:i + 1].to(device))[0].cpu() for i in picks for c in cols])
-    scale = max(1, 64 // imgs.shape[-1])
-    C.save_image_grid(imgs, os.path.join(eval_dir, "compare.png"), ncol=len(cols), scale=scale)
+    C.save_image_grid(imgs, os.path.join(eval_dir, "compare.png"), ncol=len(cols))
     seeds = list(range(EVAL_SEED0 + 10_000_000, EVAL_SEED0 + 10_000_000 + cfg["diversity_seeds"]))
     z, _ = teacher.noise_and_condition(seeds)
     one = conds[picks[0]].repeat(len(seeds)) if torch.is_tensor(conds) else [conds[picks[0]]] * len(seeds)
     rows = [teacher.to_images(fn(z.to(device), one).float()).cpu() for fn in models.values()]
-    C.save_image_grid(torch.cat(rows), os.path.join(eval_dir, "diversity.png"), ncol=len(seeds), scale=scale)
+    C.save_image_grid(torch.cat(rows), os.path.join(eval_dir, "diversity.png"), ncol=len(seeds))
     C.save_text("compare.png columns: " + " | ".join(cols) + "\ndiversity.png rows: " + " | ".join(models) + "\n",
                         os.path.join(eval_dir, "grids.txt"))
 
@@ -612,7 +605,7 @@ def guidance_sweep(cfg, teacher, models, clf, device, n=500):
                              for name, x in out.items()}
         picks = [int((labels == c).nonzero()[0]) for c in range(5)]
         rows.append(torch.stack([out[name][i] for i in picks for name in out]))
-    C.save_image_grid(torch.cat(rows).clamp(-1, 1), os.path.join(eval_dir, "guidance.png"), ncol=len(rows[0]), scale=4)
+    C.save_image_grid(torch.cat(rows).clamp(-1, 1), os.path.join(eval_dir, "guidance.png"), ncol=len(rows[0]))
     return table
 
 

@@ -368,14 +368,17 @@ def fail(msg):
 @contextmanager
 def or_fail(what, remedy=None, errors=Exception):
     """Reading an input: an error inside the block (a missing, truncated or corrupt
-    file, or one of another kind) stops the run with one line, `what (the cause); remedy`.
-    A missing package or an exhausted device is not the input's fault: it passes."""
+    file, a folder where a file goes, or a file of another kind) stops the run with one
+    line, `what: the cause; remedy`. A missing package or an exhausted device is not the
+    input's fault: it passes."""
     try:
         yield
     except (ImportError, MemoryError, torch.OutOfMemoryError):
         raise
     except errors as e:  # what the reader raised: the block holds the read, not the computation
-        fail(f"{what} ({type(e).__name__}: {e})" + (f"; {remedy}" if remedy else ""))
+        cause = {FileNotFoundError: "not found", IsADirectoryError: "a folder, not a file",
+                 NotADirectoryError: "a path through a file"}.get(type(e), f"{type(e).__name__}: {e}")
+        fail(f"{what}: {cause}" + (f"; {remedy}" if remedy else ""))
 
 
 def atomic(path, write):
@@ -402,12 +405,14 @@ def to_uint8(img):
     return img.permute(0, 2, 3, 1).numpy()
 
 
-def save_image_grid(images, path, ncol=8, scale=1, pad=1):
-    """Write a PNG grid of (B, 3, H, W) images in [-1, 1], row-major, atomically.
-    `scale` enlarges small images with nearest-neighbour so toy grids are legible."""
+def save_image_grid(images, path, ncol=8, scale=None, pad=1):
+    """Write a PNG grid of (B, 3, H, W) images in [-1, 1], row-major, atomically. `scale`
+    enlarges small images with nearest-neighbour (default: to at least 64 px, so that
+    toy grids are legible)."""
     from PIL import Image
     imgs = to_uint8(images)
     b, h, w, _ = imgs.shape
+    scale = scale or max(1, 64 // w)
     nrow = math.ceil(b / ncol)
     grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
     for i in range(b):
@@ -675,12 +680,10 @@ def edm_heun_sampler(D, z, labels=None, num_steps=18, sigma_min=0.002, sigma_max
 
 def load_toy_teacher(path):
     """The toy teacher from a .safetensors state dict (config: TOY_UNET_CONFIG)."""
-    if path is None or not os.path.isfile(path):
-        fail(f"toy teacher weights not found at '{path}'. Train them with "
-             f"'python 01_make_pairs.py --preset toy --train_teacher' or pass --teacher PATH")
     from safetensors.torch import load_file
     net = build_toy_teacher()
-    with or_fail(f"'{path}' is not a toy teacher checkpoint"):  # wrong file, other architecture, corrupt file
+    with or_fail(f"toy teacher '{path}' is unreadable", "train one with 'python 01_make_pairs.py --preset toy "
+                 "--train_teacher' or pass --teacher PATH"):  # missing, a folder, corrupt, another architecture
         net.load_state_dict({k: v.float() for k, v in load_file(path).items()})
     return net.eval().requires_grad_(False)
 
@@ -688,9 +691,9 @@ def load_toy_teacher(path):
 def load_edm_pickle(path):
     """The official NVlabs EDM network pickle, used as a black-box denoiser
     D(x, sigma, class_labels). Unpickling needs NVlabs' torch_utils and dnnlib."""
-    if path is None or not os.path.isfile(path):
-        fail(f"EDM teacher pickle not found at '{path}' (pass --teacher PATH.pkl, e.g. edm-cifar10-32x32-cond-vp.pkl)")
-    with or_fail(f"'{path}' is not a readable EDM pickle"), open(path, "rb") as f:
+    if path is None:
+        fail("the EDM teacher is a pickle of NVlabs' network: pass --teacher PATH.pkl, e.g. edm-cifar10-32x32-cond-vp.pkl")
+    with or_fail(f"EDM teacher pickle '{path}' is unreadable"), open(path, "rb") as f:
         try:
             data = pickle.load(f)
         except ModuleNotFoundError as e:  # a SystemExit passes or_fail
@@ -1165,35 +1168,41 @@ OFFICIAL_LPIPS_SPACES = {"sd15": latent_space("ldm", 4, 0.18215), "sdxl": latent
 def load_latent_lpips(path, in_ch=None, space=None):
     """Our checkpoint (from 02, which records its latent space) or an official
     E-LatentLPIPS tuned checkpoint (sd15_latest_vgg16_tuned.pth / sdxl_..., whose name
-    says its space). With `space` (latent_space(...)), a checkpoint of another space is refused."""
-    if path is None or not os.path.isfile(path):
-        fail(f"LatentLPIPS checkpoint not found at '{path}'; run 02_train_latent_lpips.py or pass --lpips_ckpt")
-    with or_fail(f"'{path}' is not a readable LatentLPIPS checkpoint"):
+    says its space); `.space` and `.path` say where it came from. With `in_ch` and
+    `space` (latent_space(...)) it is checked against a teacher's space (check_lpips)."""
+    with or_fail(f"LatentLPIPS checkpoint '{path}' is unreadable", "run 02_train_latent_lpips.py or pass --lpips_ckpt"):
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    name = os.path.basename(path)
     if isinstance(ck, dict) and "config" in ck and "state_dict" in ck:
-        cfg, sd, found = ck["config"], ck["state_dict"], ck.get("latent_space")
-        if space is not None and found is None:
-            fail(f"LatentLPIPS checkpoint '{path}' records no latent space: rerun 02_train_latent_lpips.py --calibrate_only")
+        cfg, sd, found = ck["config"], ck["state_dict"], ck.get("latent_space", "unrecorded")
     else:
-        found = OFFICIAL_LPIPS_SPACES.get(name.split("_")[0])
-        if space is not None and found is None:
-            fail(f"LatentLPIPS checkpoint '{path}': an official file's name says its latent space "
-                 f"({' | '.join(f'{k}_latest_vgg16_tuned.pth' for k in OFFICIAL_LPIPS_SPACES)}); keep that name")
+        found = OFFICIAL_LPIPS_SPACES.get(os.path.basename(path).split("_")[0], "unnamed")
         sd = map_official_lpips(ck)
         w0 = sd.get("net.slices.0.0.weight")
         if w0 is None:
             fail(f"'{path}' is neither our LatentLPIPS checkpoint nor an official E-LatentLPIPS one")
         cfg = dict(in_ch=w0.shape[1], width=w0.shape[0] / 64, pools_removed=3, num_classes=1000)
-    if in_ch is not None and cfg["in_ch"] != in_ch:
-        fail(f"LatentLPIPS checkpoint '{path}' takes {cfg['in_ch']}-channel inputs but this space has {in_ch} channels")
-    if space is not None and found != space:
-        fail(f"LatentLPIPS checkpoint '{path}' was trained on {found} but this teacher's space is {space} "
-             f"(SD1.5 and SDXL latents differ, App. B): train one on this space with 02, or pass its own --lpips_ckpt")
     model = LatentLPIPS(**cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or any(not k.startswith("net.head") for k in missing):
         fail(f"'{path}' does not match the LatentLPIPS layout (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.space, model.path = found, path
+    return check_lpips(model, in_ch, space) if in_ch is not None or space is not None else model
+
+
+def check_lpips(model, in_ch, space):
+    """Refuse a LatentLPIPS of another space: other channels, or other latents (SD1.5 and SDXL
+    latents both have 4 channels but differ, App. B). A random one (sizing mode) passes."""
+    path, found = model.path, model.space
+    if model.config["in_ch"] != in_ch:
+        fail(f"LatentLPIPS checkpoint '{path}' takes {model.config['in_ch']}-channel inputs but this space has {in_ch} channels")
+    if found == "unrecorded":
+        fail(f"LatentLPIPS checkpoint '{path}' records no latent space: rerun 02_train_latent_lpips.py --calibrate_only")
+    if found == "unnamed":
+        fail(f"LatentLPIPS checkpoint '{path}': an official file's name says its latent space "
+             f"({' | '.join(f'{k}_latest_vgg16_tuned.pth' for k in OFFICIAL_LPIPS_SPACES)}); keep that name")
+    if found not in ("random", space):
+        fail(f"LatentLPIPS checkpoint '{path}' was trained on {found} but this teacher's space is {space} "
+             f"(SD1.5 and SDXL latents differ, App. B): train one on this space with 02, or pass its own --lpips_ckpt")
     return model
 
 
@@ -1372,20 +1381,32 @@ class RegressionLoss(nn.Module):
         return d + (a - b).abs().mean((1, 2, 3)) if self.l1 else d
 
 
-def build_loss(cfg, teacher, device):
-    """The regression loss d of Eq. 1 (03) and Eq. 6's first term (04), frozen."""
+def read_lpips(cfg):
+    """The LPIPS network that --loss needs, read from its file by 03's and 04's validate, before
+    any work: a LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt), or for --loss lpips the
+    pixel-space one of --lpips_ckpt; None if the loss needs no file."""
+    needs = LOSSES[cfg["loss"].removesuffix("+l1")][1]
+    path = cfg["lpips_ckpt"] or (os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt") if needs == "latent" else None)
+    if needs is None or path is None:
+        return None
+    if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
+        print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
+        model = LatentLPIPS(cfg["channels"], cfg["lpips_width"], cfg["lpips_pools_removed"])
+        model.space, model.path = "random", path
+        return model
+    return load_latent_lpips(path)
+
+
+def build_loss(cfg, teacher, device, net=None):
+    """The regression loss d of Eq. 1 (03) and Eq. 6's first term (04), frozen, with `net`,
+    read_lpips's network (read here when not given), checked against the teacher's space."""
+    net = read_lpips(cfg) if net is None else net
     lpips, decode, pixel = None, None, None
     needs = LOSSES[cfg["loss"].removesuffix("+l1")][1]
     if needs == "latent":
-        path = cfg["lpips_ckpt"] or os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt")
-        if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
-            print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
-            lpips = LatentLPIPS(teacher.z_shape[0], cfg["lpips_width"], cfg["lpips_pools_removed"]).to(device)
-        else:
-            lpips = load_latent_lpips(path, in_ch=teacher.z_shape[0], space=teacher.latent_space).to(device)
+        lpips = check_lpips(net, teacher.z_shape[0], teacher.latent_space).to(device)
     if needs == "pixel":  # the official LPIPS, or --lpips_ckpt: a pixel-space one of 02 (toy_sd: --pixels)
-        pixel = load_latent_lpips(cfg["lpips_ckpt"], in_ch=3, space=latent_space("edm", 3)).to(device) \
-            if cfg.get("lpips_ckpt") else load_pixel_lpips(device)
+        pixel = check_lpips(net, 3, latent_space("edm", 3)).to(device) if net is not None else load_pixel_lpips(device)
         decode = teacher.decode if teacher.family == "ldm" else None  # with gradient, unclamped
     return RegressionLoss(cfg["loss"], lpips, cfg["lpips_augment"] or "bgc+cutout", decode, pixel, cfg.get("lpips_resize"),
                           cfg).to(device)
@@ -1892,9 +1913,9 @@ def save_training_state(ck, run_dir):
     atomic(os.path.join(run_dir, "ckpt_latest.pt"), lambda f: torch.save(ck, f))
 
 
-def load_student_file(path, what):
+def load_student_file(path, what, remedy=None):
     """A student_ema.pt (refused if it is a training checkpoint or another kind of file)."""
-    ck = load_checkpoint(path, what, mmap=True, keys=STUDENT_KEYS)
+    ck = load_checkpoint(path, what, mmap=True, keys=STUDENT_KEYS, remedy=remedy)
     if "opt" in ck:
         fail(f"'{path}' is a training checkpoint, not a {what}: pass the student_ema.pt beside it")
     return ck
@@ -1911,13 +1932,11 @@ def load_student(ck, teacher, cfg, path, device):
     return G
 
 
-def load_checkpoint(path, what, mmap=False, keys=()):
+def load_checkpoint(path, what, mmap=False, keys=(), remedy=None):
     """A torch checkpoint, or a one-line error naming it: missing, unreadable, or (with
     `keys`) a dict without the entries this kind of checkpoint has, i.e. another file.
     mmap=True only maps the file (cheap at any size): what the up-front checks use."""
-    if not os.path.isfile(path):
-        fail(f"{what} not found at '{path}'")
-    with or_fail(f"{what} '{path}' is unreadable"):
+    with or_fail(f"{what} '{path}' is unreadable", remedy):
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
     if missing:

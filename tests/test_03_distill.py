@@ -143,7 +143,8 @@ def test_stage1_bad_input(toy_run, tmp_path):
         assert p.returncode != 0
         return p.stderr.strip().splitlines()[-1]
     assert "not divisible" in fails("--batch", 10, "--batch_per_device", 4)
-    assert "LatentLPIPS checkpoint not found" in fails("--lpips_ckpt", tmp_path / "missing.pt", *S1)
+    msg = fails("--lpips_ckpt", tmp_path / "missing.pt", *S1)
+    assert "LatentLPIPS checkpoint" in msg and "missing.pt" in msg and "not found" in msg, msg
     assert "--first_pairs 65, but" in fails("--first_pairs", 65, *S1)
     m = json.load(open(toy_run / "pairs" / "manifest.json"))
     other = tmp_path / "pairs"
