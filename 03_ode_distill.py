@@ -81,13 +81,12 @@ def validate(cfg):
     training_setup checks the batch split before it builds anything), read once: returns
     the pairs' manifest, the --resume checkpoint (memory-mapped) and the loss's LPIPS."""
     C.check_tracker(cfg["log_to"])
-    lpips = C.read_lpips(cfg)
     if cfg["benchmark_steps"]:
-        return None, None, lpips
+        return None, None, C.read_lpips(cfg)
     m = C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
     ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
     resume = cfg["resume"] and os.path.isfile(ckpt)
-    return m, C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None, lpips
+    return m, C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None, C.read_lpips(cfg)
 
 
 def main(argv=None):

@@ -30,7 +30,8 @@ import common as C
 
 FLAGS = {
     "run": C.RUN_FLAGS + [("run_name", "gan", None, "output subfolder of out_dir")] + C.TRAIN_RUN_FLAGS + [
-        ("export", None, None, "sd15/sdxl: write the stage-2 student as a diffusers folder (unet/ + scheduler/) and exit"),
+        ("export", None, None, "sd15/sdxl: write <out_dir>/<run_name>/student_ema.pt (default: the stage-2 student) as a diffusers "
+                               "folder (unet/ + scheduler/) and exit"),
     ],
     "inputs": C.TRAIN_INPUT_FLAGS + [("init", None, None, "stage-1 student (default <out_dir>/distill/student_ema.pt)")],
     "generator loss (Eq. 6)": C.LOSS_FLAGS + [("lambda_gan", None, C.NONNEG, "lambda_GAN (Table A1: 0.25 SD1.5, 1.0 SDXL)")],
@@ -347,13 +348,13 @@ def validate(cfg, given):
         cfg["init"] = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
         s1 = C.load_student_file(cfg["init"], "stage-1 student (03's student_ema.pt)", "run 03_ode_distill.py first or pass --init")
         cfg.update({k: s1["config"][k] for k in LOSS_KEYS if k not in given})
-    lpips = C.read_lpips(cfg)
     if cfg["benchmark_steps"]:
-        return None, None, None, lpips
+        return None, None, None, C.read_lpips(cfg)
     m = C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
     ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
     resume = cfg["resume"] and os.path.isfile(ckpt)
-    return m, s1, C.load_checkpoint(ckpt, "stage-2 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None, lpips
+    ck = C.load_checkpoint(ckpt, "stage-2 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None
+    return m, s1, ck, C.read_lpips(cfg)
 
 
 def main(argv=None):

@@ -270,7 +270,8 @@ def caption_attributes(prompts):
 # ----------------------------------------------------------------------------
 # Sampling every model from the same seeds.
 
-def load_student(path, teacher, cfg, device, ck):
+def load_student(path, teacher, cfg, device, ck=None):
+    ck = ck or C.load_student_file(path, "student (student_ema.pt of 03/04)")
     if ck["config"].get("num_steps", cfg["num_steps"]) != cfg["num_steps"]:
         C.fail(f"student '{path}' learned a {ck['config']['num_steps']}-step teacher but --num_steps is {cfg['num_steps']}; "
                f"pass --num_steps {ck['config']['num_steps']}")

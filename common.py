@@ -1181,7 +1181,8 @@ def load_latent_lpips(path, in_ch=None, space=None):
         if w0 is None:
             fail(f"'{path}' is neither our LatentLPIPS checkpoint nor an official E-LatentLPIPS one")
         cfg = dict(in_ch=w0.shape[1], width=w0.shape[0] / 64, pools_removed=3, num_classes=1000)
-    model = LatentLPIPS(**cfg)
+    with torch.random.fork_rng(devices=[]):  # built without drawing from the global RNG (the run's seeded parts, D's heads,
+        model = LatentLPIPS(**cfg)           # come out the same wherever this file is read)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or any(not k.startswith("net.head") for k in missing):
         fail(f"'{path}' does not match the LatentLPIPS layout (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -1193,14 +1194,16 @@ def check_lpips(model, in_ch, space):
     """Refuse a LatentLPIPS of another space: other channels, or other latents (SD1.5 and SDXL
     latents both have 4 channels but differ, App. B). A random one (sizing mode) passes."""
     path, found = model.path, model.space
-    if model.config["in_ch"] != in_ch:
+    if in_ch is not None and model.config["in_ch"] != in_ch:
         fail(f"LatentLPIPS checkpoint '{path}' takes {model.config['in_ch']}-channel inputs but this space has {in_ch} channels")
+    if space is None:
+        return model
     if found == "unrecorded":
         fail(f"LatentLPIPS checkpoint '{path}' records no latent space: rerun 02_train_latent_lpips.py --calibrate_only")
     if found == "unnamed":
         fail(f"LatentLPIPS checkpoint '{path}': an official file's name says its latent space "
              f"({' | '.join(f'{k}_latest_vgg16_tuned.pth' for k in OFFICIAL_LPIPS_SPACES)}); keep that name")
-    if found not in ("random", space):
+    if space is not None and found not in ("random", space):
         fail(f"LatentLPIPS checkpoint '{path}' was trained on {found} but this teacher's space is {space} "
              f"(SD1.5 and SDXL latents differ, App. B): train one on this space with 02, or pass its own --lpips_ckpt")
     return model
@@ -1386,12 +1389,13 @@ def read_lpips(cfg):
     any work: a LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt), or for --loss lpips the
     pixel-space one of --lpips_ckpt; None if the loss needs no file."""
     needs = LOSSES[cfg["loss"].removesuffix("+l1")][1]
-    path = cfg["lpips_ckpt"] or (os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt") if needs == "latent" else None)
+    path = cfg.get("lpips_ckpt") or (os.path.join(cfg["out_dir"], "lpips", "latent_lpips.pt") if needs == "latent" else None)
     if needs is None or path is None:
         return None
-    if cfg["benchmark_steps"] and not os.path.isfile(path):  # sizing only: a random F of the preset's size
+    if cfg.get("benchmark_steps") and not os.path.isfile(path):  # sizing only: a random F of the preset's size
         print0(f"benchmark: no LatentLPIPS at '{path}'; using random weights of the same size")
-        model = LatentLPIPS(cfg["channels"], cfg["lpips_width"], cfg["lpips_pools_removed"])
+        with torch.random.fork_rng(devices=[]):
+            model = LatentLPIPS(cfg["channels"], cfg["lpips_width"], cfg["lpips_pools_removed"])
         model.space, model.path = "random", path
         return model
     return load_latent_lpips(path)

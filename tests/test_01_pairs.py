@@ -118,7 +118,8 @@ def _fails(*args, env=None):
 def test_bad_input(tmp_path, toy_reference):
     out = tmp_path / "bad"
     assert "not found" in _fails("--teacher", tmp_path / "nope.safetensors", "--out_dir", out)
-    assert "unknown preset" in _fails("--preset", "sd3", "--out_dir", out)
+    msg = _fails("--preset", "sd3", "--out_dir", out)
+    assert "--preset" in msg and "invalid choice" in msg and "toy_sd" in msg, msg
     assert "must be positive" in _fails("--num_pairs", 0, "--out_dir", out)
     assert "must be positive" in _fails("--num_pairs", -5, "--out_dir", out)
     pkl, _ = make_fake_edm_pickle(str(tmp_path / "edm"))

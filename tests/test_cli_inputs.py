@@ -263,7 +263,7 @@ def test_checkpoint_that_does_not_fit_is_refused():
     C.load_full_state(m, sd, opt, osd)  # the round trip loads
     with pytest.raises(SystemExit, match=r"checkpoint 'x.pt' does not fit this run's Sequential.*size mismatch"):
         C.load_full_state(m, dict(sd, **{"0.weight": torch.zeros(5, 5)}), what="checkpoint 'x.pt'")
-    with pytest.raises(SystemExit, match=r"or its optimiser \(KeyError"):
+    with pytest.raises(SystemExit, match=r"or its optimiser: KeyError"):
         C.load_full_state(m, sd, opt, opt.state_dict())  # keyed by index (the optimiser's own layout)
 
 

@@ -117,7 +117,7 @@ def test_guidance_conditioned_student(tiny_sd15, prompt_file, tmp_path):
     run_script("03_ode_distill.py", "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path, "--steps", 3,
                "--batch", 4, "--batch_per_device", 4, "--loss", "mse", "--lr", 1e-3, "--grid_every", 100)
     run_script("04_gan_finetune.py", "--preset", "sd15", "--teacher", tiny_sd15, "--out_dir", tmp_path,
-               "--export", tmp_path / "export", "--init", tmp_path / "distill" / "student_ema.pt")
+               "--export", tmp_path / "export", "--run_name", "distill")  # the student of <out_dir>/<run_name>
     G = importlib.import_module("05_evaluate").load_student(str(tmp_path / "distill" / "student_ema.pt"), teacher, cfg,
                                                             torch.device("cpu"))
     assert G.net.time_embedding.cond_proj.weight.abs().sum() > 0  # w is learned
