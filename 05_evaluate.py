@@ -102,7 +102,7 @@ FLAGS = {
 EVAL_SEED0 = 2_000_000_000  # evaluation seeds are disjoint from pair seeds and held-out grid seeds
 
 
-# 12. Metric maths (05). Our own code, tested against closed forms; the
+# Metric maths. Our own code, tested against closed forms; the
 # pretrained feature networks for SD come from optional packages.
 
 def feature_stats(f):

@@ -3,18 +3,22 @@ What two or more of the numbered scripts share, and nothing else: each stage's o
 ideas (the discriminator, the metrics, the plots) live in that stage's script.
 
 Read beside the paper (Kang et al., "Distilling Diffusion Models into Conditional
-GANs"). Sections, in order:
-   1. presets and configuration  (Table A1; parse_config: preset -> flags; flag types)
-   2. distributed                (setup_distributed for python / torchrun, CPU / CUDA; StopSignal)
-   3. files                      (atomic writes, PNG grids, one-line errors, images)
-   4. the toy world              (procedural 10-class 16x16 images)
-   5. EDM teachers               (preconditioning, Heun sampler, toy and NVlabs nets)
-   6. latent diffusion teachers  (SD1.5 / SDXL, DDIM + CFG, Eq. 7; --teacher random)
-   7. pairs on disk              (shards, manifest)
-   8. LatentLPIPS                (F, E-LatentLPIPS augmentation, the regression loss)
-   9. the student                (G(z, c), Eq. 8; guidance conditioning)
-  10. training helpers           (03 and 04: data, batches, resume, optimisers, EMA, logs, sizing and FLOPs)
-  11. timing
+GANs"). First the paper's models and losses, in the order a reader meets them:
+   1. EDM teachers               (preconditioning, Heun sampler, toy and NVlabs nets; load_teacher)
+   2. latent diffusion teachers  (SD1.5 / SDXL, DDIM + CFG, Eq. 7; --teacher random)
+   3. the student                (G(z, c), Eq. 8; guidance conditioning)
+   4. LatentLPIPS                (F: VGG16-bn on the model's space, §3.2, App. B)
+   5. the augmentation           (E-LatentLPIPS' T, Eq. 3)
+   6. the regression loss        (d of Eq. 1: LOSSES, one row per --loss name)
+   7. the toy worlds             (toy: 10 classes at 16x16; toy_sd: captioned scenes at 32x32)
+then, after the boundary line "The machinery", what runs them:
+   8. presets and configuration  (Table A1; parse_config: preset -> flags; flag types)
+   9. distributed                (setup_distributed for python / torchrun, CPU / CUDA; StopSignal)
+  10. files                      (atomic writes, PNG grids, one-line errors, images)
+  11. pairs on disk              (shards, manifest)
+  12. training helpers           (03 and 04: data, batches, resume, optimisers, EMA, logs, sizing and FLOPs)
+  13. the training loop          (Trainer: one loop for 03 and 04 around each stage's step)
+  14. timing
 """
 import argparse
 import copy
@@ -43,540 +47,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------
-# 1. Presets and configuration. Paper values come from Table A1; the toy preset is
-# scaled down to what runs in minutes on 2 CPU cores. A script's flags override
-# the preset keys it reads (parse_config); 03 and 04 add their stage's row.
-
-PRESETS = {
-    "toy": dict(
-        family="edm", arch="toy", teacher=os.path.join(REPO, "assets", "toy_teacher.safetensors"),
-        resolution=16, channels=3, num_classes=10,
-        num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
-        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32", teacher_dtype="float32",
-        # toy LatentLPIPS: a quarter-width VGG16-bn; on a 16x16 space only 2 pools are
-        # removed (taps at 16, 16, 8, 4, 2 px), as 3 would cost 2.4x for no gain here
-        lpips_width=0.25, lpips_pools_removed=2, cls_steps=300, cls_batch=64, cls_lr=2e-3,
-        loss="elatent", lpips_augment="bgc+cutout", data="toy", teacher_steps=4000, teacher_batch=128,
-    ),
-    # the latent-diffusion path on a laptop: a tiny SD1.5-layout text-to-image model of
-    # the captioned toy world (toy_scene), trained by `01 --preset toy_sd --train_teacher`
-    "toy_sd": dict(
-        family="ldm", arch="sd15", data="toy", teacher=os.path.join(REPO, "assets", "toy_sd"),
-        prompts=os.path.join(REPO, "assets", "toy_sd", "prompts.txt"),
-        resolution=32, channels=4, num_classes=0, num_steps=50, guidance=3.0, protocol="toy",
-        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32", teacher_dtype="float32",
-        # the paper's 3 pools removed: taps at 8, 8, 8, 4, 2; 600 steps, as the 5 attribute heads slow the shape's to 46% at 300
-        lpips_width=0.25, lpips_pools_removed=3, cls_steps=600, cls_batch=64, cls_lr=2e-3,
-        loss="elatent", lpips_augment="bgc+cutout", teacher_steps=6000, teacher_batch=128, vae_steps=2000,
-        stage_row="toy_sd",  # 03/04's rows (also for a user's copy of this preset, whose arch is sd15's)
-    ),
-    "cifar10": dict(
-        family="edm", arch="cifar10", teacher=None,  # the official NVlabs EDM pickle, e.g. edm-cifar10-32x32-cond-vp.pkl
-        resolution=32, channels=3, num_classes=10,
-        num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
-        num_pairs=1_000_000, shard_size=10_000, batch_per_device=512, pair_dtype="float32", dtype="bfloat16",
-        teacher_dtype="float32",  # 01's pairs and 05's teacher row: EDM's generate.py runs its CIFAR10 networks in float32
-        lpips_width=1.0, lpips_pools_removed=0, cls_steps=100_000, cls_batch=256, cls_lr=1e-3,
-        loss="lpips", lpips_augment=None,  # Table A1: LPIPS in pixels, no augmentation
-        lpips_resize=224,  # 32 px upsampled (bilinear) before LPIPS, as Consistency Models do: VGG's deepest taps are 2x2 at 32
-    ),
-    "sd15": dict(
-        family="ldm", arch="sd15", teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        resolution=512, channels=4, num_classes=0,
-        num_steps=50, guidance=3.0, protocol="coco2014",  # SD-CFG-3 (SD-CFG-8 is its own preset below); Table 3
-        num_pairs=3_000_000, shard_size=1000, batch_per_device=32, pair_dtype="float16", dtype="bfloat16",
-        teacher_dtype="float16",  # 01's pairs and 05's teacher row: fp16 weights, SD's usual inference precision (docs/design.md)
-        lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
-        loss="elatent+latent", lpips_augment="bg+cutout",  # Table A1, SD-CFG-3 (E-LatentLPIPS*)
-    ),
-    "sdxl": dict(
-        family="ldm", arch="sdxl", teacher="stabilityai/stable-diffusion-xl-base-1.0",
-        resolution=1024, channels=4, num_classes=0,
-        num_steps=50, guidance=7.0, protocol="coco2017",  # SDXL-CFG-7; Table 5
-        num_pairs=8_000_000, shard_size=1000, batch_per_device=8, pair_dtype="float16", dtype="bfloat16", teacher_dtype="float16",
-        lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
-        loss="elatent", lpips_augment="bgc+cutout",  # Table A1, SDXL-CFG-7
-    ),
-}
-
-
-# SD-CFG-8 (Table A1) differs from SD-CFG-3 in more than the guidance: plain
-# E-LatentLPIPS with colour augmentation, 12M pairs (its stage tables: 03, 04).
-PRESETS["sd15_cfg8"] = dict(PRESETS["sd15"], guidance=8.0, num_pairs=12_000_000, loss="elatent", lpips_augment="bgc+cutout")
-# Code checks a preset's `family` (edm | ldm), `arch` (toy | cifar10 | sd15 | sdxl) and `data`
-# (toy: a built-in world, no dataset), never its name, so a user's new preset (a copy with
-# other values) works everywhere.
-
-
-def get_preset(name):
-    return dict(PRESETS[name])
-
-
-def checked_type(kind, ok, what, bad):
-    """An argparse type that also checks a preset's values: kind(v), then ok(x).
-    `bad` is a value it refuses (the tests feed it to every flag of this type)."""
-    def parse(v):
-        try:
-            x = kind(v)
-            good = ok(x)
-        except (TypeError, ValueError):
-            good = False
-        if not good:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}")
-        return x
-    parse.__name__, parse.bad = what, bad
-    return parse
-
-
-def two_floats(s):
-    """'A,B' (or a preset's pair) -> (A, B)."""
-    a, b = (float(v) for v in (s.split(",") if isinstance(s, str) else s))
-    return a, b
-
-
-INT_POS = checked_type(int, lambda x: x > 0, "positive (an integer > 0)", "0")
-INT_NONNEG = checked_type(int, lambda x: x >= 0, "an integer >= 0", "-1")
-NONNEG = checked_type(float, lambda x: x >= 0, "a number >= 0", "-1")
-FRACTION = checked_type(float, lambda x: 0 <= x <= 1, "a number in [0, 1]", "1.5")
-BETAS = checked_type(two_floats, lambda t: all(0 <= b < 1 for b in t), "'B1,B2' with 0 <= B < 1", "0.9")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def lr_schedule(v):
-    """A learning rate as Table A1 writes it: 'START,END' (cosine decay, e.g. 1e-4,1e-5) or one
-    constant rate; a preset gives a number or a (start, end) pair. Returns (start, end)."""
-    a = [float(x) for x in (v.split(",") if isinstance(v, str) else v if isinstance(v, (tuple, list)) else [v])]
-    if len(a) not in (1, 2):
-        raise ValueError(v)
-    return a[0], a[-1]
-
-
-LR = checked_type(lr_schedule, lambda x: x[0] > 0 and x[1] >= 0, "'START,END' or one rate, START > 0", "0")
-
-
-RUN_FLAGS = [  # every script's first group
-    ("preset", "toy", PRESETS, "the setting: Table A1's, or a toy world on 2 CPU cores (toy: pixels, toy_sd: latents)"),
-    ("out_dir", None, None, "the run's folder (default runs/<preset>)"),
-    ("seed", 0, INT_NONNEG, "seed of everything random in this script"),
-    ("dist_timeout_min", 120, INT_POS, "torchrun: minutes a rank may wait at a collective before the job is declared hung"),
-]
-
-
-# the flags 03 and 04 share (each script adds its own around them)
-TRAIN_RUN_FLAGS = [
-    ("dtype", None, DTYPES, "autocast dtype (Table A1: bfloat16; the toy float32; float16 is refused: no loss scaling)"),
-    ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting outside RESUME_MAY_CHANGE changed)"),
-    ("allow_config_change", False, None, "--resume even though such a setting changed (deliberately)"),
-    ("max_steps_this_run", 0, INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
-    ("fsdp", False, None, "torchrun: shard G, its EMA (and D) over the processes with FSDP2, for what DDP cannot hold"),
-]
-TRAIN_INPUT_FLAGS = [
-    ("teacher", None, None, "the teacher the pairs came from (App. A); its steps, guidance and resolution come from the pairs"),
-    ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
-    ("first_pairs", 0, INT_NONNEG, "train on the first N pairs of the folder only (0: all); Table 6 varies it"),
-    ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one); "
-                               "with --loss lpips: a pixel-space one (02 --pixels) instead of the official LPIPS"),
-]
-TRAIN_BATCH_FLAGS = [
-    ("steps", None, INT_POS, "training iterations"),
-    ("batch", None, INT_POS, "global batch"),
-    ("batch_per_device", None, INT_POS, "micro-batch per process; accumulation = batch / (this x processes)"),
-]
-TRAIN_REST_FLAGS = [
-    ("weight_decay", None, NONNEG, "weight decay"),
-    ("attn_weight_decay", None, NONNEG, "weight decay of attention parameters"),
-    ("ema_start", None, INT_NONNEG, "the EMA equals G before this step"),
-    ("ema_beta", None, FRACTION, "EMA decay"),
-    ("grad_clip", 0.0, NONNEG, "gradient norm clip (0 = off)"),
-]
-TRAIN_LOG_FLAGS = [
-    ("log_every", 10, INT_POS, "metrics.jsonl every this many steps"),
-    ("log_to", "none", ("none", "tensorboard", "wandb"), "also send those scalars and the grids to TensorBoard (<run>/tensorboard) "
-                                                       "or W&B offline (<run>/wandb); needs that pip package"),
-    ("grid_every", None, INT_POS, "grid PNG every this many steps"),
-    ("ckpt_every", None, INT_POS, "checkpoint every this many steps"),
-    ("benchmark_steps", 0, INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
-]
-# what --resume may change without --allow_config_change: every other setting is the run's and is compared
-RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_change", "batch_per_device", "log_every", "log_to", "grid_every",
-                     "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "grad_clip", "out_dir", "pairs")  # pairs: identity in pairs_id
-
-
-def parse_config(doc, flags, argv=None, table=None):
-    """Every script's configuration, with one precedence: the preset, then the flags
-    given. The preset is PRESETS[--preset] plus, in 03 and 04, that stage's own Table
-    A1 row from `table` (by preset name, else its `stage_row` or arch for a user's own
-    preset). `flags` is {group: [(name, default, type, help)]}; a default of None means
-    "the preset's value". Types refuse bad values (argparse then stops with one line
-    naming the flag), and the preset's values pass the same checks. Values that the
-    teacher fixed come last, from the pairs' manifest (training_setup says so).
-    Returns the config and the set of settings given on the command line."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: fail(f"{message} (see --help)")  # one 'error:' line, like every other stop
-    types, preset_keys = {}, {k for d in [*PRESETS.values(), *(table or {}).values()] for k in d}
-    for title, items in flags.items():
-        g = p.add_argument_group(title)
-        for name, default, kind, text in items:
-            types[name] = kind
-            text += " (default: the preset's)" if default is None and name in preset_keys else ""
-            if isinstance(default, bool) or kind is bool:  # --x / --no-x (kind bool: the preset's by default)
-                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=text)
-            elif isinstance(kind, (tuple, dict)):  # dict: its keys, read when parsing (PRESETS: a preset a fork adds counts)
-                g.add_argument(f"--{name}", choices=list(kind), default=default, help=text + ("" if default is None else " (default: %(default)s)"))
-            else:
-                g.add_argument(f"--{name}", type=kind or str, default=default,
-                               help=text + ("" if default is None else " (default: %(default)s)"))
-    args = vars(p.parse_args(argv))
-    cfg = get_preset(args["preset"])
-    if table is not None:
-        row = table.get(args["preset"]) or table.get(cfg.get("stage_row") or cfg["arch"])
-        if row is None:
-            fail(f"the paper's {cfg['arch']} setting has no row for this stage (Table A1); use {' | '.join(table)}")
-        cfg.update(row)
-    from_preset = {k for k, v in args.items() if v is None}
-    p.set_defaults(**dict.fromkeys(args))
-    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not None}  # on the command line, whatever the default
-    cfg.update({k: v for k, v in args.items() if v is not None or k not in cfg})
-    cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", args["preset"])
-    for k, kind in types.items():  # a preset's (or a user preset's) values: the flags' checks, and their form
-        if callable(kind) and cfg.get(k) is not None and k in from_preset:
-            try:
-                cfg[k] = kind(cfg[k])
-            except argparse.ArgumentTypeError as e:
-                fail(f"preset '{args['preset']}': {k}: {e}")
-    return cfg, given
-
-
-# ----------------------------------------------------------------------------
-# 2. Distributed. The run is distributed only when torchrun set RANK, LOCAL_RANK
-# and WORLD_SIZE; otherwise it is one process on the best device available.
-
-def setup_distributed(timeout_min=120):
-    """Returns (rank, local_rank, world_size, device). Works under plain python
-    and torchrun, with gloo on CPU and nccl on CUDA. The collective timeout is long
-    (--dist_timeout_min): real waits are long, e.g. 01's last barrier after hours of
-    uneven shard work; torch's default (10 min on NCCL) would kill those jobs."""
-    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world = int(os.environ["WORLD_SIZE"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
-            backend = "nccl"
-        else:
-            device, backend = torch.device("cpu"), "gloo"
-        if not dist.is_initialized():
-            import datetime
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
-        print0(f"distributed: {world} process(es), backend {backend}, collective timeout {timeout_min} min")
-        return rank, local_rank, world, device
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return 0, 0, 1, device
-
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*args, **kwargs):
-    if is_main():
-        print(*args, **kwargs, flush=True)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def cleanup():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-PREEMPTED = 75  # exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (sysexits' EX_TEMPFAIL: try again)
-
-
-class StopSignal:
-    """SIGTERM and SIGUSR1, what a scheduler sends before it kills a job (SLURM: preemption,
-    `--signal=USR1@900` before the time limit), ask a training loop to stop. Installed
-    before the models load, so a signal during the set-up stops the run after its first
-    step. The step in progress finishes (Python runs the handler between operations);
-    every rank's `vote()` goes into one all-reduce after every step, so all ranks see the
-    request at the same step, write the checkpoint together, and none is left waiting at
-    a collective the others skipped. `exit()` then leaves
-    <run>/preempted.json for a requeue script and exits with PREEMPTED. run_dir None
-    (sizing mode): no handler, and nothing is touched."""
-
-    def __init__(self, run_dir):
-        self.got, self.said, self.old = None, False, {}
-        self.marker = run_dir and os.path.join(run_dir, "preempted.json")
-        if run_dir and threading.current_thread() is threading.main_thread():
-            self.old = {s: signal.signal(s, self._catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        if run_dir and is_main() and os.path.isfile(self.marker):  # the marker describes the last stop only
-            os.remove(self.marker)
-
-    def _catch(self, signum, frame):  # no I/O here: a handler that writes while the loop writes can raise
-        self.got = signal.Signals(signum).name
-
-    def vote(self, device):
-        """This rank's request (1.0 after a signal), to be averaged over the ranks with the
-        step's statistics (03, 04: no collective of its own); any rank's makes the mean > 0."""
-        if self.got and not self.said:
-            print(f"{self.got}: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
-            self.said = True
-        return torch.tensor(float(self.got is not None), device=device)
-
-    def requested(self, device):
-        """The vote alone, for a loop that reduces nothing else (02's phase 1)."""
-        return all_reduce_mean(self.vote(device)).item() > 0
-
-    def restore(self):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-        self.old = {}
-
-    def exit(self, step):
-        """After the checkpoint of `step`, on every rank: the marker, then cleanup's barrier,
-        so that no rank exits (and makes torchrun stop the others) before rank 0 has written."""
-        if is_main():
-            save_json(dict(step=step, signal=self.got or "on another rank", exit_status=PREEMPTED), self.marker)
-        print0(f"stopped by a signal at step {step}, checkpoint written; exit status {PREEMPTED}: "
-               f"rerun the same command with --resume to continue ({self.marker})")
-        cleanup()
-        self.restore()
-        sys.exit(PREEMPTED)
-
-
-def autocast(device, dtype):
-    """One --dtype flag for autocast: float32 means no autocast."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-# ----------------------------------------------------------------------------
-# 3. Files. Every write goes to a temporary name first and is renamed when
-# complete, so a killed run never leaves a file that a resume would trust.
-
-def fail(msg):
-    """Stop with a one-line cause (no traceback): bad input, not a bug. Quoted
-    exception text is folded onto that line and cut at 600 characters."""
-    msg = " ".join(str(msg).split())
-    raise SystemExit(f"error: {msg[:600]}" + ("..." if len(msg) > 600 else ""))
-
-
-@contextmanager
-def or_fail(what, remedy=None, errors=Exception):
-    """Reading an input: an error inside the block (a missing, truncated or corrupt
-    file, a folder where a file goes, or a file of another kind) stops the run with one
-    line, `what: the cause; remedy`. A missing package or an exhausted device is not the
-    input's fault: it passes."""
-    try:
-        yield
-    except (ImportError, MemoryError, torch.OutOfMemoryError):
-        raise
-    except errors as e:  # what the reader raised: the block holds the read, not the computation
-        cause = {FileNotFoundError: "not found", IsADirectoryError: "a folder, not a file",
-                 NotADirectoryError: "a path through a file"}.get(type(e), f"{type(e).__name__}: {e}")
-        fail(f"{what}: {cause}" + (f"; {remedy}" if remedy else ""))
-
-
-def atomic(path, write):
-    """write(tmp), then rename tmp to path: a file (or folder) appears whole or not at
-    all, so a killed run never leaves a half-written one that a resume would trust."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def save_text(text, path):
-    return atomic(path, lambda f: pathlib.Path(f).write_text(text))
-
-
-def save_json(obj, path):
-    return save_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
-
-
-def to_uint8(img):
-    """[-1, 1] float images (B, 3, H, W) -> uint8 (B, H, W, 3)."""
-    img = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return img.permute(0, 2, 3, 1).numpy()
-
-
-def save_image_grid(images, path, ncol=8, scale=None, pad=1):
-    """Write a PNG grid of (B, 3, H, W) images in [-1, 1], row-major, atomically. `scale`
-    enlarges small images with nearest-neighbour (default: to at least 64 px, so that
-    toy grids are legible)."""
-    from PIL import Image
-    imgs = to_uint8(images)
-    b, h, w, _ = imgs.shape
-    scale = scale or max(1, 64 // w)
-    nrow = math.ceil(b / ncol)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(b):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = imgs[i]
-    im = Image.fromarray(grid)
-    if scale != 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    return atomic(path, lambda f: im.save(f, format="PNG"))
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def folder_fingerprint(folder, parts, chunks=64, chunk=1 << 16):
-    """sha256 of the files under `parts` (sub-folders or files) of a model folder that a
-    plain from_pretrained reads: each one's relative name and size, the whole of each
-    small file (configs, tokenizers), and 64 evenly spaced 64-KiB reads of each large one
-    (weights). Weight variants (name.fp16.safetensors), other formats' weights and
-    hidden files are left out. A retraining changes every tensor and so this; an edit
-    of a few tensors of a multi-GB file can fall between the reads."""
-    h = hashlib.sha256()
-    paths = []
-    for part in sorted(parts):
-        top = os.path.join(folder, part)
-        paths += [top] if os.path.isfile(top) else \
-            sorted(os.path.join(r, n) for r, _, files in os.walk(top) for n in files)
-    for path in paths:
-        name = os.path.basename(path)
-        if name.startswith(".") or (name.endswith((".safetensors", ".bin")) and name.count(".") > 1) or \
-                (name.endswith(".bin") and any(f.endswith(".safetensors") for f in os.listdir(os.path.dirname(path)))):
-            continue
-        size = os.path.getsize(path)
-        h.update(f"{os.path.relpath(path, folder).replace(os.sep, '/')}:{size}".encode())
-        with open(path, "rb") as f:
-            if size <= chunks * chunk:
-                h.update(f.read())
-                continue
-            for i in range(chunks):
-                f.seek((size - chunk) * i // (chunks - 1))
-                h.update(f.read(chunk))
-    return h.hexdigest()
-
-
-def load_image(path, size):
-    """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
-    from PIL import Image
-    with or_fail(f"image '{path}' is unreadable", "replace or remove it"):  # not an image, truncated, or missing
-        im = Image.open(path).convert("RGB")
-    s = size / min(im.size)
-    im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
-    l, t = (im.width - size) // 2, (im.height - size) // 2
-    im = im.crop((l, t, l + size, t + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
-# ----------------------------------------------------------------------------
-# 4. The toy world: 10 classes of anti-aliased shapes on 16x16 RGB. Within a
-# class, the colour, background, position and size vary and are all set by the
-# image's seed, so the noise-to-image map of a teacher has real structure.
-
-def _toy_sdf(cls, px, py, r):
-    """Signed distance (negative inside) of each class's shape, centred at 0."""
-    ax, ay = px.abs(), py.abs()
-    if cls == 0:
-        return (px ** 2 + py ** 2).sqrt() - r
-    if cls == 1:
-        return torch.maximum(ax, ay) - 0.85 * r
-    if cls == 2:  # triangle (apex down: image rows grow downward)
-        return torch.maximum(0.866 * ax + 0.5 * py, -py) - 0.5 * r
-    if cls == 3:
-        w = 0.32 * r
-        return torch.minimum(torch.maximum(ax - r, ay - w), torch.maximum(ax - w, ay - r))
-    if cls == 4:
-        return ((px ** 2 + py ** 2).sqrt() - 0.75 * r).abs() - 0.28 * r
-    if cls == 5:
-        return torch.maximum(ax - r, ay - 0.32 * r)
-    if cls == 6:
-        return torch.maximum(ax - 0.32 * r, ay - r)
-    if cls == 7:
-        return ax + ay - 1.1 * r
-    if cls == 8:  # diagonal cross: the plus rotated by 45 degrees
-        u, v = (px + py) * 0.7071, (px - py) * 0.7071
-        return _toy_sdf(3, u, v, 1.05 * r)
-    if cls == 9:  # hollow square
-        return (torch.maximum(ax, ay) - 0.75 * r).abs() - 0.22 * r
-    raise ValueError(cls)
-
-
-def toy_images(seeds, labels=None, resolution=16, supersample=4):
-    """Deterministic toy images in [-1, 1], one per seed: (B, 3, R, R) and labels.
-    Everything about image i is drawn from torch.Generator().manual_seed(seeds[i])."""
-    seeds = [int(s) for s in seeds]
-    n, S = len(seeds), resolution * supersample
-    params = torch.empty(n, 11)
-    out_labels = torch.empty(n, dtype=torch.long)
-    for i, s in enumerate(seeds):
-        g = torch.Generator().manual_seed(s)
-        out_labels[i] = torch.randint(10, (1,), generator=g) if labels is None else int(labels[i])
-        params[i] = torch.rand(11, generator=g)
-    r = (0.22 + 0.16 * params[:, 0]) * S  # half-size: 3.5..6 px at 16x16
-    cx = S / 2 + (params[:, 1] - 0.5) * (S - 2.2 * r)
-    cy = S / 2 + (params[:, 2] - 0.5) * (S - 2.2 * r)
-    hue = params[:, 3:4]
-    fg = _hsv_to_rgb(hue, 0.6 + 0.4 * params[:, 4:5], 0.75 + 0.25 * params[:, 5:6])
-    bg = _hsv_to_rgb(params[:, 6:7], 0.3 * params[:, 7:8], 0.1 + 0.25 * params[:, 8:9])
-    return _render(out_labels, r, cx, cy, fg, bg, resolution, supersample), out_labels
-
-
-def _render(labels, r, cx, cy, fg, bg, resolution, supersample):
-    """Shape labels[i] of half-size r, centred at (cx, cy) (supersampled pixels), in
-    colour fg on bg: (B, 3, R, R) in [-1, 1], anti-aliased by area coverage."""
-    S = resolution * supersample
-    coords = torch.arange(S, dtype=torch.float32) + 0.5
-    imgs = torch.empty(len(labels), 3, resolution, resolution)
-    for cls in labels.unique().tolist():  # all images of a class at once (elementwise: the same numbers)
-        i = (labels == cls).nonzero()[:, 0]
-        px = coords[None, None, :] - cx[i, None, None]
-        py = coords[None, :, None] - cy[i, None, None]
-        inside = (_toy_sdf(cls, px, py, r[i, None, None]) < 0).float()
-        mask = F.avg_pool2d(inside[:, None], supersample)  # anti-aliased coverage
-        imgs[i] = mask * fg[i][:, :, None, None] + (1 - mask) * bg[i][:, :, None, None]
-    return imgs * 2 - 1
-
-
-# toy_sd's captioned world: the same shapes at 32x32, every attribute discrete and named
-TOY_SCENE = dict(shape=("circle", "square", "triangle", "plus", "ring", "horizontal bar", "vertical bar", "diamond", "cross",
-                        "hollow square"),
-                 colour=("red", "yellow", "green", "cyan", "blue", "magenta"), background=("black", "grey", "white"),
-                 size=("small", "large"), place=("top left", "top right", "bottom left", "bottom right", "in the centre"))
-
-
-def toy_scene(seeds, resolution=32, supersample=4):
-    """The toy_sd world: image i, its caption and its attributes (B, 5: the index of
-    each TOY_SCENE entry), all drawn from torch.Generator().manual_seed(seeds[i]),
-    e.g. "a small red triangle on a grey background top left"."""
-    n, S = len(seeds), resolution * supersample
-    a, jit = torch.empty(n, 5, dtype=torch.long), torch.empty(n, 4)
-    for i, s in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(s))
-        a[i] = torch.cat([torch.randint(len(v), (1,), generator=g) for v in TOY_SCENE.values()])
-        jit[i] = torch.rand(4, generator=g) - 0.5
-    r = (0.16 + 0.11 * a[:, 3] + 0.03 * jit[:, 0]) * S  # half-size: small 4.6-5.6 px, large 8.1-9.1 px at 32
-    place = a[:, 4]
-    cx = torch.where(place % 2 == 0, 1.15 * r, S - 1.15 * r) + jit[:, 1] * 0.04 * S
-    cy = torch.where(place < 2, 1.15 * r, S - 1.15 * r) + jit[:, 2] * 0.04 * S
-    cx, cy = (torch.where(place == 4, S / 2 + j * 0.06 * S, c) for c, j in ((cx, jit[:, 1]), (cy, jit[:, 2])))
-    fg = _hsv_to_rgb((a[:, 1:2] + 0.25 * jit[:, 3:4]) / 6, 0.85, 0.95)
-    bg = _hsv_to_rgb(torch.zeros(n, 1), 0.0, torch.tensor([0.08, 0.45, 0.88])[a[:, 2]][:, None])
-    captions = [f"a {T['size'][sz]} {T['colour'][c]} {T['shape'][k]} on a {T['background'][b]} background {T['place'][p]}"
-                for T in [TOY_SCENE] for k, c, b, sz, p in a.tolist()]
-    return _render(a[:, 0], r, cx, cy, fg, bg, resolution, supersample), captions, a
-
-
-def _hsv_to_rgb(h, s, v):
-    k = torch.tensor([5.0, 3.0, 1.0])
-    t = (k + h * 6) % 6
-    return v - v * s * torch.clamp(torch.minimum(t, 4 - t), 0, 1)
-
-
-# ----------------------------------------------------------------------------
-# 5. EDM (Karras et al. 2022). The toy teacher is a diffusers UNet2DModel with
+# 1. EDM (Karras et al. 2022). The toy teacher is a diffusers UNet2DModel with
 # class embeddings wrapped in EDM's preconditioning, so the same discriminator
 # wrapper (§3.3) serves it and SD's UNet2DConditionModel.
 
@@ -802,7 +273,7 @@ def load_teacher(cfg, device, dtype=None):
 
 
 # ----------------------------------------------------------------------------
-# 6. Latent diffusion teachers (SD1.5 / SDXL), built from diffusers' own pipeline:
+# 2. Latent diffusion teachers (SD1.5 / SDXL), built from diffusers' own pipeline:
 # its from_pretrained loads the parts and its encode_prompt builds the text
 # conditioning (one vs two text encoders, SDXL's pooled embedding and zero
 # negative). What stays ours is the DDIM + guidance loop (Eq. 1), which takes a
@@ -1025,64 +496,88 @@ class LDMTeacher:
 
 
 # ----------------------------------------------------------------------------
-# 7. Pairs on disk. Shard k holds pairs [k*S, (k+1)*S) as a .safetensors file
-# (x, seed, and label or prompts), written to a temporary name and renamed when
-# complete. manifest.json records what made them; stages 03-05 refuse pairs
-# whose manifest does not match the model they train.
+# 3. The student G(z, c) (Eq. 8): a trainable copy of the teacher network in the
+# data-prediction parameterisation; 03 trains it, 04 fine-tunes it, 05 samples it.
 
-MANIFEST_KEYS = ("preset", "family", "teacher", "solver", "nfe", "guidance", "z_shape", "x_shape",
-                 "pair_dtype", "num_pairs", "shard_size", "seed", "prompts", "cfg_range")  # z_shape holds the resolution
+class Student(nn.Module):
+    """G(z, c): a trainable copy of the teacher network in the data-prediction
+    parameterisation. EDM: G = D(sigma_max z; sigma_max, c). SD: Eq. 8.
+    With cfg_range the student also takes the guidance scale w through a
+    zero-initialised projection added to its time embedding (diffusers'
+    `time_embedding.cond_proj`), so at initialisation it is exactly the teacher's
+    one-step map for every w."""
+
+    W_DIM = 256
+
+    def __init__(self, teacher, cfg):
+        super().__init__()
+        self.family = teacher.family
+        if self.family == "edm":
+            self.net = teacher.trainable_copy().train().requires_grad_(True)
+            self.sigma_max = cfg["sigma_max"]
+            self.num_classes = teacher.num_classes
+        else:
+            self.net = teacher.trainable_copy().train().requires_grad_(True)  # Eq. 8 at fp32, not bf16-rounded
+            self.T, self.prediction_type = teacher.T, teacher.prediction_type
+            self.register_buffer("alpha_bar_T", teacher.alphas_cumprod[teacher.T].clone())
+        self.w_cond = bool(cfg.get("cfg_range"))
+        if self.w_cond:
+            if self.family == "edm" and teacher.kind != "toy":
+                fail("--cfg_range needs a teacher with an unconditional mode (toy, sd15, sdxl)")
+            unet = self.net.unet if self.family == "edm" else self.net
+            te = unet.time_embedding
+            te.cond_proj = nn.Linear(self.W_DIM, te.linear_1.in_features, bias=False)
+            nn.init.zeros_(te.cond_proj.weight)
+            if self.family == "ldm":  # a standard diffusers config: pipelines pass timestep_cond themselves
+                self.net.register_to_config(time_cond_proj_dim=self.W_DIM)
+            else:  # UNet2DModel calls time_embedding(t_emb) without a condition: supply it
+                te.register_forward_pre_hook(_w_condition_hook)  # reads the module's own w (EMA copies stay apart)
+        self._w_emb = None
+
+    def forward(self, z, cond, w=None):
+        if self.w_cond:
+            if w is None:
+                fail("this student is guidance-conditioned: pass the guidance scale w")
+            self._w_emb = guidance_embedding(torch.as_tensor(w, dtype=torch.float32, device=z.device).reshape(-1).expand(len(z)),
+                                             self.W_DIM)
+            (self.net.unet if self.family == "edm" else self.net).time_embedding._w_emb = self._w_emb
+        if self.family == "edm":
+            sigma = torch.full((len(z),), self.sigma_max, device=z.device)
+            if hasattr(self.net, "label_dim"):  # NVlabs network: one-hot labels
+                return self.net(z * self.sigma_max, sigma, F.one_hot(cond, self.net.label_dim).float()).float()
+            return self.net(z * self.sigma_max, sigma, cond)
+        dt = next(self.net.parameters()).dtype  # frozen encoders may emit bf16; outside autocast match our weights
+        extra = dict(timestep_cond=self._w_emb.to(dt)) if self.w_cond else {}
+        out = self.net(z.to(dt), self.T, **map_cond(lambda t: t.to(dt), cond), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
+        # in float32 even under bf16 autocast: 1 / alpha_T is about 13 at T = 981, and would magnify bf16's rounding too
+        return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T.float(), self.prediction_type)
 
 
-def shard_path(pairs_dir, k):
-    return os.path.join(pairs_dir, f"shard_{k:06d}.safetensors")
+def _w_condition_hook(module, args):
+    return (args[0], module._w_emb) if len(args) == 1 else None
 
 
-def check_manifest(found, expected, what):
-    """Refuse a mismatch and name every field that differs."""
-    as_json = lambda v: json.loads(json.dumps(v))  # a tuple of the config is a list in the manifest
-    diff = [f"{k}: found {found.get(k)!r}, expected {expected.get(k)!r}"
-            for k in MANIFEST_KEYS if k in expected and found.get(k) != as_json(expected.get(k))]
-    if diff:
-        fail(f"{what} was made by a different setup; " + "; ".join(diff))
+def student_cond(teacher, cond, device):
+    """Labels to the device, or prompts through the frozen text encoder(s)."""
+    if teacher.family == "edm":
+        return cond.to(device)
+    return teacher.encode_prompts(list(cond))
 
 
-def read_manifest(pairs_dir):
-    path = os.path.join(pairs_dir, "manifest.json")
-    if not os.path.isfile(path):
-        fail(f"no pairs at '{pairs_dir}' (manifest.json missing); run 01_make_pairs.py first")
-    with or_fail(f"'{path}' is corrupt", "delete the pairs folder and rerun 01_make_pairs.py"):
-        m = json.load(open(path))
-        m["num_pairs"], m["shard_size"], m["guidance"], m["num_steps"]  # the fields every reader needs
-    return m
-
-
-def open_shard(path, expected_count=None, what="pair shard", remedy="rerun 01_make_pairs.py to regenerate it"):
-    """Open a shard memory-mapped; a corrupt or truncated shard stops the run."""
-    from safetensors import safe_open
-    with or_fail(f"corrupt {what} '{path}'", f"delete it and {remedy}"):
-        f = safe_open(path, framework="pt")
-        n = f.get_slice("x").get_shape()[0]
-    if expected_count is not None and n != expected_count:
-        fail(f"{what} '{path}' holds {n} items, expected {expected_count}; delete it and {remedy}")
-    return f
-
-
-def load_shard(path, expected_count=None, **kw):
-    f = open_shard(path, expected_count, **kw)
-    out = {k: f.get_tensor(k) for k in f.keys()}
-    meta = f.metadata() or {}
-    if "prompts" in meta:
-        out["prompts"] = json.loads(meta["prompts"])
-    return out
+def map_cond(fn, *conds):
+    """fn applied leaf by leaf to one or more conditions of the same shape: a label
+    tensor, or the U-Net's (nested) kwargs dict, e.g. map_cond(lambda t: t[:n], c)."""
+    if isinstance(conds[0], dict):
+        return {k: map_cond(fn, *(c[k] for c in conds)) for k in conds[0]}
+    return fn(*conds)
 
 
 # ----------------------------------------------------------------------------
-# 8. LatentLPIPS, E-LatentLPIPS and the regression loss d of Eq. 1 (§3.2, App. B).
-# F is VGG16-bn (torchvision's `features` layout, 44 modules) whose input conv
-# takes the space's channels and whose first three max-pools are Identity. Its
-# five taps end the five conv stages (each slice ends where a pool sits), as in
-# the official E-LatentLPIPS checkpoints, so those load by renaming keys only.
+# 4. LatentLPIPS (§3.2, App. B). F is VGG16-bn (torchvision's `features` layout,
+# 44 modules) whose input conv takes the space's channels and whose first three
+# max-pools are Identity. Its five taps end the five conv stages (each slice ends
+# where a pool sits), as in the official E-LatentLPIPS checkpoints, so those load
+# by renaming keys only.
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 VGG_SLICES = (0, 7, 14, 24, 34, 44)  # features[a:b] for the 5 taps
@@ -1226,6 +721,10 @@ def map_official_lpips(sd):
     return out
 
 
+# ----------------------------------------------------------------------------
+# 5. The augmentation T of E-LatentLPIPS (Eq. 3): the official E-LatentLPIPS
+# port of StyleGAN2-ADA's differentiable augmentation, applied alike to both inputs.
+
 class Augment(nn.Module):
     """T in Eq. 3: one random differentiable augmentation per call, applied
     identically to both inputs. The distributions are the official E-LatentLPIPS
@@ -1329,7 +828,10 @@ def augment_letters(spec):
     return letters + ("o" if extra else "")
 
 
-AUGMENT = checked_type(str, augment_letters, "the letters b, g, c, o (o = cutout), e.g. bgco, or bg+cutout / bgc+cutout", "bgx")
+# ----------------------------------------------------------------------------
+# 6. The regression loss d of Eq. 1: one row of LOSSES per --loss name (Table 1),
+# and the LPIPS network it reads.
+
 def _pixel_lpips(L, a, b):
     """Decode to pixels (SD; differentiable, unclamped), resize if asked, then pixel LPIPS."""
     pa, pb = (L.decode(a), L.decode(b)) if L.decode is not None else (a, b)
@@ -1351,16 +853,6 @@ LOSSES = {
     "huber": (lambda L, a, b: ((a - b).pow(2).sum((1, 2, 3)) + (0.00054 * math.sqrt(a[0].numel())) ** 2).sqrt()
               - 0.00054 * math.sqrt(a[0].numel()), None),  # Pseudo-Huber (iCT), c = 0.00054 sqrt(dim)
 }
-LOSS = checked_type(str, lambda s: s.removesuffix("+l1") in LOSSES, "a name in common.LOSSES, with an optional +l1", "l2")
-# the regression term's flags, in 03 and in 04, whose G loss starts from the stage-1 student's values of
-# these (and of --lpips_ckpt) unless given; a fork's flag for its own LOSSES row goes here (docs/forking.md)
-LOSS_FLAGS = [
-    ("loss", None, LOSS, "d in Eq. 1 (Table A1: elatent; SD-CFG-3 elatent+latent; CIFAR10 lpips); 04 takes the stage-1 student's unless given"),
-    ("lpips_augment", None, AUGMENT, "E-LatentLPIPS augmentation T (Eq. 3): letters b, g, c, o (cutout), or bg+cutout; "
-                                     "04 takes the stage-1 student's unless given"),
-]
-
-
 class RegressionLoss(nn.Module):
     """d(G(z, c), x) of Eq. 1 for every --loss mode (LOSSES); returns one value per sample.
       elatent+latent    E-LatentLPIPS* (Table A1, "the ensemble"): the sum of both
@@ -1429,84 +921,611 @@ def load_pixel_lpips(device):
 
 
 # ----------------------------------------------------------------------------
-# 9. The student G(z, c) (Eq. 8): a trainable copy of the teacher network in the
-# data-prediction parameterisation; 03 trains it, 04 fine-tunes it, 05 samples it.
+# 7. The toy world: 10 classes of anti-aliased shapes on 16x16 RGB. Within a
+# class, the colour, background, position and size vary and are all set by the
+# image's seed, so the noise-to-image map of a teacher has real structure.
 
-class Student(nn.Module):
-    """G(z, c): a trainable copy of the teacher network in the data-prediction
-    parameterisation. EDM: G = D(sigma_max z; sigma_max, c). SD: Eq. 8.
-    With cfg_range the student also takes the guidance scale w through a
-    zero-initialised projection added to its time embedding (diffusers'
-    `time_embedding.cond_proj`), so at initialisation it is exactly the teacher's
-    one-step map for every w."""
-
-    W_DIM = 256
-
-    def __init__(self, teacher, cfg):
-        super().__init__()
-        self.family = teacher.family
-        if self.family == "edm":
-            self.net = teacher.trainable_copy().train().requires_grad_(True)
-            self.sigma_max = cfg["sigma_max"]
-            self.num_classes = teacher.num_classes
-        else:
-            self.net = teacher.trainable_copy().train().requires_grad_(True)  # Eq. 8 at fp32, not bf16-rounded
-            self.T, self.prediction_type = teacher.T, teacher.prediction_type
-            self.register_buffer("alpha_bar_T", teacher.alphas_cumprod[teacher.T].clone())
-        self.w_cond = bool(cfg.get("cfg_range"))
-        if self.w_cond:
-            if self.family == "edm" and teacher.kind != "toy":
-                fail("--cfg_range needs a teacher with an unconditional mode (toy, sd15, sdxl)")
-            unet = self.net.unet if self.family == "edm" else self.net
-            te = unet.time_embedding
-            te.cond_proj = nn.Linear(self.W_DIM, te.linear_1.in_features, bias=False)
-            nn.init.zeros_(te.cond_proj.weight)
-            if self.family == "ldm":  # a standard diffusers config: pipelines pass timestep_cond themselves
-                self.net.register_to_config(time_cond_proj_dim=self.W_DIM)
-            else:  # UNet2DModel calls time_embedding(t_emb) without a condition: supply it
-                te.register_forward_pre_hook(_w_condition_hook)  # reads the module's own w (EMA copies stay apart)
-        self._w_emb = None
-
-    def forward(self, z, cond, w=None):
-        if self.w_cond:
-            if w is None:
-                fail("this student is guidance-conditioned: pass the guidance scale w")
-            self._w_emb = guidance_embedding(torch.as_tensor(w, dtype=torch.float32, device=z.device).reshape(-1).expand(len(z)),
-                                             self.W_DIM)
-            (self.net.unet if self.family == "edm" else self.net).time_embedding._w_emb = self._w_emb
-        if self.family == "edm":
-            sigma = torch.full((len(z),), self.sigma_max, device=z.device)
-            if hasattr(self.net, "label_dim"):  # NVlabs network: one-hot labels
-                return self.net(z * self.sigma_max, sigma, F.one_hot(cond, self.net.label_dim).float()).float()
-            return self.net(z * self.sigma_max, sigma, cond)
-        dt = next(self.net.parameters()).dtype  # frozen encoders may emit bf16; outside autocast match our weights
-        extra = dict(timestep_cond=self._w_emb.to(dt)) if self.w_cond else {}
-        out = self.net(z.to(dt), self.T, **map_cond(lambda t: t.to(dt), cond), **extra).sample  # Eq. 8, T = the teacher's first DDIM step
-        # in float32 even under bf16 autocast: 1 / alpha_T is about 13 at T = 981, and would magnify bf16's rounding too
-        return x0_from_model_output(out.float(), z.float(), self.alpha_bar_T.float(), self.prediction_type)
+def _toy_sdf(cls, px, py, r):
+    """Signed distance (negative inside) of each class's shape, centred at 0."""
+    ax, ay = px.abs(), py.abs()
+    if cls == 0:
+        return (px ** 2 + py ** 2).sqrt() - r
+    if cls == 1:
+        return torch.maximum(ax, ay) - 0.85 * r
+    if cls == 2:  # triangle (apex down: image rows grow downward)
+        return torch.maximum(0.866 * ax + 0.5 * py, -py) - 0.5 * r
+    if cls == 3:
+        w = 0.32 * r
+        return torch.minimum(torch.maximum(ax - r, ay - w), torch.maximum(ax - w, ay - r))
+    if cls == 4:
+        return ((px ** 2 + py ** 2).sqrt() - 0.75 * r).abs() - 0.28 * r
+    if cls == 5:
+        return torch.maximum(ax - r, ay - 0.32 * r)
+    if cls == 6:
+        return torch.maximum(ax - 0.32 * r, ay - r)
+    if cls == 7:
+        return ax + ay - 1.1 * r
+    if cls == 8:  # diagonal cross: the plus rotated by 45 degrees
+        u, v = (px + py) * 0.7071, (px - py) * 0.7071
+        return _toy_sdf(3, u, v, 1.05 * r)
+    if cls == 9:  # hollow square
+        return (torch.maximum(ax, ay) - 0.75 * r).abs() - 0.22 * r
+    raise ValueError(cls)
 
 
-def _w_condition_hook(module, args):
-    return (args[0], module._w_emb) if len(args) == 1 else None
+def toy_images(seeds, labels=None, resolution=16, supersample=4):
+    """Deterministic toy images in [-1, 1], one per seed: (B, 3, R, R) and labels.
+    Everything about image i is drawn from torch.Generator().manual_seed(seeds[i])."""
+    seeds = [int(s) for s in seeds]
+    n, S = len(seeds), resolution * supersample
+    params = torch.empty(n, 11)
+    out_labels = torch.empty(n, dtype=torch.long)
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s)
+        out_labels[i] = torch.randint(10, (1,), generator=g) if labels is None else int(labels[i])
+        params[i] = torch.rand(11, generator=g)
+    r = (0.22 + 0.16 * params[:, 0]) * S  # half-size: 3.5..6 px at 16x16
+    cx = S / 2 + (params[:, 1] - 0.5) * (S - 2.2 * r)
+    cy = S / 2 + (params[:, 2] - 0.5) * (S - 2.2 * r)
+    hue = params[:, 3:4]
+    fg = _hsv_to_rgb(hue, 0.6 + 0.4 * params[:, 4:5], 0.75 + 0.25 * params[:, 5:6])
+    bg = _hsv_to_rgb(params[:, 6:7], 0.3 * params[:, 7:8], 0.1 + 0.25 * params[:, 8:9])
+    return _render(out_labels, r, cx, cy, fg, bg, resolution, supersample), out_labels
 
 
-def student_cond(teacher, cond, device):
-    """Labels to the device, or prompts through the frozen text encoder(s)."""
-    if teacher.family == "edm":
-        return cond.to(device)
-    return teacher.encode_prompts(list(cond))
+def _render(labels, r, cx, cy, fg, bg, resolution, supersample):
+    """Shape labels[i] of half-size r, centred at (cx, cy) (supersampled pixels), in
+    colour fg on bg: (B, 3, R, R) in [-1, 1], anti-aliased by area coverage."""
+    S = resolution * supersample
+    coords = torch.arange(S, dtype=torch.float32) + 0.5
+    imgs = torch.empty(len(labels), 3, resolution, resolution)
+    for cls in labels.unique().tolist():  # all images of a class at once (elementwise: the same numbers)
+        i = (labels == cls).nonzero()[:, 0]
+        px = coords[None, None, :] - cx[i, None, None]
+        py = coords[None, :, None] - cy[i, None, None]
+        inside = (_toy_sdf(cls, px, py, r[i, None, None]) < 0).float()
+        mask = F.avg_pool2d(inside[:, None], supersample)  # anti-aliased coverage
+        imgs[i] = mask * fg[i][:, :, None, None] + (1 - mask) * bg[i][:, :, None, None]
+    return imgs * 2 - 1
 
 
-def map_cond(fn, *conds):
-    """fn applied leaf by leaf to one or more conditions of the same shape: a label
-    tensor, or the U-Net's (nested) kwargs dict, e.g. map_cond(lambda t: t[:n], c)."""
-    if isinstance(conds[0], dict):
-        return {k: map_cond(fn, *(c[k] for c in conds)) for k in conds[0]}
-    return fn(*conds)
+# toy_sd's captioned world: the same shapes at 32x32, every attribute discrete and named
+TOY_SCENE = dict(shape=("circle", "square", "triangle", "plus", "ring", "horizontal bar", "vertical bar", "diamond", "cross",
+                        "hollow square"),
+                 colour=("red", "yellow", "green", "cyan", "blue", "magenta"), background=("black", "grey", "white"),
+                 size=("small", "large"), place=("top left", "top right", "bottom left", "bottom right", "in the centre"))
+
+
+def toy_scene(seeds, resolution=32, supersample=4):
+    """The toy_sd world: image i, its caption and its attributes (B, 5: the index of
+    each TOY_SCENE entry), all drawn from torch.Generator().manual_seed(seeds[i]),
+    e.g. "a small red triangle on a grey background top left"."""
+    n, S = len(seeds), resolution * supersample
+    a, jit = torch.empty(n, 5, dtype=torch.long), torch.empty(n, 4)
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(s))
+        a[i] = torch.cat([torch.randint(len(v), (1,), generator=g) for v in TOY_SCENE.values()])
+        jit[i] = torch.rand(4, generator=g) - 0.5
+    r = (0.16 + 0.11 * a[:, 3] + 0.03 * jit[:, 0]) * S  # half-size: small 4.6-5.6 px, large 8.1-9.1 px at 32
+    place = a[:, 4]
+    cx = torch.where(place % 2 == 0, 1.15 * r, S - 1.15 * r) + jit[:, 1] * 0.04 * S
+    cy = torch.where(place < 2, 1.15 * r, S - 1.15 * r) + jit[:, 2] * 0.04 * S
+    cx, cy = (torch.where(place == 4, S / 2 + j * 0.06 * S, c) for c, j in ((cx, jit[:, 1]), (cy, jit[:, 2])))
+    fg = _hsv_to_rgb((a[:, 1:2] + 0.25 * jit[:, 3:4]) / 6, 0.85, 0.95)
+    bg = _hsv_to_rgb(torch.zeros(n, 1), 0.0, torch.tensor([0.08, 0.45, 0.88])[a[:, 2]][:, None])
+    captions = [f"a {T['size'][sz]} {T['colour'][c]} {T['shape'][k]} on a {T['background'][b]} background {T['place'][p]}"
+                for T in [TOY_SCENE] for k, c, b, sz, p in a.tolist()]
+    return _render(a[:, 0], r, cx, cy, fg, bg, resolution, supersample), captions, a
+
+
+def _hsv_to_rgb(h, s, v):
+    k = torch.tensor([5.0, 3.0, 1.0])
+    t = (k + h * 6) % 6
+    return v - v * s * torch.clamp(torch.minimum(t, 4 - t), 0, 1)
+
+
+# ============================================================================
+# The machinery. Above: the method (models, losses, the worlds they are tested on).
+# Below: what runs it (Table A1's presets and the flags, processes, files, pairs on
+# disk, the training loop, timing).
+# ============================================================================
 
 
 # ----------------------------------------------------------------------------
-# 10. Training helpers shared by 03 (stage 1) and 04 (stage 2).
+# 8. Presets and configuration. Paper values come from Table A1; the toy preset is
+# scaled down to what runs in minutes on 2 CPU cores. A script's flags override
+# the preset keys it reads (parse_config); 03 and 04 add their stage's row.
+
+PRESETS = {
+    "toy": dict(
+        family="edm", arch="toy", teacher=os.path.join(REPO, "assets", "toy_teacher.safetensors"),
+        resolution=16, channels=3, num_classes=10,
+        num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
+        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32", teacher_dtype="float32",
+        # toy LatentLPIPS: a quarter-width VGG16-bn; on a 16x16 space only 2 pools are
+        # removed (taps at 16, 16, 8, 4, 2 px), as 3 would cost 2.4x for no gain here
+        lpips_width=0.25, lpips_pools_removed=2, cls_steps=300, cls_batch=64, cls_lr=2e-3,
+        loss="elatent", lpips_augment="bgc+cutout", data="toy", teacher_steps=4000, teacher_batch=128,
+    ),
+    # the latent-diffusion path on a laptop: a tiny SD1.5-layout text-to-image model of
+    # the captioned toy world (toy_scene), trained by `01 --preset toy_sd --train_teacher`
+    "toy_sd": dict(
+        family="ldm", arch="sd15", data="toy", teacher=os.path.join(REPO, "assets", "toy_sd"),
+        prompts=os.path.join(REPO, "assets", "toy_sd", "prompts.txt"),
+        resolution=32, channels=4, num_classes=0, num_steps=50, guidance=3.0, protocol="toy",
+        num_pairs=2048, shard_size=512, batch_per_device=256, pair_dtype="float32", dtype="float32", teacher_dtype="float32",
+        # the paper's 3 pools removed: taps at 8, 8, 8, 4, 2; 600 steps, as the 5 attribute heads slow the shape's to 46% at 300
+        lpips_width=0.25, lpips_pools_removed=3, cls_steps=600, cls_batch=64, cls_lr=2e-3,
+        loss="elatent", lpips_augment="bgc+cutout", teacher_steps=6000, teacher_batch=128, vae_steps=2000,
+        stage_row="toy_sd",  # 03/04's rows (also for a user's copy of this preset, whose arch is sd15's)
+    ),
+    "cifar10": dict(
+        family="edm", arch="cifar10", teacher=None,  # the official NVlabs EDM pickle, e.g. edm-cifar10-32x32-cond-vp.pkl
+        resolution=32, channels=3, num_classes=10,
+        num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.0,
+        num_pairs=1_000_000, shard_size=10_000, batch_per_device=512, pair_dtype="float32", dtype="bfloat16",
+        teacher_dtype="float32",  # 01's pairs and 05's teacher row: EDM's generate.py runs its CIFAR10 networks in float32
+        lpips_width=1.0, lpips_pools_removed=0, cls_steps=100_000, cls_batch=256, cls_lr=1e-3,
+        loss="lpips", lpips_augment=None,  # Table A1: LPIPS in pixels, no augmentation
+        lpips_resize=224,  # 32 px upsampled (bilinear) before LPIPS, as Consistency Models do: VGG's deepest taps are 2x2 at 32
+    ),
+    "sd15": dict(
+        family="ldm", arch="sd15", teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        resolution=512, channels=4, num_classes=0,
+        num_steps=50, guidance=3.0, protocol="coco2014",  # SD-CFG-3 (SD-CFG-8 is its own preset below); Table 3
+        num_pairs=3_000_000, shard_size=1000, batch_per_device=32, pair_dtype="float16", dtype="bfloat16",
+        teacher_dtype="float16",  # 01's pairs and 05's teacher row: fp16 weights, SD's usual inference precision (docs/design.md)
+        lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
+        loss="elatent+latent", lpips_augment="bg+cutout",  # Table A1, SD-CFG-3 (E-LatentLPIPS*)
+    ),
+    "sdxl": dict(
+        family="ldm", arch="sdxl", teacher="stabilityai/stable-diffusion-xl-base-1.0",
+        resolution=1024, channels=4, num_classes=0,
+        num_steps=50, guidance=7.0, protocol="coco2017",  # SDXL-CFG-7; Table 5
+        num_pairs=8_000_000, shard_size=1000, batch_per_device=8, pair_dtype="float16", dtype="bfloat16", teacher_dtype="float16",
+        lpips_width=1.0, lpips_pools_removed=3, cls_steps=500_000, cls_batch=256, cls_lr=1e-3,
+        loss="elatent", lpips_augment="bgc+cutout",  # Table A1, SDXL-CFG-7
+    ),
+}
+
+
+# SD-CFG-8 (Table A1) differs from SD-CFG-3 in more than the guidance: plain
+# E-LatentLPIPS with colour augmentation, 12M pairs (its stage tables: 03, 04).
+PRESETS["sd15_cfg8"] = dict(PRESETS["sd15"], guidance=8.0, num_pairs=12_000_000, loss="elatent", lpips_augment="bgc+cutout")
+# Code checks a preset's `family` (edm | ldm), `arch` (toy | cifar10 | sd15 | sdxl) and `data`
+# (toy: a built-in world, no dataset), never its name, so a user's new preset (a copy with
+# other values) works everywhere.
+
+
+def get_preset(name):
+    return dict(PRESETS[name])
+
+
+def checked_type(kind, ok, what, bad):
+    """An argparse type that also checks a preset's values: kind(v), then ok(x).
+    `bad` is a value it refuses (the tests feed it to every flag of this type)."""
+    def parse(v):
+        try:
+            x = kind(v)
+            good = ok(x)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v!r}")
+        return x
+    parse.__name__, parse.bad = what, bad
+    return parse
+
+
+def two_floats(s):
+    """'A,B' (or a preset's pair) -> (A, B)."""
+    a, b = (float(v) for v in (s.split(",") if isinstance(s, str) else s))
+    return a, b
+
+
+INT_POS = checked_type(int, lambda x: x > 0, "positive (an integer > 0)", "0")
+INT_NONNEG = checked_type(int, lambda x: x >= 0, "an integer >= 0", "-1")
+NONNEG = checked_type(float, lambda x: x >= 0, "a number >= 0", "-1")
+FRACTION = checked_type(float, lambda x: 0 <= x <= 1, "a number in [0, 1]", "1.5")
+BETAS = checked_type(two_floats, lambda t: all(0 <= b < 1 for b in t), "'B1,B2' with 0 <= B < 1", "0.9")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def lr_schedule(v):
+    """A learning rate as Table A1 writes it: 'START,END' (cosine decay, e.g. 1e-4,1e-5) or one
+    constant rate; a preset gives a number or a (start, end) pair. Returns (start, end)."""
+    a = [float(x) for x in (v.split(",") if isinstance(v, str) else v if isinstance(v, (tuple, list)) else [v])]
+    if len(a) not in (1, 2):
+        raise ValueError(v)
+    return a[0], a[-1]
+
+
+LR = checked_type(lr_schedule, lambda x: x[0] > 0 and x[1] >= 0, "'START,END' or one rate, START > 0", "0")
+
+
+RUN_FLAGS = [  # every script's first group
+    ("preset", "toy", PRESETS, "the setting: Table A1's, or a toy world on 2 CPU cores (toy: pixels, toy_sd: latents)"),
+    ("out_dir", None, None, "the run's folder (default runs/<preset>)"),
+    ("seed", 0, INT_NONNEG, "seed of everything random in this script"),
+    ("dist_timeout_min", 120, INT_POS, "torchrun: minutes a rank may wait at a collective before the job is declared hung"),
+]
+
+
+# the flags 03 and 04 share (each script adds its own around them)
+TRAIN_RUN_FLAGS = [
+    ("dtype", None, DTYPES, "autocast dtype (Table A1: bfloat16; the toy float32; float16 is refused: no loss scaling)"),
+    ("resume", False, None, "continue from <run>/ckpt_latest.pt (refused if a setting outside RESUME_MAY_CHANGE changed)"),
+    ("allow_config_change", False, None, "--resume even though such a setting changed (deliberately)"),
+    ("max_steps_this_run", 0, INT_NONNEG, "stop after this many steps (0: run to --steps), for time-limited jobs"),
+    ("fsdp", False, None, "torchrun: shard G, its EMA (and D) over the processes with FSDP2, for what DDP cannot hold"),
+]
+TRAIN_INPUT_FLAGS = [
+    ("teacher", None, None, "the teacher the pairs came from (App. A); its steps, guidance and resolution come from the pairs"),
+    ("pairs", None, None, "pairs folder from 01 (default <out_dir>/pairs)"),
+    ("first_pairs", 0, INT_NONNEG, "train on the first N pairs of the folder only (0: all); Table 6 varies it"),
+    ("lpips_ckpt", None, None, "LatentLPIPS (default <out_dir>/lpips/latent_lpips.pt, or an official tuned one); "
+                               "with --loss lpips: a pixel-space one (02 --pixels) instead of the official LPIPS"),
+]
+TRAIN_BATCH_FLAGS = [
+    ("steps", None, INT_POS, "training iterations"),
+    ("batch", None, INT_POS, "global batch"),
+    ("batch_per_device", None, INT_POS, "micro-batch per process; accumulation = batch / (this x processes)"),
+]
+TRAIN_REST_FLAGS = [
+    ("weight_decay", None, NONNEG, "weight decay"),
+    ("attn_weight_decay", None, NONNEG, "weight decay of attention parameters"),
+    ("ema_start", None, INT_NONNEG, "the EMA equals G before this step"),
+    ("ema_beta", None, FRACTION, "EMA decay"),
+    ("grad_clip", 0.0, NONNEG, "gradient norm clip (0 = off)"),
+]
+TRAIN_LOG_FLAGS = [
+    ("log_every", 10, INT_POS, "metrics.jsonl every this many steps"),
+    ("log_to", "none", ("none", "tensorboard", "wandb"), "also send those scalars and the grids to TensorBoard (<run>/tensorboard) "
+                                                       "or W&B offline (<run>/wandb); needs that pip package"),
+    ("grid_every", None, INT_POS, "grid PNG every this many steps"),
+    ("ckpt_every", None, INT_POS, "checkpoint every this many steps"),
+    ("benchmark_steps", 0, INT_NONNEG, "sizing mode: N steps on random pairs (with --teacher random), report memory and img/s, exit"),
+]
+# what --resume may change without --allow_config_change: every other setting is the run's and is compared
+RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_change", "batch_per_device", "log_every", "log_to", "grid_every",
+                     "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "grad_clip", "out_dir", "pairs")  # pairs: identity in pairs_id
+
+
+def parse_config(doc, flags, argv=None, table=None):
+    """Every script's configuration, with one precedence: the preset, then the flags
+    given. The preset is PRESETS[--preset] plus, in 03 and 04, that stage's own Table
+    A1 row from `table` (by preset name, else its `stage_row` or arch for a user's own
+    preset). `flags` is {group: [(name, default, type, help)]}; a default of None means
+    "the preset's value". Types refuse bad values (argparse then stops with one line
+    naming the flag), and the preset's values pass the same checks. Values that the
+    teacher fixed come last, from the pairs' manifest (training_setup says so).
+    Returns the config and the set of settings given on the command line."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: fail(f"{message} (see --help)")  # one 'error:' line, like every other stop
+    types, preset_keys = {}, {k for d in [*PRESETS.values(), *(table or {}).values()] for k in d}
+    for title, items in flags.items():
+        g = p.add_argument_group(title)
+        for name, default, kind, text in items:
+            types[name] = kind
+            text += " (default: the preset's)" if default is None and name in preset_keys else ""
+            if isinstance(default, bool) or kind is bool:  # --x / --no-x (kind bool: the preset's by default)
+                g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=text)
+            elif isinstance(kind, (tuple, dict)):  # dict: its keys, read when parsing (PRESETS: a preset a fork adds counts)
+                g.add_argument(f"--{name}", choices=list(kind), default=default, help=text + ("" if default is None else " (default: %(default)s)"))
+            else:
+                g.add_argument(f"--{name}", type=kind or str, default=default,
+                               help=text + ("" if default is None else " (default: %(default)s)"))
+    args = vars(p.parse_args(argv))
+    cfg = get_preset(args["preset"])
+    if table is not None:
+        row = table.get(args["preset"]) or table.get(cfg.get("stage_row") or cfg["arch"])
+        if row is None:
+            fail(f"the paper's {cfg['arch']} setting has no row for this stage (Table A1); use {' | '.join(table)}")
+        cfg.update(row)
+    from_preset = {k for k, v in args.items() if v is None}
+    p.set_defaults(**dict.fromkeys(args))
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not None}  # on the command line, whatever the default
+    cfg.update({k: v for k, v in args.items() if v is not None or k not in cfg})
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", args["preset"])
+    for k, kind in types.items():  # a preset's (or a user preset's) values: the flags' checks, and their form
+        if callable(kind) and cfg.get(k) is not None and k in from_preset:
+            try:
+                cfg[k] = kind(cfg[k])
+            except argparse.ArgumentTypeError as e:
+                fail(f"preset '{args['preset']}': {k}: {e}")
+    return cfg, given
+
+
+AUGMENT = checked_type(str, augment_letters, "the letters b, g, c, o (o = cutout), e.g. bgco, or bg+cutout / bgc+cutout", "bgx")
+LOSS = checked_type(str, lambda s: s.removesuffix("+l1") in LOSSES, "a name in common.LOSSES, with an optional +l1", "l2")
+# the regression term's flags, in 03 and in 04, whose G loss starts from the stage-1 student's values of
+# these (and of --lpips_ckpt) unless given; a fork's flag for its own LOSSES row goes here (docs/forking.md)
+LOSS_FLAGS = [
+    ("loss", None, LOSS, "d in Eq. 1 (Table A1: elatent; SD-CFG-3 elatent+latent; CIFAR10 lpips); 04 takes the stage-1 student's unless given"),
+    ("lpips_augment", None, AUGMENT, "E-LatentLPIPS augmentation T (Eq. 3): letters b, g, c, o (cutout), or bg+cutout; "
+                                     "04 takes the stage-1 student's unless given"),
+]
+
+
+# ----------------------------------------------------------------------------
+# 9. Distributed. The run is distributed only when torchrun set RANK, LOCAL_RANK
+# and WORLD_SIZE; otherwise it is one process on the best device available.
+
+def setup_distributed(timeout_min=120):
+    """Returns (rank, local_rank, world_size, device). Works under plain python
+    and torchrun, with gloo on CPU and nccl on CUDA. The collective timeout is long
+    (--dist_timeout_min): real waits are long, e.g. 01's last barrier after hours of
+    uneven shard work; torch's default (10 min on NCCL) would kill those jobs."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world = int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            import datetime
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+        print0(f"distributed: {world} process(es), backend {backend}, collective timeout {timeout_min} min")
+        return rank, local_rank, world, device
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return 0, 0, 1, device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+PREEMPTED = 75  # exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (sysexits' EX_TEMPFAIL: try again)
+
+
+class StopSignal:
+    """SIGTERM and SIGUSR1, what a scheduler sends before it kills a job (SLURM: preemption,
+    `--signal=USR1@900` before the time limit), ask a training loop to stop. Installed
+    before the models load, so a signal during the set-up stops the run after its first
+    step. The step in progress finishes (Python runs the handler between operations);
+    every rank's `vote()` goes into one all-reduce after every step, so all ranks see the
+    request at the same step, write the checkpoint together, and none is left waiting at
+    a collective the others skipped. `exit()` then leaves
+    <run>/preempted.json for a requeue script and exits with PREEMPTED. run_dir None
+    (sizing mode): no handler, and nothing is touched."""
+
+    def __init__(self, run_dir):
+        self.got, self.said, self.old = None, False, {}
+        self.marker = run_dir and os.path.join(run_dir, "preempted.json")
+        if run_dir and threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        if run_dir and is_main() and os.path.isfile(self.marker):  # the marker describes the last stop only
+            os.remove(self.marker)
+
+    def _catch(self, signum, frame):  # no I/O here: a handler that writes while the loop writes can raise
+        self.got = signal.Signals(signum).name
+
+    def vote(self, device):
+        """This rank's request (1.0 after a signal), to be averaged over the ranks with the
+        step's statistics (03, 04: no collective of its own); any rank's makes the mean > 0."""
+        if self.got and not self.said:
+            print(f"{self.got}: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
+            self.said = True
+        return torch.tensor(float(self.got is not None), device=device)
+
+    def requested(self, device):
+        """The vote alone, for a loop that reduces nothing else (02's phase 1)."""
+        return all_reduce_mean(self.vote(device)).item() > 0
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        self.old = {}
+
+    def exit(self, step):
+        """After the checkpoint of `step`, on every rank: the marker, then cleanup's barrier,
+        so that no rank exits (and makes torchrun stop the others) before rank 0 has written."""
+        if is_main():
+            save_json(dict(step=step, signal=self.got or "on another rank", exit_status=PREEMPTED), self.marker)
+        print0(f"stopped by a signal at step {step}, checkpoint written; exit status {PREEMPTED}: "
+               f"rerun the same command with --resume to continue ({self.marker})")
+        cleanup()
+        self.restore()
+        sys.exit(PREEMPTED)
+
+
+def autocast(device, dtype):
+    """One --dtype flag for autocast: float32 means no autocast."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ----------------------------------------------------------------------------
+# 10. Files. Every write goes to a temporary name first and is renamed when
+# complete, so a killed run never leaves a file that a resume would trust.
+
+def fail(msg):
+    """Stop with a one-line cause (no traceback): bad input, not a bug. Quoted
+    exception text is folded onto that line and cut at 600 characters."""
+    msg = " ".join(str(msg).split())
+    raise SystemExit(f"error: {msg[:600]}" + ("..." if len(msg) > 600 else ""))
+
+
+@contextmanager
+def or_fail(what, remedy=None, errors=Exception):
+    """Reading an input: an error inside the block (a missing, truncated or corrupt
+    file, a folder where a file goes, or a file of another kind) stops the run with one
+    line, `what: the cause; remedy`. A missing package or an exhausted device is not the
+    input's fault: it passes."""
+    try:
+        yield
+    except (ImportError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except errors as e:  # what the reader raised: the block holds the read, not the computation
+        cause = {FileNotFoundError: "not found", IsADirectoryError: "a folder, not a file",
+                 NotADirectoryError: "a path through a file"}.get(type(e), f"{type(e).__name__}: {e}")
+        fail(f"{what}: {cause}" + (f"; {remedy}" if remedy else ""))
+
+
+def atomic(path, write):
+    """write(tmp), then rename tmp to path: a file (or folder) appears whole or not at
+    all, so a killed run never leaves a half-written one that a resume would trust."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_text(text, path):
+    return atomic(path, lambda f: pathlib.Path(f).write_text(text))
+
+
+def save_json(obj, path):
+    return save_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def to_uint8(img):
+    """[-1, 1] float images (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    img = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return img.permute(0, 2, 3, 1).numpy()
+
+
+def save_image_grid(images, path, ncol=8, scale=None, pad=1):
+    """Write a PNG grid of (B, 3, H, W) images in [-1, 1], row-major, atomically. `scale`
+    enlarges small images with nearest-neighbour (default: to at least 64 px, so that
+    toy grids are legible)."""
+    from PIL import Image
+    imgs = to_uint8(images)
+    b, h, w, _ = imgs.shape
+    scale = scale or max(1, 64 // w)
+    nrow = math.ceil(b / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(b):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = imgs[i]
+    im = Image.fromarray(grid)
+    if scale != 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    return atomic(path, lambda f: im.save(f, format="PNG"))
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def folder_fingerprint(folder, parts, chunks=64, chunk=1 << 16):
+    """sha256 of the files under `parts` (sub-folders or files) of a model folder that a
+    plain from_pretrained reads: each one's relative name and size, the whole of each
+    small file (configs, tokenizers), and 64 evenly spaced 64-KiB reads of each large one
+    (weights). Weight variants (name.fp16.safetensors), other formats' weights and
+    hidden files are left out. A retraining changes every tensor and so this; an edit
+    of a few tensors of a multi-GB file can fall between the reads."""
+    h = hashlib.sha256()
+    paths = []
+    for part in sorted(parts):
+        top = os.path.join(folder, part)
+        paths += [top] if os.path.isfile(top) else \
+            sorted(os.path.join(r, n) for r, _, files in os.walk(top) for n in files)
+    for path in paths:
+        name = os.path.basename(path)
+        if name.startswith(".") or (name.endswith((".safetensors", ".bin")) and name.count(".") > 1) or \
+                (name.endswith(".bin") and any(f.endswith(".safetensors") for f in os.listdir(os.path.dirname(path)))):
+            continue
+        size = os.path.getsize(path)
+        h.update(f"{os.path.relpath(path, folder).replace(os.sep, '/')}:{size}".encode())
+        with open(path, "rb") as f:
+            if size <= chunks * chunk:
+                h.update(f.read())
+                continue
+            for i in range(chunks):
+                f.seek((size - chunk) * i // (chunks - 1))
+                h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def load_image(path, size):
+    """RGB in [-1, 1], shorter side resized to `size` (bicubic, antialiased), centre crop."""
+    from PIL import Image
+    with or_fail(f"image '{path}' is unreadable", "replace or remove it"):  # not an image, truncated, or missing
+        im = Image.open(path).convert("RGB")
+    s = size / min(im.size)
+    im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+    l, t = (im.width - size) // 2, (im.height - size) // 2
+    im = im.crop((l, t, l + size, t + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------
+# 11. Pairs on disk. Shard k holds pairs [k*S, (k+1)*S) as a .safetensors file
+# (x, seed, and label or prompts), written to a temporary name and renamed when
+# complete. manifest.json records what made them; stages 03-05 refuse pairs
+# whose manifest does not match the model they train.
+
+MANIFEST_KEYS = ("preset", "family", "teacher", "solver", "nfe", "guidance", "z_shape", "x_shape",
+                 "pair_dtype", "num_pairs", "shard_size", "seed", "prompts", "cfg_range")  # z_shape holds the resolution
+
+
+def shard_path(pairs_dir, k):
+    return os.path.join(pairs_dir, f"shard_{k:06d}.safetensors")
+
+
+def check_manifest(found, expected, what):
+    """Refuse a mismatch and name every field that differs."""
+    as_json = lambda v: json.loads(json.dumps(v))  # a tuple of the config is a list in the manifest
+    diff = [f"{k}: found {found.get(k)!r}, expected {expected.get(k)!r}"
+            for k in MANIFEST_KEYS if k in expected and found.get(k) != as_json(expected.get(k))]
+    if diff:
+        fail(f"{what} was made by a different setup; " + "; ".join(diff))
+
+
+def read_manifest(pairs_dir):
+    path = os.path.join(pairs_dir, "manifest.json")
+    if not os.path.isfile(path):
+        fail(f"no pairs at '{pairs_dir}' (manifest.json missing); run 01_make_pairs.py first")
+    with or_fail(f"'{path}' is corrupt", "delete the pairs folder and rerun 01_make_pairs.py"):
+        m = json.load(open(path))
+        m["num_pairs"], m["shard_size"], m["guidance"], m["num_steps"]  # the fields every reader needs
+    return m
+
+
+def open_shard(path, expected_count=None, what="pair shard", remedy="rerun 01_make_pairs.py to regenerate it"):
+    """Open a shard memory-mapped; a corrupt or truncated shard stops the run."""
+    from safetensors import safe_open
+    with or_fail(f"corrupt {what} '{path}'", f"delete it and {remedy}"):
+        f = safe_open(path, framework="pt")
+        n = f.get_slice("x").get_shape()[0]
+    if expected_count is not None and n != expected_count:
+        fail(f"{what} '{path}' holds {n} items, expected {expected_count}; delete it and {remedy}")
+    return f
+
+
+def load_shard(path, expected_count=None, **kw):
+    f = open_shard(path, expected_count, **kw)
+    out = {k: f.get_tensor(k) for k in f.keys()}
+    meta = f.metadata() or {}
+    if "prompts" in meta:
+        out["prompts"] = json.loads(meta["prompts"])
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 12. Training helpers shared by 03 (stage 1) and 04 (stage 2).
 
 class PairDataset:
     """The (z, c, x) pairs of 01, checked against the teacher that will be
@@ -1983,6 +2002,10 @@ def mid_guidance(cfg):
     return (lo + hi) / 2
 
 
+# ----------------------------------------------------------------------------
+# 13. The training loop of 03 and 04: Trainer runs a stage's step function (its
+# equations) and owns everything around it.
+
 def sync_grads(model, bucket_mb=256):
     """All-reduce gradients by hand (as StyleGAN2-ADA does), for 04, whose R1 double
     backward does not work under DDP's autograd hooks. Buckets of ~bucket_mb keep the
@@ -2193,7 +2216,7 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------
-# 11. Timing (01 --benchmark, 02 and 05 --speed).
+# 14. Timing (01 --benchmark, 02 and 05 --speed).
 
 def synchronize(device):
     """Wait for the GPU's queued work (CUDA runs asynchronously: a clock read without
