@@ -329,6 +329,18 @@ def export_diffusers(cfg, device):
     print(f"exported to {cfg['export']}: unet/, scheduler/ (LCMScheduler); call the pipeline with {call}")
 
 
+def watch_d(wins, step, gap):
+    """Warn once D has separated real and fake by more than 8 logits for 50 steps in a row."""
+    wins[0] = wins[0] + 1 if gap > 8 else 0
+    if wins[0] == 50:
+        C.print0(f"warning: step {step}: D separates real and fake by {gap:.1f} logits for 50 steps "
+                 f"(D is overpowering G: consider a larger --r1_gamma or a lower --d_lr)")
+
+
+SIZING_KEYS = ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond", "multiscale", "r1_gamma",
+               "r1_every", "r1_reading", "mix_match", "noise_aug")  # the settings of sizing mode's report (from [7:]: D's)
+
+
 def get_config(argv=None):
     """The preset with this stage's Table A1 row, then the flags. Returns (cfg, given):
     `given` holds the preset keys that flags set."""
@@ -376,15 +388,12 @@ def main(argv=None):
         C.enable_grad_ckpt(G.net)
         C.enable_grad_ckpt(D.unet)
     G, ema, D = run.models(G, D)
-    opt_g = C.make_optimizer("adam", C.param_groups(G, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg["lr"])[0],
-                             cfg["betas"])
-    opt_d = C.make_optimizer("adam", C.param_groups(D, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg["d_lr"])[0],
-                             cfg["d_betas"])
+    opt_g, opt_d = (C.make_optimizer("adam", C.param_groups(m, cfg["weight_decay"], cfg["attn_weight_decay"]), C.lr_schedule(cfg[lr])[0],
+                                     cfg[betas]) for m, lr, betas in ((G, "lr", "betas"), (D, "d_lr", "d_betas")))
     rows = {"stage 1": run.sample(G)} if run.held_out() else {}  # the grids' stage-1 row, from G before a resume changes it
     run.resume(ck, ("model", G, "opt", opt_g), ("D", D, "opt_d", opt_d), ("ema", ema, None, None))
     del ck  # memory-mapped: not held open (and on disk) once replaced
-    C.print0(f"D: {len(D.heads)} readout heads, z_cond={cfg['z_cond']}, multiscale={cfg['multiscale']}, "
-             f"R1 gamma={cfg['r1_gamma']} every {cfg['r1_every']}, mix-and-match={cfg['mix_match']}, noise_aug={cfg['noise_aug']}")
+    C.print0(f"D: {len(D.heads)} readout heads, " + ", ".join(f"{k}={cfg[k]}" for k in SIZING_KEYS[7:]))
     do_r1 = lambda step: cfg["r1_gamma"] > 0 and step % cfg["r1_every"] == 0
     d_wins = [0]  # consecutive steps at which D separates real and fake by more than 8 logits
 
@@ -442,16 +451,12 @@ def main(argv=None):
         # r1: ||grad_x D(x)||^2 of one real sample (D(x): --r1_reading); r1_term: its amortised share of L_D
         st.update(r1_term=0.5 * cfg["r1_gamma"] * st["r1"] if st["r1"] is not None else None, grad_norm_d=grad_norm_d,
                   grad_norm_g=run.update(opt_g, G, sync=True))
-        d_wins[0] = d_wins[0] + 1 if st["logit_real"] - st["logit_fake"] > 8 else 0
-        if d_wins[0] == 50:
-            C.print0(f"warning: step {step}: D separates real and fake by {st['logit_real'] - st['logit_fake']:.1f} logits for 50 "
-                     f"steps (D is overpowering G: consider a larger --r1_gamma or a lower --d_lr)")
+        watch_d(d_wins, step, st["logit_real"] - st["logit_fake"])
         return st
 
     run.loop(step, {"lr": opt_g, "d_lr": opt_d}, G, ema, rows, show=("loss_reg", "loss_d", "logit_real", "logit_fake"),
              kind=lambda step: "r1" if do_r1(step) else "no_r1", log_also=do_r1,
-             report=(dict(G=G, D=D), ("preset", "batch_per_device", "dtype", "grad_ckpt", "fsdp", "loss", "lpips_augment", "z_cond",
-                                       "multiscale", "r1_gamma", "r1_every", "r1_reading", "mix_match", "noise_aug")))
+             report=(dict(G=G, D=D), SIZING_KEYS))
 
 
 if __name__ == "__main__":
