@@ -74,6 +74,7 @@ def test_a_loss_row_and_a_head_of_any_shape_run_in_both_stages(toy_run, tmp_path
     assert json.load(open(toy_run / "fork_s2b" / "config.json"))["l1_weight"] == 0.2  # a flag given wins
 
 
+@pytest.mark.slow  # two more stage-1 runs; the loss-row test above covers the fork mechanics in the default run
 def test_a_stage1_only_term_changes_stage1s_loss(toy_run, tmp_path):
     blocks = doc_blocks()
     step = blocks["03_ode_distill.py, step"].strip().splitlines()
