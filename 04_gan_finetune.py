@@ -359,7 +359,8 @@ def validate(cfg, given):
     if not cfg["benchmark_steps"]:  # sizing mode: G starts from the teacher
         cfg["init"] = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
         s1 = C.load_student_file(cfg["init"], "stage-1 student (03's student_ema.pt)", "run 03_ode_distill.py first or pass --init")
-        cfg.update({k: s1["config"][k] for k in LOSS_KEYS if k not in given})
+        # (a key the student lacks, e.g. a fork's flag newer than it, keeps this run's value)
+        cfg.update({k: s1["config"][k] for k in LOSS_KEYS if k not in given and k in s1["config"]})
     if cfg["benchmark_steps"]:
         return None, None, None, C.read_lpips(cfg)
     m = C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
@@ -376,7 +377,7 @@ def main(argv=None):
         return export_diffusers(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     run = C.Trainer(cfg, 2, manifest)  # processes, signals, the teacher and its pairs
     teacher, device = run.teacher, run.device
-    taken = [k for k in LOSS_KEYS if s1 and k not in given]
+    taken = [k for k in LOSS_KEYS if s1 and k not in given and k in s1["config"]]
     C.print0("regression term: " + ", ".join(f"--{k} {cfg[k]}" for k in LOSS_KEYS) + (f" ({', '.join(taken)} from the stage-1 "
              "student)" if taken else ""))
     loss_fn = C.build_loss(cfg, teacher, device, lpips)
