@@ -303,11 +303,6 @@ def mix_and_match(x_fake, z, cond, plan, x_p, z_p, cond_p):
     return x, zz, cc
 
 
-def requires_grad(model, flag):
-    for p in model.parameters():
-        p.requires_grad_(flag)
-
-
 def export_diffusers(cfg, device):
     """--export: the stage-2 EMA student (<run>/student_ema.pt) as a standard diffusers U-Net
     plus an LCMScheduler config. One pipeline step at the custom timestep T (the student's,
@@ -405,7 +400,7 @@ def main(argv=None):
         # D update (Eq. 5): real vs fake, the fakes including the mix-and-match ones. With one micro-batch
         # G's fake keeps its graph for the G update below (as StyleGAN2 alternates, at no extra cost);
         # with several, the G update recomputes it (docs/scaling.md: the cost of accumulation in stage 2).
-        requires_grad(D, True)
+        D.requires_grad_(True)
         for m, mb in enumerate(batches):
             run.seed(step, mb["chunk"], phase=1)
             z, x_real, cond, idx = mb["z"], mb["x"], mb["cond"], mb["idx"]
@@ -435,7 +430,7 @@ def main(argv=None):
         grad_norm_d = run.update(opt_d, D, sync=True)
 
         # G update (Eq. 6): regression + non-saturating GAN loss, scored by the D just updated; D frozen
-        requires_grad(D, False)
+        D.requires_grad_(False)
         for m, mb in enumerate(batches):
             run.seed(step, mb["chunk"])
             z, x_real, cond = mb["z"], mb["x"], mb["cond"]

@@ -2042,7 +2042,7 @@ class Trainer:
         self.stop = StopSignal(None if self.bench else os.path.join(cfg["out_dir"], cfg["run_name"]))  # SIGTERM/SIGUSR1
         self.accum, self.run_dir, self.ckpt_path, self.teacher, self.data = training_setup(cfg, self.world, self.device, manifest)
         self.viewer = self.rank == 0 or cfg["fsdp"]  # the ranks that run the EMA for grids (under FSDP: all)
-        self.parts, self.step, self.now, self.log_now, self.votes = (), 0, 0, True, 0.0
+        self.parts, self.step, self.now, self.log_now, self.votes, self.ho = (), 0, 0, True, 0.0, None
 
     def models(self, G, D=None):
         """G's EMA, the check that the training state fits the device, and (--fsdp) the shards.
@@ -2055,8 +2055,6 @@ class Trainer:
     def held_out(self):
         """The grids' fixed held-out seeds (z, c, the teacher's x, w) on the ranks that draw them
         (solved once, while the teacher is on the device)."""
-        if not hasattr(self, "ho"):
-            self.ho = None
         if self.ho is None and self.viewer and not self.bench:
             w = mid_guidance(self.cfg)
             self.ho = (*held_out_batch(self.teacher, self.cfg, self.device, w=w), w)
