@@ -279,22 +279,53 @@ def load_student(path, teacher, cfg, device, ck=None):
 
 
 @torch.no_grad()
-def generate(models, teacher, cfg, seeds, conds, device, rank, world):
-    """Every model's output for the same seeds (split across ranks by seed);
-    gathered on rank 0. Returns {name: x}, {name: seconds per image}."""
-    mine = list(range(len(seeds)))[rank::world]
-    outs, secs = {n: [] for n in models}, {n: 0.0 for n in models}
-    B = cfg["batch_per_device"]
-    for i in tqdm(range(0, len(mine), B), desc="sampling", disable=rank != 0):
-        part = mine[i:i + B]
-        z, _ = teacher.noise_and_condition([seeds[j] for j in part])
-        cond = conds[part] if torch.is_tensor(conds) else [conds[j] for j in part]
+def sample_batches(cfg, teacher, models, batches, device, tag, w=None, secs=None):
+    """The one sampling path of every protocol: each model on each of this rank's
+    (seeds, conditions) batches, from the same noise; yields {name: x (float32)} per batch.
+    The teacher's outputs are cached in eval/teacher_samples_<tag>_*.pt, keyed by what
+    made them: teacher, solver, guidance, dtype, device type, torch and the batches
+    themselves (their seeds and conditions name this rank's share, and the batching
+    changes float rounding). So they are solved once (toy: 1000 x 35 NFE; SD: 30k x 100
+    NFE, about 20 minutes on 8 H100s) and read back by later evaluations. `secs`, when
+    given, receives each model's seconds per image, the teacher's as cached with its samples."""
+    cond_list = lambda c: c.tolist() if torch.is_tensor(c) else list(c)
+    key = dict(teacher=teacher.teacher_id, solver=teacher.solver_name(), guidance=cfg["guidance"] if w is None else w,
+               dtype=cfg["teacher_dtype"], device=device.type, torch=torch.__version__,
+               batches=[(list(map(int, s)), cond_list(c)) for s, c in batches])
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cfg["out_dir"], "eval", f"teacher_samples_{tag}_{h}.pt")
+    cached = None
+    if "teacher" in models and os.path.isfile(path):
+        C.print0(f"teacher samples: read from '{path}' (same teacher, solver, guidance, seeds, dtype, device, batches)")
+        cached = C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)", keys=("x", "sec"))
+    total, done, solved = dict.fromkeys(models, 0.0), 0, []
+    for seeds, cond in tqdm(batches, desc=tag, disable=not C.is_main() or len(batches) < 2):
+        z, out = C.seed_noise(seeds, teacher.z_shape).to(device), {}
         for name, fn in models.items():
-            sec, x = C.timed(lambda: fn(z.to(device), cond), device)
-            secs[name] += sec
-            outs[name].append(x.float().cpu())
-    outs = {n: gather_by_rank(torch.cat(v), len(seeds), world) for n, v in outs.items()}
-    return outs, {n: s / max(1, len(mine)) for n, s in secs.items()}
+            if name == "teacher" and cached:
+                out[name] = cached["x"][done:done + len(seeds)].to(device)
+                continue
+            sec, x = C.timed(lambda: fn(z, cond, w), device)  # GPU synchronised: the time of the work
+            total[name] += sec
+            out[name] = x.float()
+            if name == "teacher":
+                solved.append(out[name].cpu())
+        done += len(seeds)
+        yield out
+    if "teacher" in models:
+        if cached:
+            total["teacher"] = cached["sec"]
+        elif solved:
+            C.atomic(path, lambda f: torch.save(dict(x=torch.cat(solved), sec=total["teacher"]), f))
+    if secs is not None:
+        secs.update({name: s / max(1, done) for name, s in total.items()})
+
+
+def rank_batches(seeds, conds, rank, world, B):
+    """This rank's share (seeds[rank::world]) in batches of B: [(seeds, conditions)]."""
+    mine = list(range(len(seeds)))[rank::world]
+    pick = lambda part: conds[part] if torch.is_tensor(conds) else [conds[j] for j in part]
+    return [([seeds[j] for j in mine[i:i + B]], pick(mine[i:i + B])) for i in range(0, len(mine), B)]
 
 
 def model_table(cfg, teacher, device, students):
@@ -343,36 +374,17 @@ def toy_classifier(cfg, device):
                                 scene=cfg["family"] == "ldm").to(device)
 
 
-def teacher_cache(cfg, teacher, seeds, device, world, keys=("x", "sec_per_img"), **more):
-    """The teacher's samples depend only on what made them: teacher, solver, guidance,
-    seeds, dtype, device type, batch and ranks (batching changes float rounding), and
-    `more` (SD: the prompts, the rank). They are solved once (toy: 1000 x 35 NFE; SD:
-    30k x 100 NFE, about 20 minutes on 8 H100s) and read back by later evaluations.
-    Returns (path, the cached dict or None)."""
-    key = dict(teacher=teacher.teacher_id, solver=teacher.solver_name(), guidance=cfg["guidance"], seed0=seeds[0],
-               n=len(seeds), dtype=cfg["teacher_dtype"], device=device.type, batch=cfg["batch_per_device"], world=world,
-               torch=torch.__version__, **more)
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cfg["out_dir"], "eval", f"teacher_samples_{h}.pt")
-    if not os.path.isfile(path):
-        return path, None
-    C.print0(f"teacher samples: read from '{path}' (same teacher, solver, guidance, seeds, dtype, device, batch)")
-    return path, C.load_checkpoint(path, "cached teacher samples (delete it to re-solve)", keys=keys)
-
-
 def sample_class_conditional(cfg, teacher, models, device, rank, world):
-    """Every model's samples from the evaluation seeds (with their class labels), the
-    teacher's read from its cache when this setup solved them before."""
+    """Every model's samples from the evaluation seeds (with their class labels),
+    gathered in seed order, and each model's seconds per image."""
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + cfg["num_samples"]))
     _, labels = teacher.noise_and_condition(seeds)
-    cache, cached = teacher_cache(cfg, teacher, seeds, device, world)
-    outs, secs = generate({k: f for k, f in models.items() if not (cached and k == "teacher")}, teacher, cfg, seeds, labels,
-                          device, rank, world)
-    if cached:
-        outs, secs["teacher"] = {"teacher": cached["x"], **outs}, cached["sec_per_img"]
-    elif rank == 0:
-        C.atomic(cache, lambda f: torch.save(dict(x=outs["teacher"], sec_per_img=secs["teacher"]), f))
-    return outs, secs, labels
+    outs, secs = {name: [] for name in models}, {}
+    for out in sample_batches(cfg, teacher, models, rank_batches(seeds, labels, rank, world, cfg["batch_per_device"]),
+                              device, "eval", secs=secs):
+        for name, x in out.items():
+            outs[name].append(x.cpu())
+    return {name: gather_by_rank(torch.cat(v), len(seeds), world) for name, v in outs.items()}, secs, labels
 
 
 def evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world):
@@ -417,9 +429,9 @@ def write_grids(outs, teacher, eval_dir, conds, cfg, models, device):
     imgs = torch.stack([teacher.to_images(outs[c][i:i + 1].to(device))[0].cpu() for i in picks for c in cols])
     C.save_image_grid(imgs, os.path.join(eval_dir, "compare.png"), ncol=len(cols))
     seeds = list(range(EVAL_SEED0 + 10_000_000, EVAL_SEED0 + 10_000_000 + cfg["diversity_seeds"]))
-    z, _ = teacher.noise_and_condition(seeds)
     one = conds[picks[0]].repeat(len(seeds)) if torch.is_tensor(conds) else [conds[picks[0]]] * len(seeds)
-    rows = [teacher.to_images(fn(z.to(device), one).float()).cpu() for fn in models.values()]
+    out, = sample_batches(cfg, teacher, models, [(seeds, one)], device, "diversity")  # runs to its end: the cache is written
+    rows = [teacher.to_images(x).cpu() for x in out.values()]
     C.save_image_grid(torch.cat(rows), os.path.join(eval_dir, "diversity.png"), ncol=len(seeds))
     C.save_text("compare.png columns: " + " | ".join(cols) + "\ndiversity.png rows: " + " | ".join(models) + "\n",
                         os.path.join(eval_dir, "grids.txt"))
@@ -461,54 +473,29 @@ def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
     proto = PROTOCOLS[cfg["protocol"]]
     n, B = cfg["num_samples"], cfg["batch_per_device"]
     prompts, real_paths, load = coco
-    mine, k = list(range(n))[rank::world], min(proto["div"] if cfg["div_prompts"] is None else cfg["div_prompts"], n)
+    k = min(proto["div"] if cfg["div_prompts"] is None else cfg["div_prompts"], n)
     real = real_statistics(cfg, real_paths, nets["inception"], device, rank, world, load, keep=min(n, proto["pr"]),
                            net=nets.get("name", "inception"))
-    acc = {name: dict(inc=[], clip=[], dsim=[], sec=0.0) for name in models}
-    keep = {name: [] for name in models}
-    # this rank's teacher latents (its seeds, then DreamDiv's), solved once per setup and cached
-    cache, cached = teacher_cache(cfg, teacher, range(EVAL_SEED0, EVAL_SEED0 + n), device, world, keys=("x", "div_x", "sec"),
-                                  rank=rank, div_prompts=k, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16])
-    solved = dict(x=[], div_x=[])
-    if cached:
-        acc["teacher"]["sec"] = cached["sec"]
-    with torch.no_grad():
-        for i in tqdm(range(0, len(mine), B), desc="sampling", disable=rank != 0):
-            part = mine[i:i + B]
-            z = C.seed_noise([EVAL_SEED0 + j for j in part], teacher.z_shape)
-            cond = [prompts[j] for j in part]
-            imgs = {}
-            for name, fn in models.items():
-                if name == "teacher" and cached:
-                    x = cached["x"][i:i + len(part)].to(device)
-                else:
-                    sec, x = C.timed(lambda: fn(z.to(device), cond), device)  # GPU synchronised: the time of the work
-                    acc[name]["sec"] += sec
-                    if name == "teacher":
-                        solved["x"].append(x.float().cpu())
-                imgs[name] = teacher.to_images(x.float())
-                acc[name]["inc"].append(nets["inception"](imgs[name]).cpu())
-                acc[name]["clip"].append(nets["clip"](imgs[name], cond).cpu())
-                if i == 0:
-                    keep[name] = x.float().cpu()
-            ds = [q for q, j in enumerate(part) if j < DREAMSIM_N]  # DreamSim-5k: distance to the teacher's image, same z
-            for name in models:
-                acc[name]["dsim"].append(nets["dreamsim"](imgs[name][ds], imgs["teacher"][ds]).cpu() if ds else torch.zeros(0))
-        div = {name: [] for name in models}
-        for q, p in enumerate(tqdm(list(range(k))[rank::world], desc="DreamDiv", disable=rank != 0)):
-            z = C.seed_noise([EVAL_SEED0 + 50_000_000 + 8 * p + s for s in range(8)], teacher.z_shape)
-            for name, fn in models.items():
-                if name == "teacher" and cached:
-                    x = cached["div_x"][q].to(device)
-                else:
-                    x = fn(z.to(device), [prompts[p]] * 8).float()
-                    if name == "teacher":
-                        solved["div_x"].append(x.cpu())
+    with torch.no_grad():  # the feature nets are trained (toy) or loaded above, with gradients
+        acc, keep, secs = {name: dict(inc=[], clip=[], dsim=[]) for name in models}, {}, {}
+        batches = rank_batches([EVAL_SEED0 + j for j in range(n)], prompts, rank, world, B)
+        for i, imgs in enumerate(sample_batches(cfg, teacher, models, batches, device, "eval", secs=secs)):
+            seeds, cond = batches[i]
+            keep = keep or imgs  # the first batch, for the grids
+            imgs = {name: teacher.to_images(x) for name, x in imgs.items()}
+            ds = [q for q, s in enumerate(seeds) if s - EVAL_SEED0 < DREAMSIM_N]  # DreamSim-5k: to the teacher's image, same z
+            for name, img in imgs.items():
+                acc[name]["inc"].append(nets["inception"](img).cpu())
+                acc[name]["clip"].append(nets["clip"](img, cond).cpu())
+                acc[name]["dsim"].append(nets["dreamsim"](img[ds], imgs["teacher"][ds]).cpu() if ds else torch.zeros(0))
+        div = {name: [] for name in models}  # DreamDiv: 8 seeds per prompt, the 28 pairs of its images in one batch
+        div_batches = [([EVAL_SEED0 + 50_000_000 + 8 * p + s for s in range(8)], [prompts[p]] * 8)
+                       for p in range(k)[rank::world]]
+        a, b = torch.triu_indices(8, 8, 1)
+        for imgs in sample_batches(cfg, teacher, models, div_batches, device, "dreamdiv"):
+            for name, x in imgs.items():
                 img = teacher.to_images(x)
-                a, b = torch.triu_indices(8, 8, 1)  # the 28 pairs of the prompt's 8 images, in one batch
                 div[name].append(nets["dreamsim"](img[a], img[b]).mean().cpu().view(1))
-    if not cached and mine:
-        C.atomic(cache, lambda f: torch.save(dict(x=torch.cat(solved["x"]), div_x=solved["div_x"], sec=acc["teacher"]["sec"]), f))
     rows, m, c = {}, min(n, proto["pr"]), count_name(n)
     for name in models:
         f = gather_by_rank(torch.cat(acc[name]["inc"]), n, world)
@@ -519,10 +506,11 @@ def evaluate_text_to_image(cfg, teacher, models, nfe, coco, device, rank, world)
         row[f"dreamdiv_{count_name(k)}"] = gather_by_rank(torch.cat(div[name]), k, world).mean().item() if k else None
         dsim = gather_by_rank(torch.cat(acc[name]["dsim"]), min(n, DREAMSIM_N), world)
         rows[name] = dict(row, **{f"dreamsim_{count_name(len(dsim))}": dsim.mean().item()},
-                          sec_per_img=acc[name]["sec"] / max(1, len(mine)), nfe=nfe[name])
+                          sec_per_img=secs[name], nfe=nfe[name])
     if rank == 0:
-        write_grids(keep, teacher, os.path.join(cfg["out_dir"], "eval"), [prompts[j] for j in mine[:B]], cfg, models, device)
-        C.save_text("\n".join(f"{i}: {prompts[j]}" for i, j in enumerate(mine[:cfg["grid_rows"]])) + "\n",
+        keep = {name: x.cpu() for name, x in keep.items()}
+        write_grids(keep, teacher, os.path.join(cfg["out_dir"], "eval"), batches[0][1], cfg, models, device)
+        C.save_text("\n".join(f"{i}: {p}" for i, p in enumerate(batches[0][1][:cfg["grid_rows"]])) + "\n",
                     os.path.join(cfg["out_dir"], "eval", "prompts.txt"))
     return rows
 
@@ -596,11 +584,14 @@ def guidance_sweep(cfg, teacher, models, clf, device, n=500):
     teacher | student for a few classes (guidance.png)."""
     eval_dir = os.path.join(cfg["out_dir"], "eval")
     seeds = list(range(EVAL_SEED0 + 20_000_000, EVAL_SEED0 + 20_000_000 + n))
-    z, labels = teacher.noise_and_condition(seeds)
+    _, labels = teacher.noise_and_condition(seeds)
     table, rows = {}, []
     for w in cfg["eval_w"]:
-        out = {name: torch.cat([fn(z[i:i + 250].to(device), labels[i:i + 250], w).float().cpu() for i in range(0, n, 250)])
-               for name, fn in models.items()}
+        out = {name: [] for name in models}
+        for part in sample_batches(cfg, teacher, models, rank_batches(seeds, labels, 0, 1, 250), device, "guidance", w=w):
+            for name, x in part.items():
+                out[name].append(x.cpu())
+        out = {name: torch.cat(v) for name, v in out.items()}
         table[f"w={w:g}"] = {name: dict(fidelity_mse=fidelity(x.clamp(-1, 1), out["teacher"].clamp(-1, 1)),
                                         class_acc=classify(clf, x.clamp(-1, 1).to(device)).cpu().eq(labels).float().mean().item())
                              for name, x in out.items()}

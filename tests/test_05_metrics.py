@@ -75,8 +75,9 @@ def test_toy_eval_classifier_is_fixed_by_its_seed(tmp_path):
 
 
 def test_teacher_samples_are_solved_once(tmp_path):
-    """The toy teacher's evaluation samples depend only on the seeds (and
-    teacher, solver, ...): the second evaluation reads them back, with the same table."""
+    """The toy teacher's samples depend only on the seeds (and teacher, solver, ...):
+    the second evaluation reads back every one of them, the protocol's and diversity.png's
+    (one sampling path, one cache), with the same table."""
     from conftest import run_script
     clf = tmp_path / "clf.pt"
     S5.train_toy_classifier(str(clf), steps=2)
@@ -86,7 +87,9 @@ def test_teacher_samples_are_solved_once(tmp_path):
     m1 = json.load(open(tmp_path / "eval" / "metrics.json"))
     second = run_script("05_evaluate.py", *args)
     m2 = json.load(open(tmp_path / "eval" / "metrics.json"))
-    assert "teacher samples: read from" not in first.stdout and "teacher samples: read from" in second.stdout
+    caches = sorted(p.name.split("_")[2] for p in (tmp_path / "eval").glob("teacher_samples_*.pt"))
+    assert caches == ["diversity", "eval"]
+    assert "teacher samples: read from" not in first.stdout and second.stdout.count("teacher samples: read from") == 2
     assert m1 == m2  # every metric of every row, the teacher's time per image included (it is cached with them)
 
 
@@ -159,7 +162,7 @@ def test_cifar10_fid_protocol(tmp_path, monkeypatch):
     from_folder = run(tmp_path / "cifar_train", "a")
     feats = stand_in_cifar_inception()
     f_real = feats(torch.from_numpy(imgs).permute(0, 3, 1, 2))
-    cached = torch.load(next((tmp_path / "a" / "eval").glob("teacher_samples_*.pt")), weights_only=False)["x"]
+    cached = torch.load(next((tmp_path / "a" / "eval").glob("teacher_samples_eval_*.pt")), weights_only=False)["x"]
     assert from_folder["fid_20"] == pytest.approx(S5.fid_from_features(f_real, feats(S5.to_uint8(cached))), rel=1e-6)
     mu, sigma = S5.feature_stats(f_real)
     np.savez(tmp_path / "ref.npz", mu=mu.numpy(), sigma=sigma.numpy())

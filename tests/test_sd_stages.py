@@ -152,13 +152,13 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     monkeypatch.setattr(C.LDMTeacher, "solve", lambda self, z, *a, **kw: solved.append(len(z)) or solve(self, z, *a, **kw))
     ev.main(argv)
     m = json.load(open(tmp_path / "eval" / "metrics.json"))
-    # a second evaluation reads the teacher's samples and the real statistics back: it solves only
-    # diversity.png's 3 seeds, and every metric is the same
+    # a second evaluation reads the teacher's samples (the protocol's, DreamDiv's, diversity.png's)
+    # and the real statistics back: it solves nothing, and every metric is the same
     assert sum(solved) == 6 + 2 * 8 + 3
     solved.clear()
     ev.main(argv)
     again = json.load(open(tmp_path / "eval" / "metrics.json"))
-    assert sum(solved) == 3 and all(again[r][k] == m[r][k] for r in m for k in m[r] if k != "sec_per_img")
+    assert sum(solved) == 0 and all(again[r][k] == m[r][k] for r in m for k in m[r] if k != "sec_per_img")
     assert set(m) == {"teacher", "stage 1"} and len(list((tmp_path / "eval").glob("real_stats_*.pt"))) == 1
     for row in m.values():
         assert set(row) == {"fid_6", "clip_6", "precision_6", "recall_6", "dreamdiv_2", "dreamsim_6", "sec_per_img", "nfe"}
@@ -171,7 +171,7 @@ def test_05_sd_metric_path_with_stand_in_networks(tiny_sd15, prompt_file, tmp_pa
     # against all 9 real images of the split, not only the 6 whose captions were drawn
     prompts, real_paths, _ = ev.load_coco(str(coco), 6, 0)
     assert len(real_paths) == 9
-    cached = torch.load(next((tmp_path / "eval").glob("teacher_samples_*.pt")), weights_only=False)
+    cached = torch.load(next((tmp_path / "eval").glob("teacher_samples_eval_*.pt")), weights_only=False)
     teacher = C.LDMTeacher(dict(C.get_preset("sd15"), preset="sd15", teacher=tiny_sd15, resolution=16, num_steps=2,
                                 dtype="float32", out_dir=str(tmp_path)), torch.device("cpu"))
     with torch.no_grad():
