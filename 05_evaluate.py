@@ -321,6 +321,15 @@ def sample_batches(cfg, teacher, models, batches, device, tag, w=None, secs=None
         secs.update({name: s / max(1, done) for name, s in total.items()})
 
 
+def collect(stream):
+    """{name: x} of every batch of a sample_batches stream, concatenated on the CPU."""
+    outs = {}
+    for out in stream:
+        for name, x in out.items():
+            outs.setdefault(name, []).append(x.cpu())
+    return {name: torch.cat(v) for name, v in outs.items()}
+
+
 def rank_batches(seeds, conds, rank, world, B):
     """This rank's share (seeds[rank::world]) in batches of B: [(seeds, conditions)]."""
     mine = list(range(len(seeds)))[rank::world]
@@ -379,12 +388,10 @@ def sample_class_conditional(cfg, teacher, models, device, rank, world):
     gathered in seed order, and each model's seconds per image."""
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + cfg["num_samples"]))
     _, labels = teacher.noise_and_condition(seeds)
-    outs, secs = {name: [] for name in models}, {}
-    for out in sample_batches(cfg, teacher, models, rank_batches(seeds, labels, rank, world, cfg["batch_per_device"]),
-                              device, "eval", secs=secs):
-        for name, x in out.items():
-            outs[name].append(x.cpu())
-    return {name: gather_by_rank(torch.cat(v), len(seeds), world) for name, v in outs.items()}, secs, labels
+    secs = {}
+    outs = collect(sample_batches(cfg, teacher, models, rank_batches(seeds, labels, rank, world, cfg["batch_per_device"]),
+                                  device, "eval", secs=secs))
+    return {name: gather_by_rank(x, len(seeds), world) for name, x in outs.items()}, secs, labels
 
 
 def evaluate_toy(cfg, teacher, models, nfe, clf, device, rank, world):
@@ -430,8 +437,8 @@ def write_grids(outs, teacher, eval_dir, conds, cfg, models, device):
     C.save_image_grid(imgs, os.path.join(eval_dir, "compare.png"), ncol=len(cols))
     seeds = list(range(EVAL_SEED0 + 10_000_000, EVAL_SEED0 + 10_000_000 + cfg["diversity_seeds"]))
     one = conds[picks[0]].repeat(len(seeds)) if torch.is_tensor(conds) else [conds[picks[0]]] * len(seeds)
-    out, = sample_batches(cfg, teacher, models, [(seeds, one)], device, "diversity")  # runs to its end: the cache is written
-    rows = [teacher.to_images(x).cpu() for x in out.values()]
+    out = collect(sample_batches(cfg, teacher, models, [(seeds, one)], device, "diversity"))
+    rows = [teacher.to_images(x.to(device)).cpu() for x in out.values()]
     C.save_image_grid(torch.cat(rows), os.path.join(eval_dir, "diversity.png"), ncol=len(seeds))
     C.save_text("compare.png columns: " + " | ".join(cols) + "\ndiversity.png rows: " + " | ".join(models) + "\n",
                         os.path.join(eval_dir, "grids.txt"))
@@ -587,11 +594,7 @@ def guidance_sweep(cfg, teacher, models, clf, device, n=500):
     _, labels = teacher.noise_and_condition(seeds)
     table, rows = {}, []
     for w in cfg["eval_w"]:
-        out = {name: [] for name in models}
-        for part in sample_batches(cfg, teacher, models, rank_batches(seeds, labels, 0, 1, 250), device, "guidance", w=w):
-            for name, x in part.items():
-                out[name].append(x.cpu())
-        out = {name: torch.cat(v) for name, v in out.items()}
+        out = collect(sample_batches(cfg, teacher, models, rank_batches(seeds, labels, 0, 1, 250), device, "guidance", w=w))
         table[f"w={w:g}"] = {name: dict(fidelity_mse=fidelity(x.clamp(-1, 1), out["teacher"].clamp(-1, 1)),
                                         class_acc=classify(clf, x.clamp(-1, 1).to(device)).cpu().eq(labels).float().mean().item())
                              for name, x in out.items()}
