@@ -234,8 +234,8 @@ def train_toy_sd_teacher(cfg, device):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=C.sd_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-    def write(folder):  # float16 weights (3.7 MB), as the toy teacher's; every stage loads them in --dtype
-        pipe.to(torch.float16).save_pretrained(folder)
+    def write(folder):  # float16-rounded weights stored in float32 (7.4 MB): a plain from_pretrained(folder) runs them
+        pipe.to(torch.float16).to(torch.float32).save_pretrained(folder)
         C.save_text("\n".join(captions[:10_000]) + "\n", os.path.join(folder, "prompts.txt"))  # 01's default prompts
     C.atomic(cfg["teacher"], write)
     print(f"wrote {cfg['teacher']} (scaling factor {vae.config.scaling_factor})")

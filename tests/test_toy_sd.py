@@ -61,8 +61,7 @@ def test_export_loads_in_stable_diffusion_pipeline(toy_sd_run):
     export = toy_sd_run / "export"
     run_script("04_gan_finetune.py", "--preset", "toy_sd", "--out_dir", toy_sd_run, "--export", export)
     pipe = StableDiffusionPipeline.from_pretrained(TEACHER, unet=UNet2DConditionModel.from_pretrained(export / "unet"),
-                                                   scheduler=LCMScheduler.from_pretrained(export / "scheduler"),
-                                                   torch_dtype=torch.float32)  # the shipped weights are float16
+                                                   scheduler=LCMScheduler.from_pretrained(export / "scheduler"))
     pipe.set_progress_bar_config(disable=True)
     call = json.load(open(export / "export.json"))["pipeline_call"]
     prompts = ["a large red circle on a black background in the centre", "a small blue cross on a white background top left"]
@@ -75,6 +74,21 @@ def test_export_loads_in_stable_diffusion_pipeline(toy_sd_run):
         ours = (teacher.to_images(G(z, teacher.encode_prompts(prompts))) + 1) / 2
     assert call["timesteps"] == [981] and theirs.shape == (2, 3, 32, 32)
     assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_the_shipped_teacher_runs_in_a_plain_pipeline_call():
+    """from_pretrained(folder) with no other argument, then a prompt: every component is
+    stored in one dtype (float32 holding float16-rounded values), so none of them meets
+    another's dtype at the first matmul, whatever dtype each library defaults to."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(TEACHER)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        assert {p.dtype for p in part.parameters()} == {torch.float32}, type(part).__name__
+        assert all(torch.equal(p, p.half().float()) for p in part.parameters())  # the float16 teacher, losslessly
+    x = pipe("a large red circle on a black background in the centre", num_inference_steps=2, output_type="pt",
+             generator=torch.Generator().manual_seed(0)).images
+    assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
 
 
 def test_caption_words_are_single_tokens_and_name_the_drawn_attributes():
