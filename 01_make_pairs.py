@@ -330,8 +330,9 @@ def main(argv=None):
     if cfg["benchmark"]:
         print(json.dumps(benchmark_pairs(cfg, [prompts[i % len(prompts)] for i in range(cfg["batch_per_device"])], device), indent=2))
         return C.cleanup()
-    teacher = C.load_teacher(cfg, device, cfg["teacher_dtype"])
     pairs_dir = os.path.join(cfg["out_dir"], "pairs")
+    stop = C.StopSignal(pairs_dir)  # SIGTERM/SIGUSR1 (preemption, a time limit): stop after the batch in progress
+    teacher = C.load_teacher(cfg, device, cfg["teacher_dtype"])
     N, S = cfg["num_pairs"], cfg["shard_size"]
     prompts_id = prompts and f"{os.path.basename(os.path.normpath(cfg['prompts']))}:n={len(prompts)}:sha256=" + \
         hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
@@ -370,8 +371,12 @@ def main(argv=None):
         w = pair_guidance(seeds, cfg["cfg_range"]) if cfg["cfg_range"] else None
         xs, B = [], cfg["batch_per_device"]
         for b in range(0, len(idx), B):
+            if stop.got:  # every rank gets the signal; the shard in progress is dropped, a rerun makes it again
+                break
             z, cond = conditions(seeds[b:b + B], idx[b:b + B])
             xs.append(teacher.solve(z, cond, guidance=None if w is None else w[b:b + B]).to(dtype).cpu())
+        if stop.got:
+            break
         _, cond = conditions(seeds, idx)
         write_shard(C.shard_path(pairs_dir, k), torch.cat(xs), seeds, w=w, **{"prompts" if prompts else "labels": cond})
         made += len(idx)
@@ -379,7 +384,9 @@ def main(argv=None):
     if made:
         print(f"rank {rank}: {made} pairs in {dt:.1f} s = {made / dt:.2f} pairs/s, {made * teacher.nfe / dt:.1f} NFE/s "
               f"({teacher.nfe} NFE per pair)", flush=True)
-    C.barrier()
+    if stop.requested(device):  # the one collective after the loop: a rank that finished its shards waits here
+        stop.exit(sum(os.path.isfile(C.shard_path(pairs_dir, k)) for k in range(num_shards)), "finished shards kept",
+                  "rerun the same command to make the rest")
     if rank == 0:
         missing = [k for k in range(num_shards) if not os.path.isfile(C.shard_path(pairs_dir, k))]
         if missing:

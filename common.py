@@ -1336,13 +1336,12 @@ class StopSignal:
             signal.signal(s, handler)
         self.old = {}
 
-    def exit(self, step):
+    def exit(self, step, saved="checkpoint written", rerun="rerun the same command with --resume to continue"):
         """After the checkpoint of `step`, on every rank: the marker, then cleanup's barrier,
         so that no rank exits (and makes torchrun stop the others) before rank 0 has written."""
         if is_main():
             save_json(dict(step=step, signal=self.got or "on another rank", exit_status=PREEMPTED), self.marker)
-        print0(f"stopped by a signal at step {step}, checkpoint written; exit status {PREEMPTED}: "
-               f"rerun the same command with --resume to continue ({self.marker})")
+        print0(f"stopped by a signal at step {step}, {saved}; exit status {PREEMPTED}: {rerun} ({self.marker})")
         cleanup()
         self.restore()
         sys.exit(PREEMPTED)

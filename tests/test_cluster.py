@@ -177,6 +177,33 @@ def test_sigusr1_stops_02_phase1_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigusr1_stops_01_after_its_finished_shards_and_a_rerun_completes_them(tmp_path):
+    """01 (plain python), SIGUSR1 once two shards are written: exit status 75, the marker
+    counts the finished shards, and every shard on disk is complete (the one in progress
+    is dropped, not written short). The same command then makes the rest, and every shard
+    equals a straight run's."""
+    args = ["--num_pairs", 32, "--shard_size", 4, "--batch_per_device", 2]
+    p = popen("01_make_pairs.py", ["--out_dir", tmp_path / "b", *args])
+    pairs = tmp_path / "b" / "pairs"
+    t0 = time.time()
+    while not os.path.exists(C.shard_path(pairs, 1)):
+        assert p.poll() is None and time.time() - t0 < 120, finish(p)
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGUSR1)
+    rc, out, err = finish(p)
+    marker = json.load(open(pairs / "preempted.json"))
+    shards = sorted(pairs.glob("shard_*.safetensors"))
+    assert rc == C.PREEMPTED and 2 <= marker["step"] == len(shards) < 8, (rc, marker, err[-2000:])
+    assert all(len(C.load_shard(f)["seed"]) == 4 for f in shards) and "rerun the same command" in out
+    assert not json.load(open(pairs / "manifest.json"))["complete"]
+    assert finish(popen("01_make_pairs.py", ["--out_dir", tmp_path / "b", *args]))[0] == 0
+    assert json.load(open(pairs / "manifest.json"))["complete"] and not (pairs / "preempted.json").exists()
+    assert finish(popen("01_make_pairs.py", ["--out_dir", tmp_path / "a", *args]))[0] == 0
+    for k in range(8):
+        a, b = (C.load_shard(C.shard_path(tmp_path / r / "pairs", k)) for r in "ab")
+        assert all(torch.equal(a[key], b[key]) for key in a), k
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -342,44 +369,78 @@ SBATCH_OPTIONS = {"job-name", "nodes", "ntasks-per-node", "gpus-per-node", "cpus
 SRUN_OPTIONS = {"kill-on-bad-exit", "ntasks-per-node", "cpus-per-task"}
 
 
-def test_slurm_example_uses_flags_that_exist_and_requeues_on_a_stop(tmp_path, capsys):
-    """docs/slurm.sbatch: its #SBATCH and srun options are sbatch's and srun's, its torchrun
-    options are in `torchrun --help`, and its stage flags in 03's and 04's --help. Run with
-    stand-ins for srun and scontrol, it requeues the job when the stage left preempted.json
-    (exit 0), and passes a failure's status on otherwise, also when the last start's
-    marker is still there."""
-    import re
-    text = open(os.path.join(REPO, "docs", "slurm.sbatch")).read()
-    assert set(re.findall(r"^#SBATCH --([a-z-]+)", text, re.M)) <= SBATCH_OPTIONS
-    command = " ".join(l.rstrip("\\").strip() for l in text[text.index("srun "):].split("rc=$?")[0].splitlines())
-    srun, rest = command.split(" torchrun ")
-    launcher, stage_args = rest.split('"$STAGE"')
-    assert set(re.findall(r"--([a-z-]+)", srun)) <= SRUN_OPTIONS, srun
-    from torch.distributed.run import get_args_parser
-    torchrun_help = get_args_parser().format_help()
-    for flag in re.findall(r"(--[a-z_]+)", launcher):
-        assert re.search(rf"{flag}\b", torchrun_help), flag
-    helps = []
-    for script in ("03_ode_distill", "04_gan_finetune"):
-        with pytest.raises(SystemExit):
-            __import__(script).main(["--help"])
-        helps.append(capsys.readouterr().out)
-    for flag in re.findall(r"(--[a-z_]+)", stage_args):
-        assert all(re.search(rf"{flag}\b", h) for h in helps), flag
+SLURM_STAGES = {"01": ("01_make_pairs.py", "pairs", ["PROMPTS=p.txt"]),
+                "02": ("02_train_latent_lpips.py", "lpips", ["IMAGES=/data/in", "BAPPS=/data/bapps"]),
+                "03": ("03_ode_distill.py", "distill", []),
+                "04": ("04_gan_finetune.py", "gan", []),
+                "05": ("05_evaluate.py", None, ["COCO=/data/coco2014"])}
 
+
+def sbatch(tmp_path, *assign, stop=None):
+    """docs/slurm.sbatch under bash with stand-ins for srun (it logs its command line and
+    exits 1, as torchrun does for any stop; with `stop`, it first leaves the marker a
+    stopped stage writes there) and scontrol; the exit status, stderr and the log."""
     bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    (bin_ / "srun").write_text('#!/bin/sh\necho "srun $*" >> "$LOG"\n[ -n "$STOP" ] && mkdir -p runs/sd15/distill && '
-                               'echo \'{"step": 7}\' > runs/sd15/distill/preempted.json\nexit 1\n')
+    bin_.mkdir(exist_ok=True)
+    (bin_ / "srun").write_text('#!/bin/sh\necho "srun $*" >> "$LOG"\n[ -n "$STOP" ] && mkdir -p "$STOP" && '
+                               'echo \'{"step": 7}\' > "$STOP/preempted.json"\nexit 1\n')
     (bin_ / "scontrol").write_text('#!/bin/sh\necho "scontrol $*" >> "$LOG"\n[ "$1" = show ] && echo node1\nexit 0\n')
     for f in bin_.iterdir():
         f.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", LOG=str(tmp_path / "log"), SLURM_JOB_NODELIST="node1",
-               SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="64")
-    script = os.path.join(REPO, "docs", "slurm.sbatch")
-    stopped = subprocess.run(["bash", script], env=dict(env, STOP="1"), cwd=tmp_path, capture_output=True, text=True)
-    log = (tmp_path / "log").read_text()
-    assert stopped.returncode == 0 and "scontrol requeue 42" in log and "--rdzv_endpoint=node1:29500" in log, (stopped, log)
-    (tmp_path / "log").unlink()  # the stop's marker stays: the next start must not take it for its own
-    failed = subprocess.run(["bash", script], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert failed.returncode == 1 and "requeue" not in (tmp_path / "log").read_text()
+    log = tmp_path / "log"
+    log.unlink(missing_ok=True)
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", LOG=str(log), SLURM_JOB_NODELIST="node1",
+               SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="64", ENV=":", STOP=stop or "",
+               **dict(a.split("=", 1) for a in assign))
+    p = subprocess.run(["bash", os.path.join(REPO, "docs", "slurm.sbatch")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True)
+    return p.returncode, p.stderr, log.read_text() if log.exists() else ""
+
+
+def test_slurm_example_uses_options_that_exist():
+    """docs/slurm.sbatch: its #SBATCH and srun options are sbatch's and srun's, and its
+    torchrun options are in `torchrun --help`."""
+    import re
+    text = open(os.path.join(REPO, "docs", "slurm.sbatch")).read()
+    assert set(re.findall(r"^#SBATCH --([a-z-]+)", text, re.M)) <= SBATCH_OPTIONS
+    command = " ".join(l.rstrip("\\").strip() for l in text[text.index("\nsrun ") + 1:].split("rc=$?")[0].splitlines())
+    srun, rest = command.split(" torchrun ")
+    launcher = rest.split('"$SCRIPT"')[0]
+    assert set(re.findall(r"--([a-z-]+)", srun)) <= SRUN_OPTIONS, srun
+    from torch.distributed.run import get_args_parser
+    torchrun_help = get_args_parser().format_help()
+    assert "--signals_to_handle" in launcher
+    for flag in re.findall(r"(--[a-z_]+)", launcher):
+        assert re.search(rf"{flag}\b", torchrun_help), flag
+
+
+@pytest.mark.parametrize("stage", sorted(SLURM_STAGES))
+def test_slurm_example_runs_each_stage_with_its_flags_and_requeues_on_a_stop(tmp_path, capsys, stage):
+    """STAGE=01..05 with stand-ins for srun and scontrol: the stage's script gets flags that
+    are in its --help, the preset's folder, and ARGS at the end. A stop (the stage left its
+    preempted.json: 01 in pairs/, 02 in lpips/, 03/04 in the run) requeues the job and
+    exits 0; a failure passes its status on, also when the last start's marker is still
+    there; 05 writes no marker and is never requeued."""
+    import re
+    script, marker, needs = SLURM_STAGES[stage]
+    rc, err, log = sbatch(tmp_path, f"STAGE={stage}", "ARGS=--seed 3", *needs,
+                          stop=f"runs/sd15/{marker or 'eval'}")
+    line = next(l for l in log.splitlines() if l.startswith("srun "))
+    args = line.split(f" {script} ")[1]
+    assert args.startswith("--preset sd15 --out_dir runs/sd15 ") and args.endswith(" --seed 3"), line
+    with pytest.raises(SystemExit):
+        __import__(script[:-3]).main(["--help"])
+    help_ = capsys.readouterr().out
+    for flag in re.findall(r"(--[a-z_]+)", args):
+        assert re.search(rf"{flag}\b", help_), (script, flag)
+    if marker:
+        assert rc == 0 and "scontrol requeue 42" in log and "--rdzv_endpoint=node1:29500" in log, (rc, err, log)
+        rc, err, log = sbatch(tmp_path, f"STAGE={stage}", *needs)  # the stop's marker is still there
+    assert rc == 1 and "requeue" not in log, (rc, err, log)
+
+
+def test_slurm_example_refuses_an_unknown_stage_or_a_missing_input(tmp_path):
+    rc, err, log = sbatch(tmp_path, "STAGE=06")
+    assert rc == 2 and err.startswith("error: STAGE='06'") and not log, err
+    rc, err, log = sbatch(tmp_path, "STAGE=01")
+    assert rc != 0 and "PROMPTS" in err and not log, err
