@@ -393,7 +393,7 @@ IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def load_ldm_vae(teacher, device):
     """The teacher's VAE, which defines the latent space (loaded once per run)."""
     from diffusers import AutoencoderKL
-    path = C.resolve_pretrained(teacher)
+    path = C.resolve_pretrained(teacher, parts=["vae"])
     with C.or_fail(f"teacher '{teacher}': its vae does not load", "pass a complete diffusers folder with --teacher"):
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
     vae = vae.to(device).eval().requires_grad_(False)

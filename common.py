@@ -282,18 +282,36 @@ def load_teacher(cfg, device, dtype=None):
 SD_CONFIGS = os.path.join(REPO, "assets", "sd_configs")  # SD1.5 / SDXL part configs, for --teacher random
 
 
-def resolve_pretrained(src):
+NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # pipeline parts no stage runs
+
+
+def hub_patterns(index, parts=None):
+    """snapshot_download's allow_patterns for a pipeline's `parts` (default: every part in
+    model_index.json that a stage loads): each part's configs, tokenizer files and its one
+    full-precision safetensors file (or its shards). A hub repo also holds fp16 and non-EMA
+    copies (`*.fp16.safetensors`, `*.non_ema.safetensors`), single-file checkpoints at its
+    root and the safety checker: none matches, so SD1.5 costs the 4.3 GB it loads (SDXL 13.9 GB)."""
+    parts = parts or [k for k, v in index.items() if isinstance(v, list) and v[0] and k not in NOT_LOADED]
+    weights = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*-of-*.safetensors",
+               "model.safetensors", "model-*-of-*.safetensors")
+    return ["model_index.json"] + [f"{p}/{w}" for p in parts for w in ("*.json", "*.txt", "*.model", *weights)]
+
+
+def resolve_pretrained(src, parts=None):
     """A local diffusers folder as is; a hub id through huggingface_hub's snapshot_download, which
     reads its own cache (offline: HF_HUB_OFFLINE=1, or when the hub does not answer) and fetches
-    only the configs, tokenizers and safetensors weights of what is not there."""
+    only what hub_patterns names of `parts` and is not there yet."""
     if os.path.isdir(src):
         return src
     if os.path.exists(src) or src.startswith((".", "/")) or src.count("/") != 1:
         fail(f"teacher '{src}' is neither a diffusers folder nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
     with or_fail(f"model '{src}' is not in the Hugging Face cache and could not be fetched (HF_HUB_OFFLINE="
-                 f"{os.environ.get('HF_HUB_OFFLINE', '0')})", f"fill the cache where the hub answers (`hf download {src}`), or pass a local folder with --teacher"):
-        return snapshot_download(src, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"], etag_timeout=10)
+                 f"{os.environ.get('HF_HUB_OFFLINE', '0')})", f"fill the cache where the hub answers (docs/scaling.md, "
+                 f"\"Offline nodes\"), or pass a local folder with --teacher"):
+        index = json.load(open(os.path.join(snapshot_download(src, allow_patterns=["model_index.json"], etag_timeout=10),
+                                            "model_index.json")))
+        return snapshot_download(src, allow_patterns=hub_patterns(index, parts), etag_timeout=10)
 
 
 def synthetic_clip_tokenizer(vocab_size=49408):
@@ -379,6 +397,7 @@ class LDMTeacher:
         self.dtype = getattr(torch, dtype or cfg.get("dtype") or "float32")  # the frozen parts' weights
         cls, extra = (StableDiffusionXLPipeline, {}) if self.kind == "sdxl" else \
             (StableDiffusionPipeline, dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+        extra.update({k: None for k in NOT_LOADED if isinstance(index.get(k), list) and index[k][0] and k not in extra})
         for part, v in index.items():  # the pipeline's own error for a missing part names only the folder above it
             if isinstance(v, list) and v[0] and part not in extra and not os.path.isdir(os.path.join(path, part)):
                 fail(f"teacher folder '{path}' is missing the '{part}' component needed by {self.kind}")

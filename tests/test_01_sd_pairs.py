@@ -1,5 +1,6 @@
 """SD1.5/SDXL pairs equal diffusers' own pipelines (tiny random models)."""
 import json
+import os
 
 import pytest
 import torch
@@ -197,6 +198,63 @@ def test_hub_id_offline_and_unreachable(prompt_file, tmp_path):
     env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
     msg = _fails(*base, env=env)
     assert "nobody/not-a-cached-model" in msg and time.time() - t < 60
+
+
+# The hub repos' files (their listings on huggingface.co), as snapshot_download filters them
+SD15_REPO = ["model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt",
+             "v1-inference.yaml", "README.md", "feature_extractor/preprocessor_config.json", "safety_checker/config.json",
+             "safety_checker/model.safetensors", "safety_checker/model.fp16.safetensors", "scheduler/scheduler_config.json",
+             "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+             "text_encoder/pytorch_model.bin", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+             "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
+             "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.non_ema.bin",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"]
+SDXL_REPO = ["model_index.json", "sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors",
+             "sd_xl_offset_example-lora_1.0.safetensors", "scheduler/scheduler_config.json", "text_encoder/config.json",
+             "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors", "text_encoder/model.onnx",
+             "text_encoder_2/config.json", "text_encoder_2/model.safetensors", "text_encoder_2/model.fp16.safetensors",
+             "text_encoder_2/model.onnx_data", "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/vocab.json",
+             "tokenizer_2/merges.txt", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "unet/openvino_model.bin", "vae/config.json",
+             "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+             "vae_1_0/diffusion_pytorch_model.safetensors", "vae_decoder/model.onnx"]
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_hub_download_takes_only_the_loaded_parts_full_precision_weights(kind, tiny_sd15, tiny_sdxl):
+    """What snapshot_download fetches for a hub id: the configs and tokenizers of the parts
+    a stage loads and each part's one full-precision safetensors file; no fp16 or non-EMA
+    copy, no single-file checkpoint, no safety checker, ONNX or OpenVINO file. 02 takes the VAE alone."""
+    from huggingface_hub.utils import filter_repo_objects
+    index = json.load(open(os.path.join({"sd15": tiny_sd15, "sdxl": tiny_sdxl}[kind], "model_index.json")))
+    repo = SD15_REPO if kind == "sd15" else SDXL_REPO
+    got = set(filter_repo_objects(repo, allow_patterns=C.hub_patterns(index)))
+    weights = {f for f in got if f.endswith(".safetensors")}
+    parts = ["text_encoder", "unet", "vae"] + (["text_encoder_2"] if kind == "sdxl" else [])
+    assert weights == {f"{p}/{'model' if 'text' in p else 'diffusion_pytorch_model'}.safetensors" for p in parts}, weights
+    assert {f for f in repo if f.endswith((".json", ".txt")) and f.split("/")[0] in index
+            and f.split("/")[0] not in C.NOT_LOADED} | {"model_index.json"} <= got
+    assert not {f for f in got if f.startswith(("safety_checker", "feature_extractor", "vae_1_0"))}
+    vae = set(filter_repo_objects(repo, allow_patterns=C.hub_patterns(index, ["vae"])))
+    assert vae == {"model_index.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"}
+
+
+def test_hub_id_loads_offline_from_a_filled_cache(tiny_sd15, prompt_file, tmp_path):
+    """A hub id whose files are in the cache (what `hf download` leaves on a login node) loads
+    with HF_HUB_OFFLINE=1: the pairs equal those from the folder itself."""
+    import shutil
+    snap = tmp_path / "hf" / "hub" / "models--someone--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_sd15, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for name, teacher in [("hub", "someone/tiny-sd"), ("folder", tiny_sd15)]:
+        run_script("01_make_pairs.py", "--preset", "sd15", "--teacher", teacher, "--prompts", prompt_file,
+                   "--out_dir", tmp_path / name, "--num_pairs", 2, "--shard_size", 2, "--batch_per_device", 2,
+                   "--resolution", 16, "--num_steps", 2, env=env)
+    a, b = (C.load_shard(C.shard_path(tmp_path / n / "pairs", 0)) for n in ("hub", "folder"))
+    assert torch.equal(a["x"], b["x"])
 
 
 def test_speed_benchmark_times_the_presets_teacher(tiny_sd15, tiny_sdxl, tmp_path, monkeypatch):
