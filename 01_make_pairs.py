@@ -49,7 +49,8 @@ FLAGS = {
         ("resolution", None, C.INT_POS, "image size in pixels (sd15 512, sdxl 1024; latents are 1/8 of it)"),
         ("guidance", None, C.NONNEG, "classifier-free guidance scale w (1 = none)"),
         ("cfg_range", None, RANGE, "'LOW,HIGH': a guidance scale per pair, for a guidance-conditioned student (beyond the paper)"),
-        ("prompts", None, None, "sd15/sdxl: a .txt/.jsonl file or a folder of them, one prompt per line"),
+        ("prompts", None, None, "required for sd15/sdxl: a UTF-8 .txt/.jsonl file or a folder of them, one prompt per "
+                                "line (docs/real_run.md: from LAION metadata); toy_sd: its teacher's captions"),
         ("cycle_prompts", False, None, "allow fewer prompts than pairs (pair i takes prompt i mod n); refused otherwise"),
     ],
     "pairs on disk": [
@@ -274,7 +275,8 @@ def load_prompts(path):
     """Prompts from a .txt / .jsonl file or a folder of them, one per line. A
     .jsonl line is a string or an object with 'prompt', 'caption' or 'text'."""
     if path is None:
-        C.fail("--prompts is required for sd15/sdxl pairs (a .txt/.jsonl file or a folder of them)")
+        C.fail("--prompts is required for sd15/sdxl pairs (a .txt/.jsonl file or a folder of them; docs/real_run.md "
+               "makes one from LAION metadata)")
     if not os.path.exists(path):
         C.fail(f"prompt path '{path}' does not exist")
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".txt", ".jsonl"))) \

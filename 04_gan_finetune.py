@@ -33,7 +33,8 @@ FLAGS = {
         ("export", None, None, "sd15/sdxl: write <out_dir>/<run_name>/student_ema.pt (default: the stage-2 student) as a diffusers "
                                "folder (unet/ + scheduler/) and exit"),
     ],
-    "inputs": C.TRAIN_INPUT_FLAGS + [("init", None, None, "stage-1 student (default <out_dir>/distill/student_ema.pt)")],
+    "inputs": C.TRAIN_INPUT_FLAGS + [("init", None, None, "stage-1 student (default <out_dir>/distill/student_ema.pt)"),
+                                     ("partial_init", False, None, "accept an --init that stopped before its --steps")],
     "generator loss (Eq. 6)": C.LOSS_FLAGS + [("lambda_gan", None, C.NONNEG, "lambda_GAN (Table A1: 0.25 SD1.5, 1.0 SDXL)")],
     "discriminator (§3.3, Table 2, Fig. 7)": [
         ("z_cond", True, None, "'+ z conditional D': D sees z through a zero-init conv"),
@@ -354,6 +355,11 @@ def validate(cfg, given):
     if not cfg["benchmark_steps"]:  # sizing mode: G starts from the teacher
         cfg["init"] = cfg["init"] or os.path.join(cfg["out_dir"], "distill", "student_ema.pt")
         s1 = C.load_student_file(cfg["init"], "stage-1 student (03's student_ema.pt)", "run 03_ode_distill.py first or pass --init")
+        if s1.get("stage") != 1:
+            C.fail(f"--init '{cfg['init']}' is a stage-{s1.get('stage')} student, not 03's stage-1 student")
+        if s1["step"] < s1["config"]["steps"] and not cfg["partial_init"]:
+            C.fail(f"--init '{cfg['init']}' stopped at step {s1['step']} of its --steps {s1['config']['steps']}: finish it "
+                   f"(03 with --resume), or pass --partial_init to start stage 2 from it anyway")
         # (a key the student lacks, e.g. a fork's flag newer than it, keeps this run's value)
         cfg.update({k: s1["config"][k] for k in LOSS_KEYS if k not in given and k in s1["config"]})
     if cfg["benchmark_steps"]:

@@ -1226,7 +1226,7 @@ def parse_config(doc, flags, argv=None, table=None):
         g = p.add_argument_group(title)
         for name, default, kind, text in items:
             types[name] = kind
-            text += " (default: the preset's)" if default is None and name in preset_keys else ""
+            text += " (default: the preset's)" if default is None and name in preset_keys and "required" not in text else ""
             if isinstance(default, bool) or kind is bool:  # --x / --no-x (kind bool: the preset's by default)
                 g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=text)
             elif isinstance(kind, (tuple, dict)):  # dict: its keys, read when parsing (PRESETS: a preset a fork adds counts)

@@ -163,3 +163,20 @@ def test_stage2_nan_guard(toy_run):
     assert p.returncode != 0
     msg = p.stderr.strip().splitlines()[-1]
     assert "became" in msg and "at step" in msg and "last good checkpoint" in msg, msg
+
+
+def test_an_unfinished_or_wrong_stage_init_is_refused_unless_told(toy_run):
+    """--init is 03's finished student: one stopped by --max_steps_this_run (step 2 of 8)
+    stops 04 before any work, naming the step, unless --partial_init; a stage-2 student
+    is refused whatever the flags."""
+    run_script("03_ode_distill.py", "--out_dir", toy_run, "--run_name", "half1", "--steps", 8, "--max_steps_this_run", 2, *S1)
+    half = toy_run / "half1" / "student_ema.pt"
+    assert weights(half)["step"] == 2
+    args = ["--out_dir", toy_run, "--run_name", "from_half", *STAGE2_ARGS[2:], "--steps", 1]
+    p = run_script("04_gan_finetune.py", *args, "--init", half, check=False)
+    assert p.returncode != 0 and "stopped at step 2 of its --steps 8" in p.stderr and "--partial_init" in p.stderr, p.stderr
+    assert not (toy_run / "from_half").exists()
+    run_script("04_gan_finetune.py", *args, "--init", half, "--partial_init")
+    p = run_script("04_gan_finetune.py", *args, "--run_name", "from_s2", "--init", toy_run / "from_half" / "student_ema.pt",
+                   check=False)
+    assert p.returncode != 0 and "stage-2 student" in p.stderr, p.stderr
