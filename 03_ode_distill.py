@@ -11,7 +11,7 @@ Output: <out_dir>/distill/{student_ema.pt, ckpt_latest.pt, metrics.jsonl, grid_*
         student_ema.pt is what 04 and 05 read.
 
 Toy (CPU, ~3 min):   python 03_ode_distill.py
-CIFAR10 (1 GPU):     python 03_ode_distill.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl   (pip install lpips)
+CIFAR10 (1 GPU):     python 03_ode_distill.py --preset cifar10 --teacher edm-cifar10-32x32-cond-vp.pkl   (lpips: README, Install)
 SD1.5 (8 GPUs):      torchrun --nproc_per_node=8 03_ode_distill.py --preset sd15 --lpips_ckpt sd15_latest_vgg16_tuned.pth
 Table 1 ablation:    python 03_ode_distill.py --loss mse --out_dir runs/toy --run_name distill_mse
 Table 6 (pairs):     python 03_ode_distill.py --out_dir runs/t6 --first_pairs 8192 --steps 1500 --run_name s1_8k

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -45,6 +46,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+
+# Start-up notices that are not the user's business, dropped where they are logged: transformers'
+# image processors fall back to PIL without torchvision (no stage uses one), diffusers loads
+# without the optional accelerate, and names torch_dtype deprecated (still the one every supported
+# diffusers version takes).
+QUIET = ("requires torchvision (not installed)", "Cannot initialize model with low cpu memory usage",
+         "that should be kept in float32: []", "`torch_dtype` is deprecated")
+_quiet = logging.Filter()
+_quiet.filter = lambda record: not any(q in record.getMessage() for q in QUIET)
+for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_utils", "diffusers.pipelines.pipeline_utils"):
+    logging.getLogger(_name).addFilter(_quiet)
+warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
 
 # ----------------------------------------------------------------------------
 # 1. EDM (Karras et al. 2022). The toy teacher is a diffusers UNet2DModel with
@@ -933,8 +946,9 @@ def load_pixel_lpips(device):
     try:
         import lpips
     except ImportError:
-        fail("--loss lpips needs the optional `lpips` package: pip install lpips "
-             "(it also needs torchvision, and fetches the VGG16 weights on first use)")
+        fail("--loss lpips needs the optional `lpips` package and torchvision: install them with torch pinned to "
+             f"this one (torch=={torch.__version__.split('+')[0]}; README, Install), as a plain `pip install lpips` "
+             "replaces it; the VGG16 weights are fetched on first use")
     net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
     return lambda a, b: net(a, b).flatten()
 

@@ -168,3 +168,19 @@ def test_toy_sd_quickstart_end_to_end(tmp_path):
     assert m["stage 2"]["fid_500"] < 1.2 * m["stage 1"]["fid_500"]  # one seed's FID-toy is noisy (docs/toy_sd.md)
     for f in ("compare.png", "diversity.png", "results.md", "prompts.txt"):
         assert os.path.isfile(tmp_path / "eval" / f)
+
+
+def test_start_up_prints_no_library_notices(tmp_path):
+    """01 on the toy_sd teacher, as a user starts it (a subprocess, the real loaders): none
+    of the notices that are not the user's business (transformers' image processors
+    without torchvision, diffusers without accelerate, its torch_dtype rename) reaches
+    stderr; whatever else the libraries say still does."""
+    p = run_script("01_make_pairs.py", "--preset", "toy_sd", "--out_dir", tmp_path, "--num_pairs", 2, "--shard_size", 2,
+                   "--batch_per_device", 2, "--num_steps", 2, env={"D2G_SUBPROCESS": "1"})
+    for notice in ("torchvision", "accelerate", "torch_dtype", "kept in float32"):
+        assert notice not in p.stderr, p.stderr[-2000:]
+    import logging
+    record = logging.LogRecord("x", logging.WARNING, "", 0, "`CLIPImageProcessor` requires torchvision (not installed)", (), None)
+    assert not logging.getLogger("transformers.utils.import_utils").filter(record)
+    record.msg = "something else"
+    assert logging.getLogger("transformers.utils.import_utils").filter(record)
