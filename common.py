@@ -166,6 +166,8 @@ def load_toy_teacher(path):
     """The toy teacher from a .safetensors state dict (config: TOY_UNET_CONFIG)."""
     from safetensors.torch import load_file
     net = build_toy_teacher()
+    if os.path.isdir(path):
+        fail(f"toy teacher '{path}' is a folder, not the teacher's .safetensors file")
     with or_fail(f"toy teacher '{path}' is unreadable", "train one with 'python 01_make_pairs.py --preset toy "
                  "--train_teacher' or pass --teacher PATH"):  # missing, a folder, corrupt, another architecture
         net.load_state_dict({k: v.float() for k, v in load_file(path).items()})
@@ -702,12 +704,15 @@ def load_latent_lpips(path, in_ch=None, space=None):
     if isinstance(ck, dict) and "config" in ck and "state_dict" in ck:
         cfg, sd, found = ck["config"], ck["state_dict"], ck.get("latent_space", "unrecorded")
     else:
+        if isinstance(ck, dict) and "ema" in ck:
+            fail(f"'{path}' is a student of 03/04, not a LatentLPIPS checkpoint (02's latent_lpips.pt or an official one)")
         found = OFFICIAL_LPIPS_SPACES.get(os.path.basename(path).split("_")[0], "unnamed")
         sd = map_official_lpips(ck)
         w0 = sd.get("net.slices.0.0.weight")
         if w0 is None:
             fail(f"'{path}' is neither our LatentLPIPS checkpoint nor an official E-LatentLPIPS one")
         cfg = dict(in_ch=w0.shape[1], width=w0.shape[0] / 64, pools_removed=3, num_classes=1000)
+    check_finite(sd, f"LatentLPIPS checkpoint '{path}'", "retrain it with 02_train_latent_lpips.py or pass another --lpips_ckpt")
     with torch.random.fork_rng(devices=[]):  # built without drawing from the global RNG (the run's seeded parts, D's heads,
         model = LatentLPIPS(**cfg)           # come out the same wherever this file is read)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -1224,6 +1229,10 @@ RESUME_MAY_CHANGE = ("steps", "max_steps_this_run", "resume", "allow_config_chan
                      "ckpt_every", "dist_timeout_min", "fsdp", "grad_ckpt", "grad_clip", "out_dir", "pairs")  # pairs: identity in pairs_id
 
 
+PATH_KINDS = dict(out_dir="folder", pairs="folder", export="folder", images="folder", bapps="folder", coco="folder",
+                  lpips_ckpt="file", init="file", classifier="file")  # what each path flag names (--teacher: by family)
+
+
 def parse_config(doc, flags, argv=None, table=None):
     """Every script's configuration, with one precedence: the preset, then the flags
     given. The preset is PRESETS[--preset] plus, in 03 and 04, that stage's own Table
@@ -1260,6 +1269,11 @@ def parse_config(doc, flags, argv=None, table=None):
     given = {k for k, v in vars(p.parse_args(argv)).items() if v is not None}  # on the command line, whatever the default
     cfg.update({k: v for k, v in args.items() if v is not None or k not in cfg})
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", args["preset"])
+    kinds = dict(PATH_KINDS, teacher="file" if cfg.get("family") == "edm" and cfg.get("teacher") != "random" else None)
+    for k, want in kinds.items():  # a path of the wrong kind, named by its flag before anything reads or writes it
+        path = cfg.get(k) if k in types else None
+        if want and isinstance(path, str) and os.path.exists(path) and os.path.isdir(path) != (want == "folder"):
+            fail(f"--{k} '{path}' is a {'folder' if os.path.isdir(path) else 'file'}, not a {want}")
     for k, kind in types.items():  # a preset's (or a user preset's) values: the flags' checks, and their form
         if callable(kind) and cfg.get(k) is not None and k in from_preset:
             try:
@@ -1528,6 +1542,8 @@ def check_manifest(found, expected, what):
 
 def read_manifest(pairs_dir):
     path = os.path.join(pairs_dir, "manifest.json")
+    if os.path.isfile(pairs_dir):
+        fail(f"pairs folder '{pairs_dir}' is a file, not 01's pairs folder")
     if not os.path.isfile(path):
         fail(f"no pairs at '{pairs_dir}' (manifest.json missing); run 01_make_pairs.py first")
     with or_fail(f"'{path}' is corrupt", "delete the pairs folder and rerun 01_make_pairs.py"):
@@ -1573,7 +1589,7 @@ class PairDataset:
         check_manifest(m, expected, f"the pairs in '{pairs_dir}'")
         # --first_pairs N (checked against the folder in training_setup): pair i has seed `seed + i`,
         # so the first N are the pairs of a --num_pairs N run
-        self.teacher, self.N, self.S = teacher, cfg.get("first_pairs") or m["num_pairs"], m["shard_size"]
+        self.teacher, self.N, self.S, self.dir = teacher, cfg.get("first_pairs") or m["num_pairs"], m["shard_size"], pairs_dir
         self.shards = [open_shard(shard_path(pairs_dir, k), min(self.S, self.N - k * self.S))
                        for k in range((self.N + self.S - 1) // self.S)]
         self.keys = set(self.shards[0].keys())
@@ -1587,6 +1603,11 @@ class PairDataset:
         rows = [divmod(int(i), self.S) for i in idx]  # (shard, row)
         col = lambda key: torch.cat([self.shards[k].get_slice(key)[j:j + 1] for k, j in rows])
         out = dict(x=col("x").float(), seed=col("seed"))
+        bad = (~torch.isfinite(out["x"]).flatten(1).all(1)).nonzero().flatten().tolist()
+        if bad:  # checked where read: a whole-set scan up front would read every shard (98 GB for SD-CFG-3)
+            k, j = rows[bad[0]]
+            fail(f"pair shard '{shard_path(self.dir, k)}' row {j} holds a non-finite x (NaN or inf); delete the shard "
+                 f"and rerun 01_make_pairs.py to remake it")
         out["z"] = seed_noise(out["seed"].tolist(), self.teacher.z_shape)
         out["cond"] = col("label") if "label" in self.keys else [self.prompts(k)[j] for k, j in rows]
         return out | (dict(w=col("w")) if "w" in self.keys else {})
@@ -1973,6 +1994,7 @@ def load_student_file(path, what, remedy=None):
     ck = load_checkpoint(path, what, mmap=True, keys=STUDENT_KEYS, remedy=remedy)
     if "opt" in ck:
         fail(f"'{path}' is a training checkpoint, not a {what}: pass the student_ema.pt beside it")
+    check_finite(ck["ema"], f"{what} '{path}'", "its run diverged: take an earlier student or rerun that stage")
     return ck
 
 
@@ -1987,15 +2009,27 @@ def load_student(ck, teacher, cfg, path, device):
     return G
 
 
-def load_checkpoint(path, what, mmap=False, keys=(), remedy=None):
-    """A torch checkpoint, or a one-line error naming it: missing, unreadable, or (with
-    `keys`) a dict without the entries this kind of checkpoint has, i.e. another file.
-    mmap=True only maps the file (cheap at any size): what the up-front checks use."""
+def check_finite(state, what, remedy):
+    """Stop with one line naming the file and the first tensor of `state` (a state dict, or
+    a dict of them) that holds a NaN or an infinity: read before any work, not at step k."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            check_finite(v, f"{what} [{k}]", remedy)
+        elif torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            fail(f"{what}: '{k}' holds non-finite values (NaN or inf); {remedy}")
+
+
+def load_checkpoint(path, what, mmap=False, keys=(), remedy=None, finite=()):
+    """A torch checkpoint, or a one-line error naming it: missing, unreadable, (with
+    `keys`) a dict without the entries this kind of checkpoint has, i.e. another file, or
+    a NaN or infinity in its `finite` entries. mmap=True only maps the file (cheap at any
+    size): what the up-front checks use."""
     with or_fail(f"{what} '{path}' is unreadable", remedy):
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
     if missing:
         fail(f"'{path}' is not a {what}: it lacks {', '.join(map(repr, missing))} (another kind of file?)")
+    check_finite({k: ck[k] for k in finite}, f"{what} '{path}'", remedy or "resume from an earlier checkpoint")
     return ck
 
 

@@ -287,3 +287,111 @@ def test_reconstruct_replaces_an_unreadable_metrics_file(toy_run, tmp_path):
     (d / "lpips" / "metrics.json").write_text("{")
     p = run_script("02_train_latent_lpips.py", "--out_dir", d, "--reconstruct", "--recon_steps", 2)
     assert "is unreadable" in p.stdout and json.load(open(d / "lpips" / "metrics.json"))
+
+
+PATH_FLAGS = {s: [n for n, d, k, _ in flags(s) if k is None and not isinstance(d, bool) and n != "run_name"] for s in SCRIPTS}
+TRUSTED = ("student_ema.pt", "ckpt_latest.pt", "latent_lpips.pt", "classifier.pt", "manifest.json", ".safetensors", ".png")
+
+
+def tree(root):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_bad_input_by_class(toy_run, tmp_path, capsys):
+    """Every path flag of every script, given a path of the wrong kind (a file where a folder
+    goes, or the reverse); text that is not UTF-8; a NaN or infinity in what is read (pairs,
+    checkpoints, LatentLPIPS weights, students), named with its file (and shard and row); a
+    file of the wrong kind or truncated. Each stops with one `error:` line naming the flag or
+    the file and the cause, and writes nothing a rerun would trust (no file changes, and
+    nothing new but a run's config.json and metrics.jsonl)."""
+    from safetensors.torch import load_file, save_file
+    d, t = copy_run(toy_run, tmp_path / "run"), tmp_path / "bad"
+    os.makedirs(t / "adir")
+    afile = t / "afile.txt"
+    afile.write_text("x\n")
+    s1, lp = d / "distill" / "student_ema.pt", d / "lpips" / "latent_lpips.pt"
+    (t / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    os.makedirs(t / "coco" / "annotations")
+    (t / "coco" / "annotations" / "captions_val2014.json").write_bytes(b'{"images": [], "annotations": [{"caption": "\xe9"}]}')
+    shutil.copytree(d / "pairs", t / "latin_pairs")
+    m = t / "latin_pairs" / "manifest.json"
+    m.write_bytes(m.read_bytes().replace(b'"toy"', b'"t\xe9y"', 1))
+
+    def poisoned(src, dst, part, key=None):  # a copy of a torch file with one tensor of `part` set to NaN
+        ck = torch.load(src, weights_only=False)
+        key = key or next(k for k, v in ck[part].items() if torch.is_tensor(v) and v.is_floating_point())
+        ck[part][key] = ck[part][key].float().fill_(float("nan"))
+        torch.save(ck, dst)
+        return dst
+    poisoned(s1, t / "nan_student.pt", "ema")
+    poisoned(lp, t / "nan_lpips.pt", "state_dict")
+    os.makedirs(d / "nan_resume")
+    poisoned(d / "distill" / "ckpt_latest.pt", d / "nan_resume" / "ckpt_latest.pt", "model")
+    shutil.copytree(d / "pairs", t / "nan_pairs")
+    shard = C.shard_path(t / "nan_pairs", 1)
+    x = load_file(shard)
+    x["x"][2] = float("inf")
+    save_file(x, shard)
+    shutil.copytree(d / "pairs", t / "short_pairs")
+    whole = open(C.shard_path(d / "pairs", 1), "rb").read()
+    open(C.shard_path(t / "short_pairs", 1), "wb").write(whole[:len(whole) // 2])
+    open(t / "short_student.pt", "wb").write(open(s1, "rb").read()[:os.path.getsize(s1) // 2])
+    import numpy as np
+    np.savez(t / "nan_ref.npz", mu=np.full(4, np.nan), sigma=np.eye(4))
+    o = lambda name: ["--out_dir", t / name]  # a fresh output folder
+    run = ["--out_dir", d]
+    cases = [  # (class, script, argv, what the line must name)
+        ("kind", "01_make_pairs", ["--out_dir", afile], "--out_dir"),
+        ("kind", "02_train_latent_lpips", ["--out_dir", afile], "--out_dir"),
+        ("kind", "03_ode_distill", ["--out_dir", afile], "--out_dir"),
+        ("kind", "04_gan_finetune", ["--out_dir", afile], "--out_dir"),
+        ("kind", "05_evaluate", ["--out_dir", afile], "--out_dir"),
+        ("kind", "01_make_pairs", [*o("o1"), "--teacher", t / "adir"], "--teacher"),
+        ("kind", "02_train_latent_lpips", [*o("o2"), "--teacher", t / "adir"], "--teacher"),
+        ("kind", "03_ode_distill", [*run, "--teacher", t / "adir"], "--teacher"),
+        ("kind", "04_gan_finetune", [*run, "--teacher", t / "adir"], "--teacher"),
+        ("kind", "05_evaluate", [*run, "--teacher", t / "adir"], "--teacher"),
+        ("kind", "02_train_latent_lpips", ["--preset", "sd15", "--images", afile, "--bapps", t / "adir"], "--images"),
+        ("kind", "02_train_latent_lpips", [*o("o3"), "--bapps", afile], "--bapps"),
+        ("kind", "03_ode_distill", [*run, "--pairs", afile], "--pairs"),
+        ("kind", "04_gan_finetune", [*run, "--pairs", afile], "--pairs"),
+        ("kind", "03_ode_distill", [*run, "--lpips_ckpt", t / "adir"], "--lpips_ckpt"),
+        ("kind", "04_gan_finetune", [*run, "--lpips_ckpt", t / "adir"], "--lpips_ckpt"),
+        ("kind", "04_gan_finetune", [*run, "--init", t / "adir"], "--init"),
+        ("kind", "04_gan_finetune", ["--preset", "toy_sd", *run, "--export", afile], "--export"),
+        ("kind", "05_evaluate", [*run, "--students", f"x={t / 'adir'}"], "is a folder"),
+        ("kind", "05_evaluate", [*run, "--classifier", t / "adir"], "--classifier"),
+        ("kind", "05_evaluate", ["--preset", "sd15", "--coco", afile], "--coco"),
+        ("kind", "05_evaluate", ["--preset", "cifar10", "--teacher", afile, "--fid_ref", afile], "--fid_ref"),
+        ("utf-8", "01_make_pairs", ["--preset", "sd15", "--prompts", t / "latin1.txt"], "latin1.txt' is not UTF-8"),
+        ("utf-8", "03_ode_distill", [*run, "--pairs", t / "latin_pairs"], "manifest.json' is corrupt: UnicodeDecodeError"),
+        ("utf-8", "05_evaluate", ["--preset", "sd15", "--coco", t / "coco"], "captions_val2014.json' is not a COCO"),
+        ("finite", "03_ode_distill", [*run, "--pairs", t / "nan_pairs", "--run_name", "nanp", "--steps", 1, "--batch", 8,
+                                      "--batch_per_device", 8], "shard_000001.safetensors' row 2 holds a non-finite"),
+        ("finite", "04_gan_finetune", [*run, "--init", t / "nan_student.pt"], "nan_student.pt': 'net."),
+        ("finite", "05_evaluate", [*run, "--students", f"x={t / 'nan_student.pt'}", "--num_steps", 4], "nan_student.pt': 'net."),
+        ("finite", "03_ode_distill", [*run, "--lpips_ckpt", t / "nan_lpips.pt"], "nan_lpips.pt': 'net."),
+        ("finite", "03_ode_distill", [*run, "--run_name", "nan_resume", "--resume"], "ckpt_latest.pt' [model]"),
+        ("finite", "05_evaluate", ["--preset", "cifar10", "--teacher", afile, "--fid_ref", t / "nan_ref.npz"], "not a finite"),
+        ("file", "03_ode_distill", [*run, "--lpips_ckpt", s1], "is a student of 03/04, not a LatentLPIPS"),
+        ("file", "04_gan_finetune", [*run, "--init", lp], "latent_lpips.pt"),
+        ("file", "04_gan_finetune", [*run, "--init", t / "short_student.pt"], "short_student.pt' is unreadable"),
+        ("file", "03_ode_distill", [*run, "--pairs", t / "short_pairs"], "corrupt pair shard"),
+        ("file", "05_evaluate", [*run, "--students", f"x={C.shard_path(d / 'pairs', 0)}"], "is not a student"),
+        ("file", "05_evaluate", [*run, "--classifier", s1], "toy classifier"),
+        ("file", "01_make_pairs", [*o("o4"), "--teacher", s1], "toy teacher"),
+    ]
+    for script in SCRIPTS:  # the table covers every path flag of every script
+        named = {a[2:] for c in cases if c[1] == script for a in map(str, c[2]) if a.startswith("--")}
+        assert set(PATH_FLAGS[script]) - {"students", "prompts"} <= named, (script, set(PATH_FLAGS[script]) - named)
+    shown = []
+    for kind, script, argv, expect in cases:
+        before = {**tree(d), **tree(t)}
+        line = stops(script, argv, capsys)
+        shown.append(f"{kind:6} {script} {' '.join(map(str, argv))[-60:]}\n       -> {line[:140]}")
+        assert expect in line, (script, argv, line)
+        after = {**tree(d), **tree(t)}
+        changed = [p for p in before if after.get(p) != before[p]]
+        new = [p for p in set(after) - set(before) if p.endswith(TRUSTED)]
+        assert not changed and not new, (script, argv, changed, new)
+    print("\n".join(shown))
