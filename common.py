@@ -51,12 +51,11 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # image processors fall back to PIL without torchvision (no stage uses one), diffusers loads
 # without the optional accelerate, and names torch_dtype deprecated (still the one every supported
 # diffusers version takes).
-QUIET = ("requires torchvision (not installed)", "Cannot initialize model with low cpu memory usage",
-         "that should be kept in float32: []", "`torch_dtype` is deprecated")
-_quiet = logging.Filter()
-_quiet.filter = lambda record: not any(q in record.getMessage() for q in QUIET)
 for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_utils", "diffusers.pipelines.pipeline_utils"):
-    logging.getLogger(_name).addFilter(_quiet)
+    logging.getLogger(_name).addFilter(lambda record: not any(q in record.getMessage() for q in (
+        "requires torchvision (not installed)", "Cannot initialize model with low cpu memory usage",
+        "that should be kept in float32: []")))
+del _name
 warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
 
 # ----------------------------------------------------------------------------

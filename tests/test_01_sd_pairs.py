@@ -249,10 +249,10 @@ def test_hub_id_loads_offline_from_a_filled_cache(tiny_sd15, prompt_file, tmp_pa
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    for name, teacher in [("hub", "someone/tiny-sd"), ("folder", tiny_sd15)]:
+    for name, teacher, e in [("hub", "someone/tiny-sd", env), ("folder", tiny_sd15, None)]:
         run_script("01_make_pairs.py", "--preset", "sd15", "--teacher", teacher, "--prompts", prompt_file,
                    "--out_dir", tmp_path / name, "--num_pairs", 2, "--shard_size", 2, "--batch_per_device", 2,
-                   "--resolution", 16, "--num_steps", 2, env=env)
+                   "--resolution", 16, "--num_steps", 2, env=e)
     a, b = (C.load_shard(C.shard_path(tmp_path / n / "pairs", 0)) for n in ("hub", "folder"))
     assert torch.equal(a["x"], b["x"])
 

@@ -95,3 +95,25 @@ def test_a_wrong_flag_is_caught(monkeypatch):
                         lambda: real + [("README.md", "python 03_ode_distill.py --loss mse --lpips_l1\n")])
     with pytest.raises(AssertionError, match=r"no flag --lpips_l1"):
         test_every_documented_flag_exists_and_parses("03_ode_distill")
+
+
+def test_no_paragraph_runs_into_a_list_item():
+    """Markdown joins an unindented line that follows a list item, with no blank line
+    between, to that item ("lazy continuation"): the paragraph then renders inside the
+    bullet. Every such line in the README and docs/ is reported."""
+    swallowed = []
+    for name, text in documents()[:-len(SCRIPTS)]:
+        in_item = fence = False
+        for i, line in enumerate(text.split("\n"), 1):
+            if line.startswith("```"):
+                fence = not fence
+            if fence:
+                continue
+            if re.match(r"\s*([-*]|\d+\.) ", line):
+                in_item = True
+            elif not line.strip():
+                in_item = False
+            elif in_item and not line.startswith((" ", "|", "<")):
+                swallowed.append(f"{name}:{i}: {line[:60]}")
+                in_item = False
+    assert not swallowed, swallowed
