@@ -335,7 +335,7 @@ def main(argv=None):
         print(json.dumps(benchmark_pairs(cfg, [prompts[i % len(prompts)] for i in range(cfg["batch_per_device"])], device), indent=2))
         return C.cleanup()
     pairs_dir = os.path.join(cfg["out_dir"], "pairs")
-    stop = C.StopSignal(pairs_dir)  # SIGTERM/SIGUSR1 (preemption, a time limit): stop after the batch in progress
+    stop = C.StopSignal(pairs_dir, "after the batch in progress; the finished shards stay")  # preemption, a time limit
     teacher = C.load_teacher(cfg, device, cfg["teacher_dtype"])
     N, S = cfg["num_pairs"], cfg["shard_size"]
     prompts_id = prompts and f"{os.path.basename(os.path.normpath(cfg['prompts']))}:n={len(prompts)}:sha256=" + \

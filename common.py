@@ -1354,8 +1354,8 @@ class StopSignal:
     <run>/preempted.json for a requeue script and exits with PREEMPTED. run_dir None
     (sizing mode): no handler, and nothing is touched."""
 
-    def __init__(self, run_dir):
-        self.got, self.said, self.old = None, False, {}
+    def __init__(self, run_dir, stops="after this step with a checkpoint"):
+        self.got, self.said, self.old, self.stops = None, False, {}, stops
         self.marker = run_dir and os.path.join(run_dir, "preempted.json")
         if run_dir and threading.current_thread() is threading.main_thread():
             self.old = {s: signal.signal(s, self._catch) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -1369,7 +1369,7 @@ class StopSignal:
         """This rank's request (1.0 after a signal), to be averaged over the ranks with the
         step's statistics (03, 04: no collective of its own); any rank's makes the mean > 0."""
         if self.got and not self.said:
-            print(f"{self.got}: stopping after this step with a checkpoint", file=sys.stderr, flush=True)
+            print(f"{self.got}: stopping {self.stops}", file=sys.stderr, flush=True)
             self.said = True
         return torch.tensor(float(self.got is not None), device=device)
 
