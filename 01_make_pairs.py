@@ -283,7 +283,7 @@ def load_prompts(path):
         if os.path.isdir(path) else [path]
     prompts = []
     for fn in files:
-        with C.or_fail(f"prompt file '{fn}' is not UTF-8 text", "convert it, e.g. iconv -f latin1 -t utf-8"):
+        with C.or_fail(f"prompt file '{fn}' is unreadable", "save it as UTF-8 text (e.g. iconv -f latin1 -t utf-8)"):
             lines = open(fn, encoding="utf-8").read().split("\n")
         for line in lines:
             line = line.strip()

@@ -2021,8 +2021,8 @@ def check_finite(state, what, remedy):
 def load_checkpoint(path, what, mmap=False, keys=(), remedy=None, finite=()):
     """A torch checkpoint, or a one-line error naming it: missing, unreadable, (with
     `keys`) a dict without the entries this kind of checkpoint has, i.e. another file, or
-    a NaN or infinity in its `finite` entries. mmap=True only maps the file (cheap at any
-    size): what the up-front checks use."""
+    a NaN or infinity in its `finite` entries. mmap=True maps the file (cheap at any size):
+    what the up-front checks use; `finite` then reads those entries once."""
     with or_fail(f"{what} '{path}' is unreadable", remedy):
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]

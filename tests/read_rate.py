@@ -1,4 +1,4 @@
-"""PairDataset's read rate at SD1.5 and SDXL shapes (docs/scaling.md, "Reading the pairs").
+"""PairDataset's read rate at SD1.5 and SDXL shapes (docs/real_run.md, "Reading the pairs").
 
 Writes shards as 01 does (float16 x, int64 seeds, prompts in the metadata; 1000 pairs a
 shard), then times `PairDataset.get` on random global batches, as 03 and 04 draw them:

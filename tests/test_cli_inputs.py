@@ -363,7 +363,7 @@ def test_bad_input_by_class(toy_run, tmp_path, capsys):
         ("kind", "05_evaluate", [*run, "--classifier", t / "adir"], "--classifier"),
         ("kind", "05_evaluate", ["--preset", "sd15", "--coco", afile], "--coco"),
         ("kind", "05_evaluate", ["--preset", "cifar10", "--teacher", afile, "--fid_ref", afile], "--fid_ref"),
-        ("utf-8", "01_make_pairs", ["--preset", "sd15", "--prompts", t / "latin1.txt"], "latin1.txt' is not UTF-8"),
+        ("utf-8", "01_make_pairs", ["--preset", "sd15", "--prompts", t / "latin1.txt"], "latin1.txt' is unreadable: UnicodeDecodeError"),
         ("utf-8", "03_ode_distill", [*run, "--pairs", t / "latin_pairs"], "manifest.json' is corrupt: UnicodeDecodeError"),
         ("utf-8", "05_evaluate", ["--preset", "sd15", "--coco", t / "coco"], "captions_val2014.json' is not a COCO"),
         ("finite", "03_ode_distill", [*run, "--pairs", t / "nan_pairs", "--run_name", "nanp", "--steps", 1, "--batch", 8,

@@ -390,7 +390,9 @@ def sbatch(tmp_path, *assign, stop=None):
         f.chmod(0o755)
     log = tmp_path / "log"
     log.unlink(missing_ok=True)
-    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", LOG=str(log), SLURM_JOB_NODELIST="node1",
+    overrides = ("STAGE", "PRESET", "OUT", "RUN", "LPIPS", "ARGS", "ENV", "PROMPTS", "IMAGES", "BAPPS", "COCO", "INIT")
+    env = {k: v for k, v in os.environ.items() if k not in overrides}  # the script's own overrides: only the test's
+    env = dict(env, PATH=f"{bin_}:{os.environ['PATH']}", LOG=str(log), SLURM_JOB_NODELIST="node1",
                SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="64", ENV=":", STOP=stop or "",
                **dict(a.split("=", 1) for a in assign))
     p = subprocess.run(["bash", os.path.join(REPO, "docs", "slurm.sbatch")], env=env, cwd=tmp_path,
