@@ -49,8 +49,8 @@ FLAGS = {
         ("resolution", None, C.INT_POS, "image size in pixels (sd15 512, sdxl 1024; latents are 1/8 of it)"),
         ("guidance", None, C.NONNEG, "classifier-free guidance scale w (1 = none)"),
         ("cfg_range", None, RANGE, "'LOW,HIGH': a guidance scale per pair, for a guidance-conditioned student (beyond the paper)"),
-        ("prompts", None, None, "required for sd15/sdxl: a UTF-8 .txt/.jsonl file or a folder of them, one prompt per "
-                                "line (docs/real_run.md: from LAION metadata); toy_sd: its teacher's captions"),
+        ("prompts", None, None, "sd15/sdxl, required: a UTF-8 .txt/.jsonl file or a folder of them, one prompt per "
+                                "line (docs/real_run.md: from LAION metadata); toy_sd: its teacher's captions,"),
         ("cycle_prompts", False, None, "allow fewer prompts than pairs (pair i takes prompt i mod n); refused otherwise"),
     ],
     "pairs on disk": [

@@ -86,7 +86,7 @@ def validate(cfg):
     m = C.read_manifest(cfg["pairs"] or os.path.join(cfg["out_dir"], "pairs"))  # missing or corrupt pairs stop here
     ckpt = os.path.join(cfg["out_dir"], cfg["run_name"], "ckpt_latest.pt")
     resume = cfg["resume"] and os.path.isfile(ckpt)
-    ck = C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS, finite=RESUME_CKPT_KEYS) if resume else None
+    ck = C.load_checkpoint(ckpt, "stage-1 checkpoint", mmap=True, keys=RESUME_CKPT_KEYS) if resume else None
     return m, ck, C.read_lpips(cfg)
 
 

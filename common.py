@@ -165,8 +165,6 @@ def load_toy_teacher(path):
     """The toy teacher from a .safetensors state dict (config: TOY_UNET_CONFIG)."""
     from safetensors.torch import load_file
     net = build_toy_teacher()
-    if os.path.isdir(path):
-        fail(f"toy teacher '{path}' is a folder, not the teacher's .safetensors file")
     with or_fail(f"toy teacher '{path}' is unreadable", "train one with 'python 01_make_pairs.py --preset toy "
                  "--train_teacher' or pass --teacher PATH"):  # missing, a folder, corrupt, another architecture
         net.load_state_dict({k: v.float() for k, v in load_file(path).items()})
@@ -321,8 +319,8 @@ def resolve_pretrained(src, parts=None):
         fail(f"teacher '{src}' is neither a diffusers folder nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
     with or_fail(f"model '{src}' is not in the Hugging Face cache and could not be fetched (HF_HUB_OFFLINE="
-                 f"{os.environ.get('HF_HUB_OFFLINE', '0')})", f"fill the cache where the hub answers (docs/scaling.md, "
-                 f"\"Offline nodes\"), or pass a local folder with --teacher"):
+                 f"{os.environ.get('HF_HUB_OFFLINE', '0')})", f"fill the cache where the hub answers (docs/real_run.md, "
+                 f"\"Offline compute nodes\"), or pass a local folder with --teacher"):
         index = json.load(open(os.path.join(snapshot_download(src, allow_patterns=["model_index.json"], etag_timeout=10),
                                             "model_index.json")))
         return snapshot_download(src, allow_patterns=hub_patterns(index, parts), etag_timeout=10)
@@ -703,8 +701,6 @@ def load_latent_lpips(path, in_ch=None, space=None):
     if isinstance(ck, dict) and "config" in ck and "state_dict" in ck:
         cfg, sd, found = ck["config"], ck["state_dict"], ck.get("latent_space", "unrecorded")
     else:
-        if isinstance(ck, dict) and "ema" in ck:
-            fail(f"'{path}' is a student of 03/04, not a LatentLPIPS checkpoint (02's latent_lpips.pt or an official one)")
         found = OFFICIAL_LPIPS_SPACES.get(os.path.basename(path).split("_")[0], "unnamed")
         sd = map_official_lpips(ck)
         w0 = sd.get("net.slices.0.0.weight")
@@ -1248,7 +1244,7 @@ def parse_config(doc, flags, argv=None, table=None):
         g = p.add_argument_group(title)
         for name, default, kind, text in items:
             types[name] = kind
-            text += " (default: the preset's)" if default is None and name in preset_keys and "required" not in text else ""
+            text += " (default: the preset's)" if default is None and name in preset_keys else ""
             if isinstance(default, bool) or kind is bool:  # --x / --no-x (kind bool: the preset's by default)
                 g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=text)
             elif isinstance(kind, (tuple, dict)):  # dict: its keys, read when parsing (PRESETS: a preset a fork adds counts)
@@ -1541,8 +1537,6 @@ def check_manifest(found, expected, what):
 
 def read_manifest(pairs_dir):
     path = os.path.join(pairs_dir, "manifest.json")
-    if os.path.isfile(pairs_dir):
-        fail(f"pairs folder '{pairs_dir}' is a file, not 01's pairs folder")
     if not os.path.isfile(path):
         fail(f"no pairs at '{pairs_dir}' (manifest.json missing); run 01_make_pairs.py first")
     with or_fail(f"'{path}' is corrupt", "delete the pairs folder and rerun 01_make_pairs.py"):
@@ -2018,17 +2012,15 @@ def check_finite(state, what, remedy):
             fail(f"{what}: '{k}' holds non-finite values (NaN or inf); {remedy}")
 
 
-def load_checkpoint(path, what, mmap=False, keys=(), remedy=None, finite=()):
-    """A torch checkpoint, or a one-line error naming it: missing, unreadable, (with
-    `keys`) a dict without the entries this kind of checkpoint has, i.e. another file, or
-    a NaN or infinity in its `finite` entries. mmap=True maps the file (cheap at any size):
-    what the up-front checks use; `finite` then reads those entries once."""
+def load_checkpoint(path, what, mmap=False, keys=(), remedy=None):
+    """A torch checkpoint, or a one-line error naming it: missing, unreadable, or (with
+    `keys`) a dict without the entries this kind of checkpoint has, i.e. another file.
+    mmap=True only maps the file (cheap at any size): what the up-front checks use."""
     with or_fail(f"{what} '{path}' is unreadable", remedy):
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
     if missing:
         fail(f"'{path}' is not a {what}: it lacks {', '.join(map(repr, missing))} (another kind of file?)")
-    check_finite({k: ck[k] for k in finite}, f"{what} '{path}'", remedy or "resume from an earlier checkpoint")
     return ck
 
 
@@ -2137,6 +2129,8 @@ class Trainer:
         if ck:
             check_resume(ck["config"], self.cfg)
             for key, model, opt_key, opt in parts:
+                check_finite({key: ck[key], **({opt_key: ck[opt_key]} if opt else {})}, f"checkpoint '{self.ckpt_path}'",
+                             "delete it to start again, or restore an earlier one")
                 load_full_state(model, ck[key], opt, ck[opt_key] if opt else None, what=f"checkpoint '{self.ckpt_path}'")
             self.step = ck["step"]
             print0(f"resumed from '{self.ckpt_path}' at step {self.step}")

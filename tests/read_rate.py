@@ -8,7 +8,7 @@ in its three parts: x from the memory-mapped shard, z regenerated from the seed,
 prompt. One process; under torchrun each rank reads its own micro-batch, so a rank needs
 the per-GPU rate (stage 1 on 8 H100s: 70.7 img/s each, 566 in all).
 
-    python tests/read_rate.py --dir /tmp/read_rate          # ~2 min and 1.6 GB of disk
+    python tests/read_rate.py          # ~2 min and 1.6 GB of disk, in runs/read_rate
 """
 import argparse
 import gc
@@ -103,7 +103,7 @@ def time_reads(folder, shape, batch, batches, seed, cold):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/tmp/read_rate")
+    ap.add_argument("--dir", default=os.path.join("runs", "read_rate"))
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32, help="sd15's batch_per_device")
